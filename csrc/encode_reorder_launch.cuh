@@ -1,0 +1,34 @@
+// Host side of the fused encode + reorder pass, shared by prepare_weight and
+// encode_and_reorder_int4b (they differ only in the input nibble format).
+#pragma once
+
+#include "common.cuh"
+#include "encode_reorder_kernel.cuh"
+
+namespace w4a8_fastprep {
+
+template <bool kFromUint4b8>
+void launch_encode_reorder(const Tensor& in, const Tensor& out, int64_t n_rows,
+                           int64_t k, const char* op) {
+  STD_TORCH_CHECK(n_rows % 128 == 0, "w4a8_fastprep::", op,
+                  ": N (output features) must be a multiple of 128, got ",
+                  n_rows);
+  STD_TORCH_CHECK(k % 128 == 0, "w4a8_fastprep::", op,
+                  ": K (input features) must be a multiple of 128, got ", k);
+  const int64_t row_bytes = k / 2;
+  const int64_t row_slabs = n_rows / kSlabRows;
+  const int64_t blocks = row_slabs * (row_bytes / kSlabBytes);
+  STD_TORCH_CHECK(blocks <= 0x7fffffffLL, "w4a8_fastprep::", op,
+                  ": tensor too large (", blocks, " blocks)");
+  const int32_t device = in.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  encode_reorder_kernel<kFromUint4b8>
+      <<<static_cast<unsigned>(blocks), kEncodeThreads, 0,
+         current_stream(device)>>>(
+          static_cast<const uint8_t*>(in.const_data_ptr()),
+          static_cast<uint8_t*>(out.mutable_data_ptr()), n_rows, row_bytes,
+          row_slabs);
+  check_launch(op);
+}
+
+}  // namespace w4a8_fastprep

@@ -1,0 +1,246 @@
+"""Public ops: W4A8 weight and scale preparation for vLLM's CUTLASS GEMM.
+
+Each function validates its input (clear errors naming the problem), then
+runs the CUDA kernel of ``vllm_w4a8_fastprep._C`` for CUDA tensors or the
+pure-PyTorch reference (``reference.py``) for CPU tensors. The CUDA kernels
+run on PyTorch's current stream, never synchronise the device and upload no
+tables. The ops are registered as ``torch.ops.w4a8_fastprep.*`` with fake
+implementations (they trace under ``torch.compile``) and CPU implementations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+
+NAMESPACE = "w4a8_fastprep"
+SCALE_PATHS = reference.SCALE_PATHS
+_SCALE_PATH_ID = {name: i for i, name in enumerate(SCALE_PATHS)}
+_MULTIPLE = 128
+
+
+# ------------------------------------------------------------ loading
+
+
+@functools.cache
+def extension_error() -> str | None:
+    """None when the compiled ops are loaded, else why they are not."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.w4a8_fastprep)
+    except ImportError as e:
+        return f"the CUDA extension vllm_w4a8_fastprep._C is not built ({e})"
+    _register_python_impls()
+    return None
+
+
+def _register_python_impls() -> None:
+    ns = f"{NAMESPACE}::"
+
+    @torch.library.register_fake(ns + "prepare_weight")
+    def _(weight_packed):
+        n, kp = weight_packed.shape
+        return weight_packed.new_empty_strided((kp, n), (1, kp))
+
+    @torch.library.register_fake(ns + "encode_and_reorder_int4b")
+    def _(b):
+        return b.new_empty_strided(b.shape, (1, b.shape[0]))
+
+    @torch.library.register_fake(ns + "pack_scale_fp8")
+    def _(scales):
+        return scales.new_empty((8 * scales.numel(),))
+
+    @torch.library.register_fake(ns + "prepare_scales")
+    def _(weight_scale, path):
+        n, g = weight_scale.shape
+        return (
+            weight_scale.new_empty((8 * n * g,), dtype=reference.FP8),
+            weight_scale.new_empty((n, 1), dtype=torch.float32),
+        )
+
+    # CPU tensors take the reference, so the ops work without a GPU.
+    torch.library.impl(ns + "prepare_weight", "cpu")(reference.prepare_weight)
+    torch.library.impl(ns + "encode_and_reorder_int4b", "cpu")(
+        reference.encode_and_reorder_int4b
+    )
+    torch.library.impl(ns + "pack_scale_fp8", "cpu")(reference.pack_scale_fp8)
+    torch.library.impl(ns + "prepare_scales", "cpu")(
+        lambda weight_scale, path: reference.prepare_scales(
+            weight_scale, SCALE_PATHS[path]
+        )
+    )
+
+
+def _op(name: str):
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+# --------------------------------------------------------- validation
+
+
+def _check_tensor(t, name: str, dtype: torch.dtype, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} ({what}), got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if t.device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"{name} must be on a CUDA device or the CPU, got {t.device}")
+
+
+def _check_2d(t: torch.Tensor, name: str, layout: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_multiple(value: int, what: str, name: str) -> None:
+    if value % _MULTIPLE:
+        raise ValueError(
+            f"{what} = {value} (from {name}) is not a multiple of {_MULTIPLE}; "
+            "vLLM's CUTLASS W4A8 kernel needs K and N multiples of 128"
+        )
+
+
+def _check_device(t: torch.Tensor, name: str) -> bool:
+    """True for CUDA (kernel path), False for CPU (reference path)."""
+    if t.device.type != "cuda":
+        return False
+    err = extension_error()
+    if err is not None:
+        raise RuntimeError(f"{name} is a CUDA tensor but {err}")
+    major, minor = torch.cuda.get_device_capability(t.device)
+    if major < 9:
+        raise RuntimeError(
+            f"{name} is on {t.device} (sm_{major}{minor}); the W4A8 preparation "
+            "kernels are built for Hopper (sm_90) and newer, where vLLM's "
+            "CUTLASS W4A8 GEMM runs"
+        )
+    return True
+
+
+def _check_scale_path(path: str) -> int:
+    if path not in _SCALE_PATH_ID:
+        raise ValueError(f"path must be one of {SCALE_PATHS}, got {path!r}")
+    return _SCALE_PATH_ID[path]
+
+
+# ----------------------------------------------------------------- ops
+
+
+def prepare_weight(weight_packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int32 ``[N, K/8]`` uint4b8 -> CUTLASS int32 ``(K/8, N)``.
+
+    One pass: uint4b8 -> signed int4, CUTLASS's nibble encoding and its
+    reorder, byte-identical to upstream's conversion followed by
+    ``cutlass_encode_and_reorder_int4b``. The result has strides
+    ``(1, K/8)``, as ``cutlass_w4a8_mm`` expects. Extra memory: the output.
+    """
+    name = "weight_packed"
+    _check_tensor(weight_packed, name, torch.int32, "8 uint4b8 values per int32")
+    _check_2d(weight_packed, name, "[N, K/8]")
+    _check_multiple(weight_packed.shape[0], "N (output features, dim 0)", name)
+    _check_multiple(8 * weight_packed.shape[1], "K (input features, 8 x dim 1)", name)
+    if not weight_packed.is_contiguous():
+        raise ValueError(
+            f"{name} must be the checkpoint's contiguous row-major [N, K/8] "
+            f"tensor, got strides {weight_packed.stride()}"
+        )
+    if _check_device(weight_packed, name):
+        return _op("prepare_weight")(weight_packed)
+    return reference.prepare_weight(weight_packed)
+
+
+def encode_and_reorder_int4b(b: torch.Tensor) -> torch.Tensor:
+    """Drop-in for upstream's ``cutlass_encode_and_reorder_int4b``.
+
+    ``b``: signed int4 as int32 ``(K/8, N)`` with strides ``(1, K/8)`` (the
+    memory of an int4 ``[N][K]`` row-major buffer). Same shape and strides out.
+    """
+    name = "b"
+    _check_tensor(b, name, torch.int32, "8 signed int4 values per int32")
+    _check_2d(b, name, "(K/8, N)")
+    _check_multiple(8 * b.shape[0], "K (input features, 8 x dim 0)", name)
+    _check_multiple(b.shape[1], "N (output features, dim 1)", name)
+    if b.stride() != (1, b.shape[0]):
+        raise ValueError(
+            f"{name} must be int32 (K/8, N) with strides (1, K/8) = "
+            f"(1, {b.shape[0]}) (an int4 [N][K] row-major buffer, e.g. "
+            f"w.t().contiguous().t()), got strides {b.stride()}"
+        )
+    if _check_device(b, name):
+        return _op("encode_and_reorder_int4b")(b)
+    return reference.encode_and_reorder_int4b(b)
+
+
+def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
+    """Drop-in for upstream's ``cutlass_pack_scale_fp8``, on the GPU.
+
+    fp8 e4m3 scales, contiguous (``(K/128, N)`` for a layer) -> 1-D fp8 of
+    8x the elements: ``out[8*i + j] = fp8(s_i * (j - 8))``.
+    """
+    name = "scales"
+    _check_tensor(scales, name, reference.FP8, "fp8 e4m3 group scales")
+    if not scales.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {scales.stride()}")
+    if _check_device(scales, name):
+        return _op("pack_scale_fp8")(scales)
+    return reference.pack_scale_fp8(scales)
+
+
+def prepare_scales(
+    weight_scale: torch.Tensor, path: str = "compiled"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint bf16 ``[N, K/128]`` -> (packed fp8 1-D, fp32 ``[N, 1]``).
+
+    One pass equal to upstream's ``convert_bf16_scales_to_fp8``, the
+    transpose and ``cutlass_pack_scale_fp8``. ``path`` picks which upstream
+    ``QuantFP8`` code path to reproduce (see
+    ``reference.quantize_scale_rows``): ``"compiled"`` is what ``vllm
+    serve`` runs by default, ``"cuda"`` what it runs with ``enforce_eager``.
+    """
+    name = "weight_scale"
+    path_id = _check_scale_path(path)
+    _check_tensor(weight_scale, name, torch.bfloat16, "the checkpoint's group scales")
+    _check_2d(weight_scale, name, "[N, K/128]")
+    _check_multiple(weight_scale.shape[0], "N (output features, dim 0)", name)
+    if not weight_scale.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous [N, K/128] tensor, got strides "
+            f"{weight_scale.stride()}"
+        )
+    if _check_device(weight_scale, name):
+        return _op("prepare_scales")(weight_scale, path_id)
+    return reference.prepare_scales(weight_scale, path)
+
+
+def prepare_layer(
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, path: str = "compiled"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both preparations of one layer, after checking the pair agrees.
+
+    Returns ``(weight, packed_scales, channel_scales)`` for ``cutlass_w4a8_mm``.
+    """
+    if not isinstance(weight_packed, torch.Tensor) or not isinstance(
+        weight_scale, torch.Tensor
+    ):
+        raise TypeError("weight_packed and weight_scale must be torch.Tensors")
+    if weight_packed.device != weight_scale.device:
+        raise RuntimeError(
+            f"weight_packed is on {weight_packed.device} but weight_scale is on "
+            f"{weight_scale.device}; both must be on the same device"
+        )
+    if weight_packed.dim() == 2 and weight_scale.dim() == 2:
+        n, k = weight_packed.shape[0], 8 * weight_packed.shape[1]
+        want = (n, k // reference.GROUP_SIZE)
+        if tuple(weight_scale.shape) != want:
+            raise ValueError(
+                f"weight_scale has shape {tuple(weight_scale.shape)} but "
+                f"weight_packed [N, K/8] = {tuple(weight_packed.shape)} needs "
+                f"[N, K/128] = {want} (group size 128)"
+            )
+    weight = prepare_weight(weight_packed)
+    packed, chan = prepare_scales(weight_scale, path)
+    return weight, packed, chan
