@@ -43,6 +43,8 @@ NVCC_FLAGS = [
     "-gencode=arch=compute_90,code=compute_90",
     "--expt-relaxed-constexpr",
 ]
+if os.environ.get("W4A8_FASTPREP_PTXAS_VERBOSE") == "1":
+    NVCC_FLAGS.append("-Xptxas=-v")  # register / spill report in the build log
 # Limited-API build: keep any C-API use to Python 3.10's stable subset.
 CXX_FLAGS = ["-O3", "-std=c++17", "-DUSE_CUDA", "-DPy_LIMITED_API=0x030A0000"]
 

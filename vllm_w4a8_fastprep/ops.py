@@ -10,8 +10,6 @@ implementations (they trace under ``torch.compile``) and CPU implementations.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import reference
@@ -25,15 +23,24 @@ _MULTIPLE = 128
 # ------------------------------------------------------------ loading
 
 
-@functools.cache
+_NOT_LOADED = object()
+_extension_state: object = _NOT_LOADED  # then None (loaded) or the reason
+
+
 def extension_error() -> str | None:
     """None when the compiled ops are loaded, else why they are not."""
-    try:
-        from . import _C  # noqa: F401  (registers torch.ops.w4a8_fastprep)
-    except ImportError as e:
-        return f"the CUDA extension vllm_w4a8_fastprep._C is not built ({e})"
-    _register_python_impls()
-    return None
+    global _extension_state
+    if _extension_state is _NOT_LOADED:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.w4a8_fastprep)
+        except ImportError as e:
+            _extension_state = (
+                f"the CUDA extension vllm_w4a8_fastprep._C is not built ({e})"
+            )
+        else:
+            _register_python_impls()
+            _extension_state = None
+    return _extension_state
 
 
 def _register_python_impls() -> None:
@@ -99,16 +106,17 @@ def _check_2d(t: torch.Tensor, name: str, layout: str) -> None:
 def _check_multiple(value: int, what: str, name: str) -> None:
     if value % _MULTIPLE:
         raise ValueError(
-            f"{what} = {value} (from {name}) is not a multiple of {_MULTIPLE}; "
-            "vLLM's CUTLASS W4A8 kernel needs K and N multiples of 128"
+            f"{name}: {what} = {value} is not a multiple of {_MULTIPLE} "
+            "(vLLM's CUTLASS W4A8 kernel needs K and N multiples of 128)"
         )
 
 
-def _check_device(t: torch.Tensor, name: str) -> bool:
-    """True for CUDA (kernel path), False for CPU (reference path)."""
-    if t.device.type != "cuda":
-        return False
+def _use_kernel(t: torch.Tensor, name: str) -> bool:
+    """True: call the registered op (CUDA kernel, or the reference registered
+    as its CPU implementation). False: no extension, CPU tensor -> reference."""
     err = extension_error()
+    if t.device.type != "cuda":
+        return err is None
     if err is not None:
         raise RuntimeError(f"{name} is a CUDA tensor but {err}")
     major, minor = torch.cuda.get_device_capability(t.device)
@@ -148,7 +156,7 @@ def prepare_weight(weight_packed: torch.Tensor) -> torch.Tensor:
             f"{name} must be the checkpoint's contiguous row-major [N, K/8] "
             f"tensor, got strides {weight_packed.stride()}"
         )
-    if _check_device(weight_packed, name):
+    if _use_kernel(weight_packed, name):
         return _op("prepare_weight")(weight_packed)
     return reference.prepare_weight(weight_packed)
 
@@ -170,7 +178,7 @@ def encode_and_reorder_int4b(b: torch.Tensor) -> torch.Tensor:
             f"(1, {b.shape[0]}) (an int4 [N][K] row-major buffer, e.g. "
             f"w.t().contiguous().t()), got strides {b.stride()}"
         )
-    if _check_device(b, name):
+    if _use_kernel(b, name):
         return _op("encode_and_reorder_int4b")(b)
     return reference.encode_and_reorder_int4b(b)
 
@@ -185,7 +193,7 @@ def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
     _check_tensor(scales, name, reference.FP8, "fp8 e4m3 group scales")
     if not scales.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {scales.stride()}")
-    if _check_device(scales, name):
+    if _use_kernel(scales, name):
         return _op("pack_scale_fp8")(scales)
     return reference.pack_scale_fp8(scales)
 
@@ -211,7 +219,7 @@ def prepare_scales(
             f"{name} must be a contiguous [N, K/128] tensor, got strides "
             f"{weight_scale.stride()}"
         )
-    if _check_device(weight_scale, name):
+    if _use_kernel(weight_scale, name):
         return _op("prepare_scales")(weight_scale, path_id)
     return reference.prepare_scales(weight_scale, path)
 
