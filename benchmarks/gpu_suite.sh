@@ -16,8 +16,13 @@ W4A8_FASTPREP_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext
   || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "registers|spill" "$OUT/build.log" | sort -u | head -20
 echo "build: $(( $(date +%s) - t0 )) s"
-python3 -m pytest -q -rs -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40
-echo "pytest rc=${PIPESTATUS[0]}"
+if [[ ${SKIP_VARIANTS:-0} != 1 ]]; then
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+    benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants 2>&1 | tee "$OUT/variants.log"
+fi
+python3 -X faulthandler -m pytest -v -rs -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"
+grep -E "FAILED|ERROR|Fatal|passed|failed" "$OUT/pytest.log" | tail -30
 if [[ ${SKIP_BENCH:-0} != 1 ]]; then
   python3 benchmarks/bench_prep.py ${W4A8_FASTPREP_ORACLE:+--upstream "$W4A8_FASTPREP_ORACLE"} \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

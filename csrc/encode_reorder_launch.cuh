@@ -15,20 +15,16 @@ void launch_encode_reorder(const Tensor& in, const Tensor& out, int64_t n_rows,
                   n_rows);
   STD_TORCH_CHECK(k % 128 == 0, "w4a8_fastprep::", op,
                   ": K (input features) must be a multiple of 128, got ", k);
-  const int64_t row_bytes = k / 2;
-  const int64_t row_slabs = n_rows / kSlabRows;
-  const int64_t blocks = row_slabs * (row_bytes / kSlabBytes);
-  STD_TORCH_CHECK(blocks <= 0x7fffffffLL, "w4a8_fastprep::", op,
-                  ": tensor too large (", blocks, " blocks)");
+  STD_TORCH_CHECK(n_rows / kWeightRows * (k / 128) <= 0x7fffffffLL,
+                  "w4a8_fastprep::", op, ": tensor too large");
   const int32_t device = in.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
-  encode_reorder_kernel<kFromUint4b8>
-      <<<static_cast<unsigned>(blocks), kEncodeThreads, 0,
-         current_stream(device)>>>(
-          static_cast<const uint8_t*>(in.const_data_ptr()),
-          static_cast<uint8_t*>(out.mutable_data_ptr()), n_rows, row_bytes,
-          row_slabs);
-  check_launch(op);
+  const cudaError_t err = launch_encode_reorder_raw<kFromUint4b8>(
+      static_cast<const uint8_t*>(in.const_data_ptr()),
+      static_cast<uint8_t*>(out.mutable_data_ptr()), n_rows, k,
+      current_stream(device));
+  STD_TORCH_CHECK(err == cudaSuccess, "w4a8_fastprep::", op,
+                  ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace w4a8_fastprep

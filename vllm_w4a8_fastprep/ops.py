@@ -10,6 +10,8 @@ implementations (they trace under ``torch.compile``) and CPU implementations.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference
@@ -111,6 +113,12 @@ def _check_multiple(value: int, what: str, name: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    # cached: querying device properties costs tens of microseconds a call
+    return torch.cuda.get_device_capability(index)
+
+
 def _use_kernel(t: torch.Tensor, name: str) -> bool:
     """True: call the registered op (CUDA kernel, or the reference registered
     as its CPU implementation). False: no extension, CPU tensor -> reference."""
@@ -119,7 +127,7 @@ def _use_kernel(t: torch.Tensor, name: str) -> bool:
         return err is None
     if err is not None:
         raise RuntimeError(f"{name} is a CUDA tensor but {err}")
-    major, minor = torch.cuda.get_device_capability(t.device)
+    major, minor = _capability(t.device.index)
     if major < 9:
         raise RuntimeError(
             f"{name} is on {t.device} (sm_{major}{minor}); the W4A8 preparation "
