@@ -20,9 +20,9 @@ if [[ ${SKIP_VARIANTS:-0} != 1 ]]; then
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
     benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants 2>&1 | tee "$OUT/variants.log"
 fi
-python3 -X faulthandler -m pytest -v -rs -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
+python3 -X faulthandler -m pytest -v -rs --tb=short -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"
-grep -E "FAILED|ERROR|Fatal|passed|failed" "$OUT/pytest.log" | tail -30
+grep -E "^E  |FAILED|ERROR|Fatal|passed|failed" "$OUT/pytest.log" | cut -c1-300 | tail -60
 if [[ ${SKIP_BENCH:-0} != 1 ]]; then
   python3 benchmarks/bench_prep.py ${W4A8_FASTPREP_ORACLE:+--upstream "$W4A8_FASTPREP_ORACLE"} \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -63,7 +63,7 @@ struct EncodeReorderTile {
   static_assert(kRows % 64 == 0, "a warp covers 4 n-tiles = 64 rows");
   static constexpr int kPitch = kChunks * 16 + 16;  // 8 rows: 8 bank groups
   static constexpr int kLoads = kRows * kChunks / kEncodeThreads;
-  static constexpr int kWarpTasks = kRows * kChunks / 256;  // 1 KiB each
+  static constexpr int kWarpTasks = kRows * kChunks / 64;  // 4 tiles, 1 KiB each
   static constexpr int kWarps = kEncodeThreads / 32;
   static_assert(kLoads >= 1 && kRows * kChunks % kEncodeThreads == 0, "");
   static constexpr int kSmemBytes = kRows * kPitch + kWarps * 1024;
