@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(kEncodeThreads)
 // Launch geometry: a block stages kRows rows x 16*kChunks bytes; columns left
 // over when a row is not a multiple of that width (K % 256 == 128 for 128-byte
 // slabs) go to a second launch with 64-byte slabs.
-constexpr int kWeightRows = 128;
-constexpr int kWeightChunks = 8;
+constexpr int kWeightRows = 64;
+constexpr int kWeightChunks = 16;
 
 template <bool kFromUint4b8, int kRows = kWeightRows, int kChunks = kWeightChunks>
 cudaError_t launch_encode_reorder_raw(const uint8_t* in, uint8_t* out,

@@ -41,6 +41,32 @@ def _upstream_weight(upstream, w):
     return upstream.cutlass_encode_and_reorder_int4b(signed.t())
 
 
+UPSTREAM_SCRIPT = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+w = torch.load(sys.argv[2]).cuda()
+out = torch.ops._C.cutlass_encode_and_reorder_int4b((w ^ -0x77777778).t())
+torch.cuda.synchronize()
+torch.save(out.t().contiguous().cpu(), sys.argv[3])
+"""
+
+
+def _upstream_weight_isolated(upstream, w, tmp_path):
+    """Upstream's chain in a child process: for K % 256 == 128 its reorder
+    reads and writes out of bounds, which can kill the process."""
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "w.pt", tmp_path / "out.pt"
+    torch.save(w.cpu(), src)
+    lib = os.environ.get("W4A8_FASTPREP_ORACLE", "")
+    proc = subprocess.run([sys.executable, "-c", UPSTREAM_SCRIPT, lib, str(src), str(dst)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"rc={proc.returncode} {proc.stderr[-300:]}"
+    return torch.load(dst).cuda().t(), None
+
+
 def _same_bytes(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(
         a.contiguous().view(U8) if a.dtype == FP8 else a, b.contiguous().view(U8) if b.dtype == FP8 else b
@@ -48,7 +74,7 @@ def _same_bytes(a, b):
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_prepare_weight_bit_exact(n, k, upstream):
+def test_prepare_weight_bit_exact(n, k, upstream, tmp_path):
     w = _randint32((n, k // 8))
     nibbles = torch.cat([(w >> s) & 0xF for s in range(0, 32, 4)]).unique()
     assert nibbles.numel() == 16
@@ -57,7 +83,12 @@ def test_prepare_weight_bit_exact(n, k, upstream):
     ours = ops.prepare_weight(w)
     assert ours.shape == (k // 8, n) and ours.stride() == (1, k // 8)
     assert torch.equal(ours, ref.prepare_weight(w)), "kernel != reference"
-    up = _upstream_weight(upstream, w)
+    if k % 256 == 128:
+        up, err = _upstream_weight_isolated(upstream, w, tmp_path)
+        if up is None:
+            pytest.xfail(f"upstream's own op failed for K % 256 == 128 ({err}); ours == reference")
+    else:
+        up = _upstream_weight(upstream, w)
     assert up.stride() == ours.stride()
     assert torch.equal(ours, up), "kernel != upstream"
 
