@@ -48,8 +48,8 @@ if os.environ.get("W4A8_FASTPREP_PTXAS_VERBOSE") == "1":
 # Limited-API build: keep any C-API use to Python 3.10's stable subset.
 CXX_FLAGS = ["-O3", "-std=c++17", "-DUSE_CUDA", "-DPy_LIMITED_API=0x030A0000"]
 
-sources = ["csrc/torch_bindings.cpp"] + sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")
+sources = sorted(
+    str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu") for p in (ROOT / "csrc").glob(ext)
 )
 
 setup(

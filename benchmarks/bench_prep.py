@@ -154,7 +154,7 @@ def main(argv=None):
 
     head = ["N x K", "scales", "ours us", "ours GB/s", "up us", "x up", "ours extra", "up extra"]
     widths = [13, 8, 8, 9, 10, 8, 10, 9]
-    print("\nscales: prepare_scales (compiled path) vs upstream (QuantFP8 compiled + /8 + transpose"
+    print("\nscales: prepare_scales (native path) vs upstream (QuantFP8.forward_native compiled + /8 + transpose"
           " + cutlass_pack_scale_fp8)")
     print(fmt_row(head, widths))
     for n, k in SHAPES:

@@ -12,8 +12,8 @@ namespace w4a8_fastprep {
 constexpr float kFp8Max = 448.0f;
 // vLLM: 1.0 / (448 * 512) in double precision, used as an fp32 clamp bound.
 constexpr float kFp8MinScalingFactor = static_cast<float>(1.0 / (448.0 * 512.0));
-// Inductor replaces "x / 448" by "x * (1/448)" with the double 1/448 rounded
-// to an fp32 constant.
+// On CUDA, PyTorch (eager division by a scalar) and Inductor (division by a
+// constant) both compute "x / 448" as "x * (1/448)", 1/448 rounded to fp32.
 constexpr float kInv448 = static_cast<float>(1.0 / 448.0);
 
 // fp32 -> e4m3, round to nearest even, saturating to +-448 (NaN -> 0x7F).

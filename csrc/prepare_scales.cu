@@ -7,25 +7,21 @@
 // A block owns 32 rows: its warps find each row's absolute maximum (coalesced
 // over the row), then all threads walk (g, n) with n fastest, so that every
 // warp writes 32 x 8 = 256 contiguous output bytes.
-#include <torch/csrc/stable/ops.h>
+#include <cuda_bf16.h>
 
-#include "common.cuh"
 #include "fp8_scales.cuh"
+#include "kernels.h"
 
 namespace w4a8_fastprep {
 
-// Which upstream rounding is reproduced (see reference.quantize_scale_rows).
-enum ScalePath : int { kCompiled = 0, kNative = 1, kCuda = 2 };
+// Upstream rounding reproduced (see reference.quantize_scale_rows):
+// kNativePath: scale = amax * fp32(1/448), values multiplied by 1/scale
+//              (vLLM's QuantFP8.forward_native on CUDA, eager or compiled);
+// kCudaPath:   scale = amax / 448, values divided by the scale (vLLM's CUDA
+//              kernel, used with enforce_eager).
 
 constexpr int kScaleRows = 32;
 constexpr int kScaleThreads = 256;
-
-__device__ __forceinline__ float div_full(float a, float b) {
-  // Triton lowers an fp32 "/" to div.full.f32; Inductor's 1/scale is that.
-  float r;
-  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
 
 __device__ __forceinline__ float nan_max(float a, float b) {
   // torch.max propagates NaN.
@@ -38,8 +34,7 @@ __global__ void __launch_bounds__(kScaleThreads)
                           uint64_t* __restrict__ packed,
                           float* __restrict__ chan, int64_t n_rows,
                           int64_t groups) {
-  __shared__ float row_scale[kScaleRows];
-  __shared__ float row_factor[kScaleRows];  // inverse (or the scale itself)
+  __shared__ float row_factor[kScaleRows];  // 1/scale (native) or scale
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kScaleRows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int kWarps = kScaleThreads / 32;
@@ -55,13 +50,12 @@ __global__ void __launch_bounds__(kScaleThreads)
       amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     }
     if (lane == 0) {
-      float s = (kPath == kCompiled) ? __fmul_rn(amax, kInv448)
-                                     : __fdiv_rn(amax, kFp8Max);
+      float s = (kPath == kNativePath) ? __fmul_rn(amax, kInv448)
+                                   : __fdiv_rn(amax, kFp8Max);
       s = nan_max(s, kFp8MinScalingFactor);
-      row_scale[r] = s;
-      row_factor[r] = (kPath == kCompiled) ? div_full(1.0f, s)
-                      : (kPath == kNative) ? __frcp_rn(s)
-                                           : s;
+      // Inductor's 1/s is div.full.f32, eager's is correctly rounded: equal
+      // for every s reachable from a bf16 amax (checked exhaustively).
+      row_factor[r] = (kPath == kNativePath) ? __frcp_rn(s) : s;
       chan[n0 + r] = __fmul_rn(s, 8.0f);
     }
   }
@@ -72,7 +66,7 @@ __global__ void __launch_bounds__(kScaleThreads)
     const int r = static_cast<int>(i % kScaleRows);
     const int64_t g = i / kScaleRows;
     const float x = __bfloat162float(in[(n0 + r) * groups + g]);
-    const float q = (kPath == kCuda) ? __fdiv_rn(x, row_factor[r])
+    const float q = (kPath == kCudaPath) ? __fdiv_rn(x, row_factor[r])
                                      : __fmul_rn(x, row_factor[r]);
     // fp8 group scale, then "/ 8" re-rounded to fp8 (exact division by 8).
     const uint8_t q8 = to_e4m3(from_e4m3(to_e4m3(q)) * 0.125f);
@@ -80,51 +74,21 @@ __global__ void __launch_bounds__(kScaleThreads)
   }
 }
 
-void prepare_scales_out(Tensor weight_scale, int64_t path, Tensor packed,
-                        Tensor chan) {
-  constexpr const char* op = "prepare_scales";
-  check_cuda_2d(weight_scale, op, "weight_scale", ScalarType::BFloat16,
-                "bfloat16");
-  STD_TORCH_CHECK(weight_scale.is_contiguous(), "w4a8_fastprep::", op,
-                  ": weight_scale must be a contiguous [N, K/128] tensor");
-  const int64_t n_rows = weight_scale.size(0);
-  const int64_t groups = weight_scale.size(1);
-  STD_TORCH_CHECK(n_rows % 128 == 0, "w4a8_fastprep::", op,
-                  ": N (output features) must be a multiple of 128, got ",
-                  n_rows);
-  STD_TORCH_CHECK(path >= kCompiled && path <= kCuda, "w4a8_fastprep::", op,
-                  ": unknown scale path ", path);
-  const int32_t device = weight_scale.get_device_index();
-  const torch::stable::accelerator::DeviceGuard guard(device);
-  const cudaStream_t stream = current_stream(device);
+cudaError_t launch_prepare_scales(int path, const void* weight_scale,
+                                  void* packed, void* chan, int64_t n_rows,
+                                  int64_t groups, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(n_rows / kScaleRows);
-  const auto* in = static_cast<const __nv_bfloat16*>(weight_scale.const_data_ptr());
-  auto* out = static_cast<uint64_t*>(packed.mutable_data_ptr());
-  auto* ch = static_cast<float*>(chan.mutable_data_ptr());
-  if (path == kCompiled) {
-    prepare_scales_kernel<kCompiled><<<blocks, kScaleThreads, 0, stream>>>(
-        in, out, ch, n_rows, groups);
-  } else if (path == kNative) {
-    prepare_scales_kernel<kNative><<<blocks, kScaleThreads, 0, stream>>>(
+  const auto* in = static_cast<const __nv_bfloat16*>(weight_scale);
+  auto* out = static_cast<uint64_t*>(packed);
+  auto* ch = static_cast<float*>(chan);
+  if (path == kNativePath) {
+    prepare_scales_kernel<kNativePath><<<blocks, kScaleThreads, 0, stream>>>(
         in, out, ch, n_rows, groups);
   } else {
-    prepare_scales_kernel<kCuda><<<blocks, kScaleThreads, 0, stream>>>(
+    prepare_scales_kernel<kCudaPath><<<blocks, kScaleThreads, 0, stream>>>(
         in, out, ch, n_rows, groups);
   }
-  check_launch(op);
-}
-
-std::tuple<Tensor, Tensor> prepare_scales(Tensor weight_scale, int64_t path) {
-  check_cuda_2d(weight_scale, "prepare_scales", "weight_scale",
-                ScalarType::BFloat16, "bfloat16");
-  const int64_t n_rows = weight_scale.size(0);
-  const int64_t groups = weight_scale.size(1);
-  Tensor packed = torch::stable::new_empty(weight_scale, {8 * n_rows * groups},
-                                           ScalarType::Float8_e4m3fn);
-  Tensor chan =
-      torch::stable::new_empty(weight_scale, {n_rows, 1}, ScalarType::Float);
-  prepare_scales_out(weight_scale, path, packed, chan);
-  return {packed, chan};
+  return cudaGetLastError();
 }
 
 }  // namespace w4a8_fastprep

@@ -2,19 +2,9 @@
 // Fake (meta) implementations and the CPU path live in Python (ops.py).
 #include <Python.h>
 
-#include <tuple>
-
 #include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/tensor.h>
 
-using torch::stable::Tensor;
-
-namespace w4a8_fastprep {
-Tensor prepare_weight(Tensor weight_packed);
-Tensor encode_and_reorder_int4b(Tensor b);
-Tensor pack_scale_fp8(Tensor scales);
-std::tuple<Tensor, Tensor> prepare_scales(Tensor weight_scale, int64_t path);
-}  // namespace w4a8_fastprep
+#include "ops.h"
 
 STABLE_TORCH_LIBRARY(w4a8_fastprep, m) {
   m.def("prepare_weight(Tensor weight_packed) -> Tensor");

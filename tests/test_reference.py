@@ -142,16 +142,16 @@ def test_quantize_scale_rows_follows_vllm_formula(path, gen):
 
 
 def test_scale_paths_differ_only_in_last_bit_of_row_scale():
-    # Every positive bf16 amax: the compiled path's scale is within one ulp.
+    # Every positive bf16 amax: x * fp32(1/448) is within one ulp of x / 448.
     bits = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16)
     amax = bits.view(torch.bfloat16).float()
-    native = (amax / 448.0).clamp(min=ref.FP8_MIN_SCALING_FACTOR)
-    compiled = (amax * torch.tensor(1 / 448.0, dtype=torch.float32)).clamp(
+    exact = (amax / torch.tensor(448.0)).clamp(min=ref.FP8_MIN_SCALING_FACTOR)
+    native = (amax * torch.tensor(1 / 448.0, dtype=torch.float32)).clamp(
         min=ref.FP8_MIN_SCALING_FACTOR
     )
-    ulp = torch.nextafter(native, torch.tensor(math.inf)) - native
-    assert torch.all((native - compiled).abs() <= ulp)
-    assert (native != compiled).any()  # they do differ, so the path matters
+    ulp = torch.nextafter(exact, torch.tensor(math.inf)) - exact
+    assert torch.all((exact - native).abs() <= ulp)
+    assert (exact != native).any()  # they do differ, so the path matters
 
 
 def test_dequantize_weight_matches_signed_values():

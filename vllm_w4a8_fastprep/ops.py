@@ -207,15 +207,15 @@ def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_scales(
-    weight_scale: torch.Tensor, path: str = "compiled"
+    weight_scale: torch.Tensor, path: str = "native"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint bf16 ``[N, K/128]`` -> (packed fp8 1-D, fp32 ``[N, 1]``).
 
     One pass equal to upstream's ``convert_bf16_scales_to_fp8``, the
     transpose and ``cutlass_pack_scale_fp8``. ``path`` picks which upstream
     ``QuantFP8`` code path to reproduce (see
-    ``reference.quantize_scale_rows``): ``"compiled"`` is what ``vllm
-    serve`` runs by default, ``"cuda"`` what it runs with ``enforce_eager``.
+    ``reference.quantize_scale_rows``): ``"native"`` is what ``vllm serve``
+    runs by default, ``"cuda"`` what it runs with ``enforce_eager``.
     """
     name = "weight_scale"
     path_id = _check_scale_path(path)
@@ -233,7 +233,7 @@ def prepare_scales(
 
 
 def prepare_layer(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, path: str = "compiled"
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, path: str = "native"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both preparations of one layer, after checking the pair agrees.
 

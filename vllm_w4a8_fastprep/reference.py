@@ -35,9 +35,8 @@ FP8_MAX = 448.0
 FP8_MIN_SCALING_FACTOR = 1.0 / (FP8_MAX * 512.0)
 
 # How vLLM quantises each row of group scales to fp8 (QuantFP8, per token,
-# dynamic). The three upstream code paths round differently; see
-# ``quantize_scale_rows``.
-SCALE_PATHS = ("compiled", "native", "cuda")
+# dynamic). Its two code paths round differently; see ``quantize_scale_rows``.
+SCALE_PATHS = ("native", "cuda")
 
 # ---------------------------------------------------------------- weights
 
@@ -164,7 +163,7 @@ def _fp32(x: float) -> torch.Tensor:
 
 
 def quantize_scale_rows(
-    weight_scale: torch.Tensor, path: str = "compiled"
+    weight_scale: torch.Tensor, path: str = "native"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's ``convert_bf16_scales_to_fp8`` for one layer.
 
@@ -173,29 +172,30 @@ def quantize_scale_rows(
     then divided by 8 (re-rounded to fp8) and the row scale multiplied by 8.
     Returns ``(fp8 [N, K/128], fp32 [N, 1])``.
 
-    ``path`` names the upstream code path being reproduced; they differ in
-    the last bit of the row scale for some rows:
+    ``path`` names the upstream code path reproduced, as it runs on a CUDA
+    device; they differ in the last bit of the row scale for some rows:
 
-    * ``"compiled"`` -- ``QuantFP8.forward_native`` compiled by Inductor, the
-      path ``vllm serve`` / ``vllm.LLM`` take by default (custom ops off under
-      ``VLLM_COMPILE``). Inductor turns ``x_max / 448`` into
-      ``x_max * fp32(1/448)``; its ``1 / scale`` is Triton's ``div.full``,
-      which equals the correctly rounded reciprocal for every scale reachable
-      from a bf16 amax (checked exhaustively on the GPU by the tests).
-    * ``"native"`` -- the same Python function run eagerly: ``x_max / 448``
-      and ``1 / scale`` correctly rounded.
+    * ``"native"`` -- ``QuantFP8.forward_native``, what ``vllm serve`` and
+      ``vllm.LLM`` run by default (custom ops off under ``VLLM_COMPILE``, the
+      function compiled by Inductor). On CUDA, ``x_max / 448`` becomes
+      ``x_max * fp32(1/448)`` both in Inductor (division by a constant) and in
+      eager PyTorch (division by a Python scalar); ``1 / scale`` is Triton's
+      ``div.full`` when compiled and correctly rounded when eager, which agree
+      for every scale reachable from a bf16 maximum (the GPU tests check all of
+      them). Spelled out here so that the CPU gives the same bits.
     * ``"cuda"`` -- vLLM's ``dynamic_per_token_scaled_fp8_quant`` kernel
-      (``enforce_eager=True`` / custom ops on): ``x_max / 448``, then every
-      value divided by the row scale instead of multiplied by its inverse.
+      (``enforce_eager=True``, or ``+quant_fp8`` in the custom ops): the row
+      scale is ``x_max / 448`` correctly rounded and every value is divided by
+      it instead of multiplied by its inverse.
     """
     if path not in SCALE_PATHS:
         raise ValueError(f"path must be one of {SCALE_PATHS}, got {path!r}")
     x = weight_scale.to(torch.float32)
     x_max = weight_scale.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-    if path == "compiled":
+    if path == "native":
         scale = x_max * _fp32(1.0 / FP8_MAX).to(x.device)
-    else:
-        scale = x_max / FP8_MAX
+    else:  # a tensor divisor: true division on every device
+        scale = x_max / _fp32(FP8_MAX).to(x.device)
     scale = scale.clamp(min=_fp32(FP8_MIN_SCALING_FACTOR).item())
     if path == "cuda":
         q = x / scale
@@ -207,7 +207,7 @@ def quantize_scale_rows(
 
 
 def prepare_scales(
-    weight_scale: torch.Tensor, path: str = "compiled"
+    weight_scale: torch.Tensor, path: str = "native"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint bf16 ``[N, K/128]`` -> (packed fp8 1-D, fp32 ``[N, 1]``).
 
