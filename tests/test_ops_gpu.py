@@ -210,12 +210,13 @@ def test_upstream_gemm_on_our_output_equals_upstream(n, k, m, upstream):
 
     ours, theirs = mm(our_w, our_s, our_c), mm(up_w, up_s, up_c)
     assert torch.equal(ours, theirs)
-    # and it computes the layer: against an fp32 product with the same
-    # quantised operands (int4 x fp8 group scale x channel scale)
+    # and it computes the layer: against an fp32 product of the same
+    # quantised operands. The GEMM's weight is fp8(int4 x fp8 group scale)
+    # (the packed scale table) times the channel scale.
     group, chan = ref.quantize_scale_rows(ws, "cuda")
-    eff = group.float() * chan
-    w_deq = ref.dequantize_weight(w, eff)
-    want = (a8.float() * a_scale) @ w_deq.t()
+    w_int = ref.dequantize_weight(w, torch.ones_like(ws))
+    w_fp8 = ref.to_fp8_saturating(w_int * group.float().repeat_interleave(128, dim=1)).float()
+    want = (a8.float() * a_scale) @ (w_fp8 * chan).t()
     rel = (ours.float() - want).norm() / want.norm()
     assert rel < 1e-2, rel
 
