@@ -1,0 +1,210 @@
+"""Synthetic W4AFP8 checkpoints: Llama-shaped, random but valid tensors,
+written straight in the compressed-tensors ``pack-quantized`` format (what
+llm-compressor saves for the ``W4AFP8`` scheme), with a tokenizer built
+offline. For tests, benchmarks and startup-time measurements where no real
+weights can be downloaded; the outputs of such a model are meaningless but
+deterministic, which is what bit-exactness checks need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint_format import GROUP_SIZE
+
+WEIGHT_ARGS = {
+    "num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP_SIZE,
+    "strategy": "group", "block_structure": None, "dynamic": False, "actorder": None,
+    "observer": "minmax", "observer_kwargs": {},
+}
+INPUT_ARGS = {
+    "num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+    "strategy": "token", "block_structure": None, "dynamic": True, "actorder": None,
+    "observer": None, "observer_kwargs": {},
+}
+
+
+def quantization_config() -> dict:
+    """The ``quantization_config`` of a W4AFP8 pack-quantized checkpoint."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": dict(WEIGHT_ARGS),
+                "input_activations": dict(INPUT_ARGS),
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+    head_dim: int | None = None
+
+
+PRESETS = {
+    "tiny": Preset(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512),
+    "1b": Preset(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=32000),
+    "8b": Preset(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000),
+    "70b": Preset(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000),
+}
+
+
+def preset(name: str, layers: int | None = None) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return replace(p, layers=layers) if layers else p
+
+
+def linear_shapes(p: Preset) -> dict[str, tuple[int, int]]:
+    """(N, K) of each quantized Linear of one decoder layer."""
+    hd = p.head_dim or p.hidden // p.heads
+    return {
+        "self_attn.q_proj": (p.heads * hd, p.hidden),
+        "self_attn.k_proj": (p.kv_heads * hd, p.hidden),
+        "self_attn.v_proj": (p.kv_heads * hd, p.hidden),
+        "self_attn.o_proj": (p.hidden, p.heads * hd),
+        "mlp.gate_proj": (p.intermediate, p.hidden),
+        "mlp.up_proj": (p.intermediate, p.hidden),
+        "mlp.down_proj": (p.hidden, p.intermediate),
+    }
+
+
+def random_w4afp8_linear(n: int, k: int, gen: torch.Generator, device="cpu") -> dict:
+    """Random checkpoint tensors of one Linear: weight_packed, weight_scale,
+    weight_shape. Scales are ~1/(8 sqrt(K)) so activations keep their size."""
+    if n % GROUP_SIZE or k % GROUP_SIZE:
+        raise ValueError(f"N={n} and K={k} must be multiples of {GROUP_SIZE}")
+    packed = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32,
+                           generator=gen, device=device)
+    base = 1.0 / (4.0 * math.sqrt(k))
+    scale = (torch.rand(n, k // GROUP_SIZE, generator=gen, device=device) + 0.5) * base
+    return {
+        "weight_packed": packed,
+        "weight_scale": scale.to(torch.bfloat16),
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Question: what is 12 plus 30? "
+    "Answer: 42. Natalia sold clips to 48 of her friends in April, and then she sold "
+    "half as many clips in May. How many clips did Natalia sell altogether? "
+    "#### 72 The answer is 72. Weights are int4, activations are fp8. "
+)
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> int:
+    """A byte-level BPE tokenizer trained in memory (no download). Returns
+    its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 400), special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT] * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(out))
+    return tok.get_vocab_size()
+
+
+def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int | None = None,
+                     seed: int = 0, device: str = "cpu", shard_bytes: int = 4 << 30,
+                     progress: bool = False) -> Path:
+    """Write a synthetic Llama-style W4AFP8 checkpoint; returns its folder."""
+    from safetensors.torch import save_file
+
+    p = preset(preset_name, layers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_vocab = write_tokenizer(out, p.vocab)
+    vocab = max(p.vocab, tok_vocab)
+    hd = p.head_dim or p.hidden // p.heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": p.hidden, "intermediate_size": p.intermediate,
+        "num_hidden_layers": p.layers, "num_attention_heads": p.heads,
+        "num_key_value_heads": p.kv_heads, "head_dim": hd, "vocab_size": vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1,
+        "quantization_config": quantization_config(),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def dense(*shape, std):
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(torch.bfloat16)
+
+    shards: list[dict] = [{}]
+    sizes = [0]
+
+    def put(name: str, t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+            _flush()
+        shards[-1][name] = t.contiguous().cpu()
+        sizes[-1] += nbytes
+
+    files: dict[str, str] = {}
+
+    def _flush():
+        idx = len(files_written) + 1
+        fname = f"model-{idx:05d}.safetensors"
+        save_file(shards[-1], str(out / fname), metadata={"format": "pt"})
+        for k in shards[-1]:
+            files[k] = fname
+        files_written.append(fname)
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    files_written: list[str] = []
+    put("model.embed_tokens.weight", dense(vocab, p.hidden, std=0.02))
+    layer_iter = range(p.layers)
+    if progress:
+        from tqdm import tqdm
+
+        layer_iter = tqdm(layer_iter, desc=f"writing {preset_name} checkpoint", unit="layer")
+    for i in layer_iter:
+        pre = f"model.layers.{i}."
+        put(pre + "input_layernorm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
+        put(pre + "post_attention_layernorm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
+        for name, (n, k) in linear_shapes(p).items():
+            for tname, t in random_w4afp8_linear(n, k, gen, device).items():
+                put(f"{pre}{name}.{tname}", t)
+    put("model.norm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
+    put("lm_head.weight", dense(vocab, p.hidden, std=0.02))
+    _flush()
+    index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files_written)},
+             "weight_map": files}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (out / "w4a8_fastprep_synthetic.json").write_text(
+        json.dumps({"preset": preset_name, **asdict(p), "seed": seed}, indent=1))
+    return out
