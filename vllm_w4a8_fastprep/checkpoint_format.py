@@ -79,7 +79,7 @@ def checkpoint_problem(hf_quant_cfg: dict | None) -> str | None:
     problems = []
     for name, group in groups.items():
         why = scheme_problem(group.get("weights"), group.get("input_activations"),
-                             group.get("format", fmt))
+                             group.get("format") or fmt)
         if why is None:
             return None
         problems.append(f"{name}: {why}")

@@ -1,0 +1,186 @@
+"""The vLLM plugin: entry point, registration, which checkpoints it claims.
+Real vLLM (the pinned version), real plugin discovery; no GPU needed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_w4a8_fastprep.checkpoint_format import checkpoint_problem  # noqa: E402
+from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+
+NAME = "w4a8_fastprep"
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_import_is_cheap():
+    out = _run("import sys, vllm_w4a8_fastprep; "
+               "print('vllm' in sys.modules, 'torch' in sys.modules)").stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_register_is_idempotent_and_initialises_no_cuda():
+    code = """
+import torch, vllm_w4a8_fastprep as v
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+v.register(); v.register()
+from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+cls = get_quantization_config("w4a8_fastprep")
+assert cls is W4A8FastPrepConfig and issubclass(cls, CompressedTensorsConfig)
+assert QUANTIZATION_METHODS.count("w4a8_fastprep") == 1
+assert not torch.cuda.is_initialized()
+print("ok")
+"""
+    assert _run(code).stdout.strip().endswith("ok")
+
+
+def test_vllm_discovers_the_entry_point():
+    code = """
+from vllm.plugins import load_general_plugins
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+load_general_plugins(); load_general_plugins()
+print("w4a8_fastprep" in QUANTIZATION_METHODS)
+"""
+    assert _run(code).stdout.strip().endswith("True")
+    # VLLM_PLUGINS filters general plugins by name
+    assert _run(code, VLLM_PLUGINS="some_other_plugin").stdout.strip().endswith("False")
+    assert _run(code, VLLM_PLUGINS=NAME).stdout.strip().endswith("True")
+
+
+# ----------------------------------------------- which checkpoints are ours
+
+
+def _cfg(**changes):
+    cfg = quantization_config()
+    group = cfg["config_groups"]["group_0"]
+    for key, value in changes.items():
+        part, field = key.split("__")
+        if part == "top":
+            cfg[field] = value
+        elif part == "group":
+            group[field] = value
+        else:
+            group[part][field] = value
+    return cfg
+
+
+W8A8_FP8 = {
+    "quant_method": "compressed-tensors", "format": "float-quantized",
+    "config_groups": {"group_0": {"targets": ["Linear"],
+                                  "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
+                                              "symmetric": True, "dynamic": False},
+                                  "input_activations": {"num_bits": 8, "type": "float",
+                                                        "strategy": "token", "symmetric": True,
+                                                        "dynamic": True}}},
+}
+W4A16 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized",
+    "config_groups": {"group_0": {"targets": ["Linear"],
+                                  "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                              "group_size": 128, "symmetric": True,
+                                              "dynamic": False},
+                                  "input_activations": None}},
+}
+
+
+@pytest.mark.parametrize(
+    "cfg,why",
+    [
+        (_cfg(weights__group_size=64), "group_size=64"),
+        (_cfg(weights__symmetric=False), "asymmetric weights"),
+        (_cfg(input_activations__type="int"), "type=int"),
+        (_cfg(input_activations__dynamic=False), "static activations"),
+        (_cfg(input_activations__strategy="tensor"), "strategy=tensor"),
+        (_cfg(weights__num_bits=8), "num_bits=8"),
+        (_cfg(top__format="int-quantized", group__format=None), "format=int-quantized"),
+        (W8A8_FP8, "format=float-quantized"),
+        (W4A16, "no input activation quantization"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq'"),
+        (None, "no quantization_config"),
+    ],
+)
+def test_checkpoint_problem_names_the_reason(cfg, why):
+    problem = checkpoint_problem(cfg)
+    assert problem is not None and why in problem, problem
+
+
+def test_w4afp8_config_is_ours():
+    assert checkpoint_problem(quantization_config()) is None
+
+
+@pytest.fixture(scope="module")
+def config_cls():
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    return W4A8FastPrepConfig
+
+
+def test_override_claims_w4afp8(config_cls, monkeypatch):
+    monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
+    ours = quantization_config()
+    assert config_cls.override_quantization_method(ours, NAME) == NAME
+    assert config_cls.override_quantization_method(ours, None) == NAME
+    # the user asked for upstream's path, or opted out: leave it alone
+    assert config_cls.override_quantization_method(ours, "compressed-tensors") is None
+    monkeypatch.setenv("VLLM_W4A8_FASTPREP_AUTO", "0")
+    assert config_cls.override_quantization_method(ours, None) is None
+    assert config_cls.override_quantization_method(ours, NAME) == NAME
+
+
+@pytest.mark.parametrize("cfg", [W8A8_FP8, W4A16, {"quant_method": "awq", "bits": 4}])
+def test_override_leaves_other_checkpoints(config_cls, cfg):
+    assert config_cls.override_quantization_method(cfg, None) is None
+    assert config_cls.override_quantization_method(cfg, "compressed-tensors") is None
+    with pytest.raises(ValueError, match=f"--quantization {NAME} serves"):
+        config_cls.override_quantization_method(cfg, NAME)
+
+
+def _model_config(path, **kw):
+    from vllm.config import ModelConfig
+
+    return ModelConfig(model=str(path), tokenizer=str(path), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from vllm_w4a8_fastprep.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+def test_vllm_model_config_picks_the_plugin(config_cls, tiny_ckpt, monkeypatch):
+    monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
+    assert _model_config(tiny_ckpt).quantization == NAME
+    assert _model_config(tiny_ckpt, quantization=NAME).quantization == NAME
+    assert _model_config(tiny_ckpt, quantization="compressed-tensors").quantization == \
+        "compressed-tensors"
+    monkeypatch.setenv("VLLM_W4A8_FASTPREP_AUTO", "0")
+    assert _model_config(tiny_ckpt).quantization == "compressed-tensors"
+
+
+def test_vllm_model_config_explicit_request_on_other_checkpoint(config_cls, tiny_ckpt, tmp_path):
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+    other = tmp_path / "g64"
+    other.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="group_size=64"):
+        _model_config(other, quantization=NAME)
