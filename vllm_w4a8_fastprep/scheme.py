@@ -67,7 +67,12 @@ def hopper_kernel_problem(config: MPLinearLayerConfig) -> str | None:
         cap = current_platform.get_device_capability()
         return f"GPU compute capability is {cap.to_int() if cap else '?'}, CUTLASS W4A8 needs 90"
     if not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
-        return "vLLM's compiled ops have no cutlass_w4a8_mm"
+        try:
+            current_platform.import_kernels()  # vLLM's compiled ops (torch.ops._C)
+        except Exception as e:  # noqa: BLE001 - reported as the reason below
+            return f"vLLM's compiled ops do not load ({e})"
+        if not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
+            return "vLLM's compiled ops have no cutlass_w4a8_mm"
     err = ops.extension_error()
     if err is not None:
         return err

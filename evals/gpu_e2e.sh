@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# End-to-end on the lent GPU with upstream vLLM 0.26.0 (../shared/tools/vllm-gpu-bundle):
+# two device calls back to back (the machine keeps /root/vb only while warm):
+#   1) carry .vllm-bundle/part1:  bash .vllm-bundle/part1/unpack.sh
+#   2) carry .vllm-bundle/part2:  bash evals/gpu_e2e.sh STEP...
+# Steps: setup (unpack part 2, build, install the plugin), tests (plugin/scheme tests on the
+# GPU), tiny, 8b, 70b (synthetic checkpoints, startup time ours vs upstream, output identity).
+# Summaries and charts go to $OUT (8 files at most come back).
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+WORK=${WORK:-/tmp/e2e}; mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1
+[[ -f /root/vb/activate.sh ]] && source /root/vb/activate.sh
+
+startup() {  # name, model dir, extra args
+  local name=$1 model=$2; shift 2
+  python3 -m evals.startup_time --model "$model" --out-dir "$WORK/$name" "$@" 2>&1 \
+    | grep -v "it/s\]$" | tail -14
+  cp "$WORK/$name/summary.json" "$OUT/$name.json" 2>/dev/null
+  cp "$WORK/$name/startup_time.png" "$OUT/$name.png" 2>/dev/null
+}
+
+for step in "$@"; do
+  echo "=== $step ($(date -u +%T))"
+  case $step in
+    setup)
+      bash .vllm-bundle/part2/unpack.sh || exit 1
+      source /root/vb/activate.sh
+      MAX_JOBS=8 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1 \
+        || { tail -30 "$WORK/build.log"; exit 1; }
+      pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
+        || { tail -20 "$WORK/pip.log"; exit 1; } ;;
+    tests)
+      W4A8_FASTPREP_ORACLE=/root/vb/vllm/_C_stable_libtorch.abi3.so python3 -m pytest -q -rs \
+        -p no:cacheprovider tests/test_plugin.py tests/test_scheme.py tests/test_cli.py \
+        > "$OUT/pytest-e2e.log" 2>&1
+      tail -5 "$OUT/pytest-e2e.log" ;;
+    tiny)
+      python3 -m vllm_w4a8_fastprep synth "$WORK/tiny" > /dev/null
+      startup tiny-eager "$WORK/tiny" --runs 1 --enforce-eager
+      startup tiny-compiled "$WORK/tiny" --runs 1 ;;
+    8b)
+      python3 -m vllm_w4a8_fastprep synth "$WORK/8b" --preset 8b --device cuda > /dev/null
+      startup 8b "$WORK/8b" --runs ${RUNS:-2} ${STARTUP_ARGS:-} ;;
+    70b)
+      python3 -m vllm_w4a8_fastprep synth "$WORK/70b" --preset 70b --layers ${LAYERS_70B:-80} \
+        --device cuda > /dev/null
+      df -h /tmp | tail -1
+      startup 70b "$WORK/70b" --runs ${RUNS:-1} ${STARTUP_ARGS:-} ;;
+  esac
+done

@@ -1,0 +1,72 @@
+"""One vLLM engine in this process: load a model, generate greedily with
+logprobs, write the tokens and logprobs as JSON. startup_time.py runs this in
+fresh processes, once per mode (``ours`` / ``upstream``).
+
+    python -m evals.run_llm MODEL --mode ours|upstream --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+PROMPTS = [
+    "The capital of France is",
+    "Question: Natalia sold clips to 48 of her friends in April, and then half as many in May. "
+    "How many clips did she sell altogether?\nAnswer:",
+    "def fibonacci(n):",
+    "W4A8 means",
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--mode", choices=("ours", "upstream"), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--logprobs", type=int, default=5)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    if args.mode == "upstream":
+        os.environ["VLLM_W4A8_FASTPREP_AUTO"] = "0"  # keep vLLM's own path
+        quantization = "compressed-tensors"
+    else:
+        quantization = "w4a8_fastprep"
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, quantization=quantization, enforce_eager=args.enforce_eager,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+              tensor_parallel_size=args.tensor_parallel_size, attention_backend="TRITON_ATTN",
+              seed=0)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs,
+                            ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    result = {
+        "mode": args.mode, "quantization": quantization, "engine_startup_s": startup,
+        "enforce_eager": args.enforce_eager,
+        "outputs": [{
+            "prompt": o.prompt,
+            "token_ids": list(o.outputs[0].token_ids),
+            "text": o.outputs[0].text,
+            "logprobs": [{str(t): lp.logprob for t, lp in step.items()}
+                         for step in (o.outputs[0].logprobs or [])],
+        } for o in outs],
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
