@@ -24,11 +24,11 @@ for step in "$@"; do
   echo "=== $step ($(date -u +%T))"
   case $step in
     setup)
-      bash .vllm-bundle/part2/unpack.sh || exit 1
+      [[ -f /root/vb/vllm/__init__.py ]] || bash .vllm-bundle/part2/unpack.sh || exit 1
       source /root/vb/activate.sh
       MAX_JOBS=8 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1 \
         || { tail -30 "$WORK/build.log"; exit 1; }
-      pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
+      python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
         || { tail -20 "$WORK/pip.log"; exit 1; } ;;
     tests)
       W4A8_FASTPREP_ORACLE=/root/vb/vllm/_C_stable_libtorch.abi3.so python3 -m pytest -q -rs \
