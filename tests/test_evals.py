@@ -1,0 +1,128 @@
+"""The eval tools on the CPU: log parsing, report, output comparison, the
+synthetic checkpoint maker, and the gsm8k pipeline end to end (lm-eval's HF
+backend, a tiny model, our local gsm8k-format task)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals import gsm8k, make_checkpoint, startup_time
+
+ROOT = Path(__file__).resolve().parents[1]
+
+UPSTREAM_LOG = """INFO 11-25 12:01:40 [default_loader.py:431] Loading weights took 0.69 seconds
+INFO 11-25 12:01:48 [gpu_model_runner.py:5348] Model loading took 4.2 GiB memory and 9.051234 seconds
+"""
+OURS_LOG = """INFO 11-25 12:03:10 [default_loader.py:431] Loading weights took 0.64 seconds
+INFO 11-25 12:03:11 [load_stats.py:99] w4a8_fastprep: prepared 128 layers (3.44 GiB int4 + 0.05 GiB scales) in 0.036 s on cuda:0
+INFO 11-25 12:03:12 [gpu_model_runner.py:5348] Model loading took 4.24 GiB memory and 3.110000 seconds
+"""
+
+
+def test_parse_vllm_logs():
+    up = startup_time.parse_log(UPSTREAM_LOG)
+    assert up == {"loading_gib": 4.2, "loading_s": 9.051234, "weights_s": 0.69,
+                  "prep_s": pytest.approx(8.361234)}
+    ours = startup_time.parse_log(OURS_LOG)
+    assert ours["ours_layers"] == 128 and ours["ours_prep_s"] == 0.036
+    assert ours["prep_s"] == pytest.approx(2.47)
+
+
+def test_table_and_parse_logs_cli(tmp_path, capsys):
+    (tmp_path / "upstream.log").write_text(UPSTREAM_LOG)
+    (tmp_path / "ours.log").write_text(OURS_LOG)
+    assert startup_time.main(["--parse-logs", str(tmp_path / "upstream.log"),
+                              str(tmp_path / "ours.log")]) == 0
+    out = capsys.readouterr().out
+    assert "| upstream | 9.05 | 0.69 | 8.36 |" in out
+    assert "preparation: upstream 8.36 s -> ours 2.47 s" in out
+
+
+def test_chart_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    summary = startup_time.summarize({"upstream": [startup_time.parse_log(UPSTREAM_LOG)],
+                                      "ours": [startup_time.parse_log(OURS_LOG)]})
+    startup_time.chart(summary, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_outputs():
+    a = {"outputs": [{"token_ids": [1, 2], "logprobs": [{"1": -0.5}, {"2": -0.1}]}]}
+    b = json.loads(json.dumps(a))
+    assert startup_time.compare_outputs(a, b) is None
+    b["outputs"][0]["logprobs"][1]["2"] = -0.10001
+    assert "logprobs differ" in startup_time.compare_outputs(a, b)
+    b["outputs"][0]["token_ids"] = [1, 3]
+    assert "tokens differ" in startup_time.compare_outputs(a, b)
+
+
+def test_startup_time_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        startup_time.main(["--model", str(tmp_path / "nope")])
+
+
+def test_make_checkpoint_synthetic(tmp_path):
+    assert make_checkpoint.main(["synthetic", str(tmp_path / "m"), "--layers", "1"]) == 0
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_help_of_every_tool():
+    for mod in ("evals.startup_time", "evals.gsm8k", "evals.make_checkpoint", "evals.run_llm"):
+        proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True,
+                              text=True, cwd=ROOT)
+        assert proc.returncode == 0 and "usage" in proc.stdout, (mod, proc.stderr[-500:])
+
+
+def test_gsm8k_report():
+    res = {"upstream": {"scores": {gsm8k.METRICS[0]: 0.5, gsm8k.METRICS[1]: 0.75}},
+           "ours": {"scores": {gsm8k.METRICS[0]: 0.5, gsm8k.METRICS[1]: 0.75}}}
+    text = gsm8k.report(res)
+    assert "| exact_match,strict-match | 0.5000 | 0.5000 | +0.0000 |" in text
+
+
+def _tiny_dense_model(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_w4a8_fastprep.synthetic import write_tokenizer
+
+    vocab = write_tokenizer(path, 512)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab,
+                      max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def test_gsm8k_pipeline_end_to_end_on_cpu(tmp_path):
+    pytest.importorskip("lm_eval")
+    model = _tiny_dense_model(tmp_path / "tiny-dense")
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, "-m", "evals.gsm8k", "--model", str(model), "--backend", "hf",
+         "--local-task", str(ROOT / "evals" / "tasks" / "gsm8k_local"), "--limit", "3",
+         "--num-fewshot", "1", "--batch-size", "1", "--gen-kwargs", "max_gen_toks=8",
+         "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| exact_match,strict-match |" in proc.stdout
+    for mode in ("upstream", "ours"):
+        res = json.loads((out / f"{mode}.json").read_text())
+        assert res["task"] == "gsm8k_local"
+        assert 0.0 <= res["scores"]["exact_match,flexible-extract"] <= 1.0
+    assert (out / "report.md").exists()
+
+
+def test_gsm8k_vllm_backend_needs_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    ckpt = tmp_path / "m"
+    make_checkpoint.main(["synthetic", str(ckpt), "--layers", "1"])
+    with pytest.raises(SystemExit):
+        gsm8k.main(["--model", str(ckpt)])
