@@ -2,9 +2,10 @@
 // guard, PyTorch's current stream, launch status. Stable ABI only.
 #include "ops.h"
 
+#include <initializer_list>
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
-#include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/Exception.h>
 
 #include "kernels.h"
@@ -23,6 +24,18 @@ cudaStream_t current_stream(int32_t device_index) {
   TORCH_ERROR_CODE_CHECK(
       aoti_torch_get_current_cuda_stream(device_index, &stream));
   return static_cast<cudaStream_t>(stream);
+}
+
+// A new CUDA tensor in one shim call (cheaper than the dispatcher's new_empty
+// + transpose: this runs once per layer, and small layers are latency-bound).
+Tensor empty_cuda(std::initializer_list<int64_t> sizes,
+                  std::initializer_list<int64_t> strides, int32_t dtype,
+                  int32_t device_index) {
+  AtenTensorHandle handle = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.begin(), strides.begin(), dtype,
+      aoti_torch_device_type_cuda(), device_index, &handle));
+  return Tensor(handle);
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -47,17 +60,18 @@ void check_multiples(int64_t n_rows, int64_t k, const char* op) {
              "tensor too large for one launch (N=", n_rows, ", K=", k, ")");
 }
 
-// new [N, K/8] buffer, returned as its (K/8, N) transpose (strides (1, K/8))
+// int32 (K/8, N) with strides (1, K/8): the memory of an [N, K/8] buffer
 Tensor encode_reorder(const Tensor& in, int64_t n_rows, int64_t k,
                       bool from_uint4b8, const char* op) {
-  Tensor out = torch::stable::new_empty(in, {n_rows, k / 8});
   const int32_t device = in.get_device_index();
+  Tensor out = empty_cuda({k / 8, n_rows}, {1, k / 8}, aoti_torch_dtype_int32(),
+                          device);
   const torch::stable::accelerator::DeviceGuard guard(device);
   check_launch(launch_encode_reorder(from_uint4b8, in.const_data_ptr(),
                                      out.mutable_data_ptr(), n_rows, k,
                                      current_stream(device)),
                op);
-  return torch::stable::transpose(out, 0, 1);
+  return out;
 }
 
 }  // namespace
@@ -96,8 +110,8 @@ Tensor pack_scale_fp8(Tensor scales) {
   W4A8_CHECK(scales.numel() > 0, op, "scales is empty");
   W4A8_CHECK(scales.is_contiguous(), op, "scales must be contiguous");
   const int64_t n = scales.numel();
-  Tensor out = torch::stable::new_empty(scales, {8 * n});
   const int32_t device = scales.get_device_index();
+  Tensor out = empty_cuda({8 * n}, {1}, aoti_torch_dtype_float8_e4m3fn(), device);
   const torch::stable::accelerator::DeviceGuard guard(device);
   check_launch(launch_pack_scale_fp8(scales.const_data_ptr(),
                                      out.mutable_data_ptr(), n,
@@ -117,11 +131,10 @@ std::tuple<Tensor, Tensor> prepare_scales(Tensor weight_scale, int64_t path) {
              "N (output features) must be a multiple of 128, got ", n_rows);
   W4A8_CHECK(path == kNativePath || path == kCudaPath, op,
              "unknown scale path ", path, " (0: native, 1: cuda)");
-  Tensor packed = torch::stable::new_empty(weight_scale, {8 * n_rows * groups},
-                                           ScalarType::Float8_e4m3fn);
-  Tensor chan =
-      torch::stable::new_empty(weight_scale, {n_rows, 1}, ScalarType::Float);
   const int32_t device = weight_scale.get_device_index();
+  Tensor packed = empty_cuda({8 * n_rows * groups}, {1},
+                             aoti_torch_dtype_float8_e4m3fn(), device);
+  Tensor chan = empty_cuda({n_rows, 1}, {1, 1}, aoti_torch_dtype_float32(), device);
   const torch::stable::accelerator::DeviceGuard guard(device);
   check_launch(launch_prepare_scales(static_cast<int>(path),
                                      weight_scale.const_data_ptr(),

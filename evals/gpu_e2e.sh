@@ -3,8 +3,8 @@
 # two device calls back to back (the machine keeps /root/vb only while warm):
 #   1) carry .vllm-bundle/part1:  bash .vllm-bundle/part1/unpack.sh
 #   2) carry .vllm-bundle/part2:  bash evals/gpu_e2e.sh STEP...
-# Steps: setup (unpack part 2, build, install the plugin), tests (plugin/scheme tests on the
-# GPU), tiny, 8b, 70b (synthetic checkpoints, startup time ours vs upstream, output identity).
+# Steps: setup (unpack part 2, build, install the plugin), tests (all tests, upstream's ops
+# as the oracle), bench, tiny, 8b, 70b (synthetic checkpoints, startup time ours vs upstream, output identity).
 # Summaries and charts go to $OUT (8 files at most come back).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -30,11 +30,13 @@ for step in "$@"; do
         || { tail -30 "$WORK/build.log"; exit 1; }
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
         || { tail -20 "$WORK/pip.log"; exit 1; } ;;
-    tests)
+    tests)  # every test: kernels vs upstream's ops (the bundle's _C), plugin in real vLLM
       W4A8_FASTPREP_ORACLE=/root/vb/vllm/_C_stable_libtorch.abi3.so python3 -m pytest -q -rs \
-        -p no:cacheprovider tests/test_plugin.py tests/test_scheme.py tests/test_cli.py \
-        > "$OUT/pytest-e2e.log" 2>&1
-      tail -5 "$OUT/pytest-e2e.log" ;;
+        -p no:cacheprovider tests > "$OUT/pytest-all.log" 2>&1
+      grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/pytest-all.log" | tail -12 ;;
+    bench)
+      python3 benchmarks/bench_prep.py --upstream /root/vb/vllm/_C_stable_libtorch.abi3.so \
+        --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -22 ;;
     tiny)
       python3 -m vllm_w4a8_fastprep synth "$WORK/tiny" > /dev/null
       startup tiny-eager "$WORK/tiny" --runs 1 --enforce-eager
