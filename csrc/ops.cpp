@@ -3,10 +3,12 @@
 #include "ops.h"
 
 #include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
-#include <torch/headeronly/util/Exception.h>
 
 #include "kernels.h"
 
@@ -15,8 +17,29 @@ namespace {
 
 using torch::headeronly::ScalarType;
 
-#define W4A8_CHECK(cond, op, ...) \
-  STD_TORCH_CHECK(cond, "w4a8_fastprep::", op, ": ", __VA_ARGS__)
+// Error messages are built with std::string, not std::ostringstream (which
+// STD_TORCH_CHECK uses): on the lent H100 machine (Ubuntu 24.04, GCC 13, the
+// PyPI torch built with gcc-toolset-13) constructing an ostringstream inside an
+// extension op crashed the process, so a bad argument became a segfault.
+inline void append(std::string& s, const char* v) { s += v; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <typename... Args>
+[[noreturn]] void fail(const char* op, const Args&... args) {
+  std::string msg = "w4a8_fastprep::";
+  msg += op;
+  msg += ": ";
+  (append(msg, args), ...);
+  throw std::runtime_error(msg);
+}
+
+#define W4A8_CHECK(cond, op, ...)        \
+  do {                                   \
+    if (!(cond)) fail(op, __VA_ARGS__);  \
+  } while (0)
 
 // PyTorch's current CUDA stream of the device (never the legacy default).
 cudaStream_t current_stream(int32_t device_index) {
