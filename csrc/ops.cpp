@@ -17,10 +17,11 @@ namespace {
 
 using torch::headeronly::ScalarType;
 
-// Error messages are built with std::string, not std::ostringstream (which
-// STD_TORCH_CHECK uses): on the lent H100 machine (Ubuntu 24.04, GCC 13, the
-// PyPI torch built with gcc-toolset-13) constructing an ostringstream inside an
-// extension op crashed the process, so a bad argument became a segfault.
+// Our own check instead of STD_TORCH_CHECK: on the lent H100 machine (Ubuntu
+// 24.04, GCC 13.3, PyPI torch 2.11) a failing STD_TORCH_CHECK inside an
+// extension op segfaulted the process, even when caught in the same function
+// (a minimal extension reproduced it; a plain throw, and std::ostringstream in
+// a plain library, work there). Messages built with std::string do not crash.
 inline void append(std::string& s, const char* v) { s += v; }
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 inline void append(std::string& s, T v) {

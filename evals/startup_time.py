@@ -93,6 +93,7 @@ def chart(summary: dict, path: Path, title: str) -> None:
     ax.barh(modes, prep, left=weights, label="preparation (loading - weights)")
     for i, (w, p) in enumerate(zip(weights, prep)):
         ax.text(w + p, i, f" {w + p:.2f} s", va="center")
+    ax.set_xlim(0, max(w + p for w, p in zip(weights, prep)) * 1.25 or 1)
     ax.set_xlabel("seconds (median)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
