@@ -17,7 +17,7 @@ UPSTREAM_LOG = """INFO 11-25 12:01:40 [default_loader.py:431] Loading weights to
 INFO 11-25 12:01:48 [gpu_model_runner.py:5348] Model loading took 4.2 GiB memory and 9.051234 seconds
 """
 OURS_LOG = """INFO 11-25 12:03:10 [default_loader.py:431] Loading weights took 0.64 seconds
-INFO 11-25 12:03:11 [load_stats.py:99] w4a8_fastprep: prepared 128 layers (3.44 GiB int4 + 0.05 GiB scales) in 0.036 s on cuda:0
+INFO 11-25 12:03:11 [load_stats.py:99] w4a8_fastprep: prepared 128 layers (3.25 GiB int4 + 0.10 GiB scales) in 0.036 s on cuda:0
 INFO 11-25 12:03:12 [gpu_model_runner.py:5348] Model loading took 4.24 GiB memory and 3.110000 seconds
 """
 
