@@ -137,6 +137,13 @@ def _use_kernel(t: torch.Tensor, name: str) -> bool:
     return True
 
 
+def _run(op_name: str, reference_fn, t: torch.Tensor, name: str, *args):
+    """The registered op for ``t`` (after validation), or the reference."""
+    if _use_kernel(t, name):
+        return _op(op_name)(t, *args)
+    return reference_fn(t, *args)
+
+
 def _check_scale_path(path: str) -> int:
     if path not in _SCALE_PATH_ID:
         raise ValueError(f"path must be one of {SCALE_PATHS}, got {path!r}")
@@ -164,9 +171,7 @@ def prepare_weight(weight_packed: torch.Tensor) -> torch.Tensor:
             f"{name} must be the checkpoint's contiguous row-major [N, K/8] "
             f"tensor, got strides {weight_packed.stride()}"
         )
-    if _use_kernel(weight_packed, name):
-        return _op("prepare_weight")(weight_packed)
-    return reference.prepare_weight(weight_packed)
+    return _run("prepare_weight", reference.prepare_weight, weight_packed, name)
 
 
 def encode_and_reorder_int4b(b: torch.Tensor) -> torch.Tensor:
@@ -186,9 +191,7 @@ def encode_and_reorder_int4b(b: torch.Tensor) -> torch.Tensor:
             f"(1, {b.shape[0]}) (an int4 [N][K] row-major buffer, e.g. "
             f"w.t().contiguous().t()), got strides {b.stride()}"
         )
-    if _use_kernel(b, name):
-        return _op("encode_and_reorder_int4b")(b)
-    return reference.encode_and_reorder_int4b(b)
+    return _run("encode_and_reorder_int4b", reference.encode_and_reorder_int4b, b, name)
 
 
 def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
@@ -201,9 +204,7 @@ def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
     _check_tensor(scales, name, reference.FP8, "fp8 e4m3 group scales")
     if not scales.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {scales.stride()}")
-    if _use_kernel(scales, name):
-        return _op("pack_scale_fp8")(scales)
-    return reference.pack_scale_fp8(scales)
+    return _run("pack_scale_fp8", reference.pack_scale_fp8, scales, name)
 
 
 def prepare_scales(
@@ -229,7 +230,7 @@ def prepare_scales(
         )
     if _use_kernel(weight_scale, name):
         return _op("prepare_scales")(weight_scale, path_id)
-    return reference.prepare_scales(weight_scale, path)
+    return reference.prepare_scales(weight_scale, path)  # takes the path's name
 
 
 def prepare_layer(

@@ -133,12 +133,39 @@ def write_tokenizer(out: Path, vocab_size: int) -> int:
     return tok.get_vocab_size()
 
 
+class _ShardWriter:
+    """safetensors shards of at most ``shard_bytes`` (one tensor may exceed it)."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.size and self.size + nbytes > self.shard_bytes:
+            self.flush()
+        self.tensors[name] = t.contiguous().cpu()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.tensors:
+            return
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.tensors, str(self.out / fname), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.tensors, fname))
+        self.files.append(fname)
+        self.tensors, self.size = {}, 0
+
+
 def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int | None = None,
                      seed: int = 0, device: str = "cpu", shard_bytes: int = 4 << 30,
                      progress: bool = False) -> Path:
     """Write a synthetic Llama-style W4AFP8 checkpoint; returns its folder."""
-    from safetensors.torch import save_file
-
     p = preset(preset_name, layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,29 +190,8 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
     def dense(*shape, std):
         return (torch.randn(*shape, generator=gen, device=device) * std).to(torch.bfloat16)
 
-    shards: list[dict] = [{}]
-    sizes = [0]
-
-    def put(name: str, t: torch.Tensor):
-        nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-            _flush()
-        shards[-1][name] = t.contiguous().cpu()
-        sizes[-1] += nbytes
-
-    files: dict[str, str] = {}
-
-    def _flush():
-        idx = len(files_written) + 1
-        fname = f"model-{idx:05d}.safetensors"
-        save_file(shards[-1], str(out / fname), metadata={"format": "pt"})
-        for k in shards[-1]:
-            files[k] = fname
-        files_written.append(fname)
-        shards[-1] = {}
-        sizes[-1] = 0
-
-    files_written: list[str] = []
+    writer = _ShardWriter(out, shard_bytes)
+    put = writer.put
     put("model.embed_tokens.weight", dense(vocab, p.hidden, std=0.02))
     layer_iter = range(p.layers)
     if progress:
@@ -201,9 +207,9 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
                 put(f"{pre}{name}.{tname}", t)
     put("model.norm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
     put("lm_head.weight", dense(vocab, p.hidden, std=0.02))
-    _flush()
-    index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files_written)},
-             "weight_map": files}
+    writer.flush()
+    index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in writer.files)},
+             "weight_map": writer.weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (out / "w4a8_fastprep_synthetic.json").write_text(
         json.dumps({"preset": preset_name, **asdict(p), "seed": seed}, indent=1))
