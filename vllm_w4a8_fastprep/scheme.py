@@ -153,9 +153,7 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         token = self.stats.begin_layer(packed_w.device)
         weight_bytes, scale_bytes = packed_w.numel() * 4, scales.numel() * scales.element_size()
         if self.kernel is not None:
-            path = scale_path_of(self.kernel.quant_fp8)
-            if scales.dtype != torch.bfloat16:
-                scales = scales.to(torch.bfloat16)
+            path = scale_path_of(self.kernel.quant_fp8)  # CUTLASS path: bf16 scales
             # each input is dropped as soon as its output exists
             _replace(layer, "weight_packed", ops.prepare_weight(packed_w))
             del packed_w
