@@ -58,7 +58,7 @@ __device__ __forceinline__ uint4 encode16(uint4 v) {
 }
 
 // kRows rows (multiple of 64) x kChunks 16-byte chunks per block.
-template <bool kFromUint4b8, int kRows, int kChunks>
+template <int kRows, int kChunks>
 struct EncodeReorderTile {
   static_assert(kRows % 64 == 0, "a warp covers 4 n-tiles = 64 rows");
   static constexpr int kPitch = kChunks * 16 + 16;  // 8 rows: 8 bank groups
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kEncodeThreads)
                           uint8_t* __restrict__ out, int64_t n_rows,
                           int64_t row_bytes, int64_t row_slabs,
                           int64_t first_col) {
-  using T = EncodeReorderTile<kFromUint4b8, kRows, kChunks>;
+  using T = EncodeReorderTile<kRows, kChunks>;
   __shared__ __align__(16) uint8_t smem[T::kSmemBytes];
   uint8_t* slab = smem;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -67,12 +67,6 @@ def _upstream_weight_isolated(upstream, w, tmp_path):
     return torch.load(dst).cuda().t(), None
 
 
-def _same_bytes(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(
-        a.contiguous().view(U8) if a.dtype == FP8 else a, b.contiguous().view(U8) if b.dtype == FP8 else b
-    )
-
-
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_prepare_weight_bit_exact(n, k, upstream, tmp_path):
     w = _randint32((n, k // 8))
