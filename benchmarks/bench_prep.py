@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from vllm_w4a8_fastprep import ops
+from vllm_w4a8_fastprep import ops, upstream as up_chain
 
 FP8 = torch.float8_e4m3fn
 # (N, K) of common layers: attention/MLP of 8B, 70B, and a 111B-class model.
@@ -76,24 +76,6 @@ def upstream_weight_chain(up):
     return run
 
 
-def native_per_token(x):
-    x_max, _ = x.abs().max(dim=-1)
-    x_max = x_max.unsqueeze(-1).to(torch.float32)
-    scale = (x_max / 448.0).clamp(min=1.0 / (448.0 * 512.0))
-    out = x.to(torch.float32) * scale.reciprocal()
-    return out.clamp(-448.0, 448.0).to(FP8), scale
-
-
-def upstream_scale_chain(up, quant):
-    def run(ws):
-        q, chan = quant(ws)
-        q = (q.float() / 8.0).to(FP8)
-        chan = chan * 8.0
-        return up.cutlass_pack_scale_fp8(q.t().contiguous()), chan
-
-    return run
-
-
 def fmt_row(cols, widths):
     return " | ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
@@ -113,7 +95,7 @@ def main(argv=None):
         up = torch.ops._C
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}; reps {args.reps} (median)")
-    compiled = torch.compile(native_per_token, dynamic=True, backend="inductor")
+    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
     results = {"device": dev, "weights": [], "scales": []}
 
     head = ["N x K", "MB", "copy us", "ours us", "ours GB/s", "vs copy", "up op us",
@@ -133,7 +115,7 @@ def main(argv=None):
                "ours_extra_bytes": ours_extra}
         up_op = up_chain = up_extra = None
         if up is not None:
-            signed = [w ^ -0x77777778 for w in ws_in[:2]]
+            signed = [w ^ up_chain.UINT4B8_TO_INT4 for w in ws_in[:2]]
             up_op = bench(lambda x: up.cutlass_encode_and_reorder_int4b(x.t()), signed,
                           reps=min(args.reps, 20))[0]
             chain = upstream_weight_chain(up)
@@ -167,7 +149,9 @@ def main(argv=None):
         row = {"N": n, "K": k, "scales": n * g, "ours_ms": ours, "ours_extra_bytes": ours_extra}
         up_ms = up_extra = None
         if up is not None:
-            chain = upstream_scale_chain(up, compiled)
+            def chain(ws):
+                return up_chain.scales(up, compiled, ws)
+
             up_ms = bench(chain, sc_in[:2], warmup=2, reps=min(args.reps, 10))[0]
             up_extra = peak_extra(chain, sc_in[0])
             row.update(up_ms=up_ms, up_extra_bytes=up_extra)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from evals.modes import use_mode
 
 METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
 
@@ -52,9 +53,7 @@ def worker(args) -> int:
     if args.local_task:
         include, task = _local_task_dir(Path(args.local_task))
     if args.backend == "vllm":
-        quant = "w4a8_fastprep" if args.mode == "ours" else "compressed-tensors"
-        if args.mode == "upstream":
-            os.environ["VLLM_W4A8_FASTPREP_AUTO"] = "0"
+        quant = use_mode(args.mode)
         model_args = (f"pretrained={args.model},quantization={quant},max_model_len=4096,"
                       f"gpu_memory_utilization={args.gpu_memory_utilization}")
         if args.model_args:

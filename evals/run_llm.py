@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+
+from evals.modes import MODES, use_mode
 
 PROMPTS = [
     "The capital of France is",
@@ -25,7 +26,7 @@ PROMPTS = [
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--mode", choices=("ours", "upstream"), required=True)
+    ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--logprobs", type=int, default=5)
@@ -35,11 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     args = ap.parse_args(argv)
 
-    if args.mode == "upstream":
-        os.environ["VLLM_W4A8_FASTPREP_AUTO"] = "0"  # keep vLLM's own path
-        quantization = "compressed-tensors"
-    else:
-        quantization = "w4a8_fastprep"
+    quantization = use_mode(args.mode)
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()

@@ -126,3 +126,15 @@ def test_gsm8k_vllm_backend_needs_a_gpu(tmp_path):
     make_checkpoint.main(["synthetic", str(ckpt), "--layers", "1"])
     with pytest.raises(SystemExit):
         gsm8k.main(["--model", str(ckpt)])
+
+
+def test_modes(monkeypatch):
+    from evals.modes import use_mode
+
+    monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
+    assert use_mode("ours") == "w4a8_fastprep"
+    assert "VLLM_W4A8_FASTPREP_AUTO" not in __import__("os").environ
+    assert use_mode("upstream") == "compressed-tensors"
+    assert __import__("os").environ["VLLM_W4A8_FASTPREP_AUTO"] == "0"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        use_mode("fast")

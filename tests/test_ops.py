@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep import ops, reference as ref, upstream
 
 FP8 = torch.float8_e4m3fn
 
@@ -111,7 +111,7 @@ def test_cpu_ops_equal_reference(n, k, gen):
     assert torch.equal(out, ref.prepare_weight(w))
     assert torch.equal(torch.ops.w4a8_fastprep.prepare_weight(w), out)
 
-    signed = (w ^ -0x77777778).t()  # uint4b8 -> int4, (K/8, N) strides (1, K/8)
+    signed = (w ^ upstream.UINT4B8_TO_INT4).t()  # uint4b8 -> int4, (K/8, N) strides (1, K/8)
     assert torch.equal(ops.encode_and_reorder_int4b(signed), out)
 
     ws = _scales(n, k // 128, gen)
@@ -126,9 +126,9 @@ def test_cpu_ops_equal_reference(n, k, gen):
 
 
 def test_prepare_weight_xor_constant_is_uint4b8_to_int4():
-    # -0x77777778 == 0x88888888 as int32: flips bit 3 of every nibble.
+    # 0x88888888 as int32 flips bit 3 of every nibble: v ^ 8 == (v - 8) & 0xF
     w = torch.tensor([0x12345678], dtype=torch.int32)
-    assert (w ^ -0x77777778).item() == 0x9ABCDEF0 - 2**32
+    assert (w ^ upstream.UINT4B8_TO_INT4).item() == 0x9ABCDEF0 - 2**32
 
 
 # ------------------------------------------------------------- fakes

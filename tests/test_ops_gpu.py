@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep import ops, reference as ref, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
 FP8 = torch.float8_e4m3fn
@@ -34,18 +34,12 @@ def _rand_scales(n, g, device="cuda"):
     return (x + 1e-6).to(torch.bfloat16)
 
 
-def _upstream_weight(upstream, w):
-    """vLLM 0.26.0's chain: uint4b8 -> int4 ((v-8)&0xF per nibble == v^8),
-    then cutlass_encode_and_reorder_int4b on the (K/8, N) view."""
-    signed = w ^ -0x77777778  # 0x88888888
-    return upstream.cutlass_encode_and_reorder_int4b(signed.t())
-
-
 UPSTREAM_SCRIPT = """
 import sys, torch
 torch.ops.load_library(sys.argv[1])
 w = torch.load(sys.argv[2]).cuda()
-out = torch.ops._C.cutlass_encode_and_reorder_int4b((w ^ -0x77777778).t())
+from vllm_w4a8_fastprep.upstream import weight
+out = weight(torch.ops._C, w)
 torch.cuda.synchronize()
 torch.save(out.t().contiguous().cpu(), sys.argv[3])
 """
@@ -82,7 +76,7 @@ def test_prepare_weight_bit_exact(n, k, upstream, tmp_path):
         if up is None:
             pytest.xfail(f"upstream's own op failed for K % 256 == 128 ({err}); ours == reference")
     else:
-        up = _upstream_weight(upstream, w)
+        up = up_chain.weight(upstream, w)
     assert up.stride() == ours.stride()
     assert torch.equal(ours, up), "kernel != upstream"
 
@@ -104,24 +98,6 @@ def test_pack_scale_fp8_all_bytes_and_random(upstream):
         assert torch.equal(ours.view(U8), upstream.cutlass_pack_scale_fp8(s).view(U8))
 
 
-def _vllm_native_per_token(x):
-    """QuantFP8.forward_native for dynamic per-token fp8, as in vLLM 0.26.0."""
-    fp8_max = 448.0
-    x_max, _ = x.abs().max(dim=-1)
-    x_max = x_max.unsqueeze(-1).to(torch.float32)
-    scale = (x_max / fp8_max).clamp(min=1.0 / (fp8_max * 512.0))
-    out = x.to(torch.float32) * scale.to(torch.float32).reciprocal()
-    return out.clamp(-fp8_max, fp8_max).to(FP8), scale
-
-
-def _upstream_scales(quant, weight_scale, upstream):
-    """convert_bf16_scales_to_fp8 + transpose + cutlass_pack_scale_fp8."""
-    fp8_scales, chan = quant(weight_scale)
-    fp8_scales = (fp8_scales.float() / 8.0).to(FP8)
-    chan = chan * 8.0
-    return upstream.cutlass_pack_scale_fp8(fp8_scales.t().contiguous()), chan
-
-
 def _every_bf16_amax_rows(g):
     """One row per positive finite bf16 value as the row's amax (padded to a
     multiple of 128 rows), the other entries random below it."""
@@ -136,22 +112,12 @@ def _every_bf16_amax_rows(g):
     return (x * sign).to(torch.bfloat16).contiguous()
 
 
-def _dynamic_per_token_cuda(upstream):
-    def quant(x):
-        out = torch.empty(x.shape, dtype=FP8, device=x.device)
-        scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-        upstream.dynamic_per_token_scaled_fp8_quant(out, x, scale, None)
-        return out, scale
-
-    return quant
-
-
 def _check_scales(ws, path, quant, upstream):
     packed, chan = ops.prepare_scales(ws, path)
     rp, rc = ref.prepare_scales(ws, path)
     assert torch.equal(packed.view(U8), rp.view(U8)), f"{path}: kernel != reference (packed)"
     assert torch.equal(chan, rc), f"{path}: kernel != reference (channel scales)"
-    up, uc = _upstream_scales(quant, ws, upstream)
+    up, uc = up_chain.scales(upstream, quant, ws)
     assert torch.equal(packed.view(U8), up.view(U8)), f"{path}: kernel != upstream (packed)"
     assert torch.equal(chan, uc), f"{path}: kernel != upstream (channel scales)"
 
@@ -160,11 +126,11 @@ def _check_scales(ws, path, quant, upstream):
 def test_prepare_scales_bit_exact_all_paths(n, k, upstream):
     ws = _rand_scales(n, k // 128)
     # vllm serve's default: forward_native compiled by Inductor; eager too.
-    compiled = torch.compile(_vllm_native_per_token, dynamic=True, backend="inductor")
+    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
     _check_scales(ws, "native", compiled, upstream)
-    _check_scales(ws, "native", _vllm_native_per_token, upstream)
+    _check_scales(ws, "native", up_chain.native_per_token, upstream)
     # enforce_eager: vLLM's CUDA kernel.
-    _check_scales(ws, "cuda", _dynamic_per_token_cuda(upstream), upstream)
+    _check_scales(ws, "cuda", up_chain.cuda_per_token(upstream), upstream)
 
 
 @pytest.mark.parametrize("g", [1, 7, 64])
@@ -172,11 +138,11 @@ def test_prepare_scales_every_bf16_amax(g, upstream):
     """Exhaustive over the row maximum: every positive bf16 value."""
     ws = _every_bf16_amax_rows(g)
     # vllm serve's default: forward_native compiled by Inductor; eager too.
-    compiled = torch.compile(_vllm_native_per_token, dynamic=True, backend="inductor")
+    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
     _check_scales(ws, "native", compiled, upstream)
-    _check_scales(ws, "native", _vllm_native_per_token, upstream)
+    _check_scales(ws, "native", up_chain.native_per_token, upstream)
     # enforce_eager: vLLM's CUDA kernel.
-    _check_scales(ws, "cuda", _dynamic_per_token_cuda(upstream), upstream)
+    _check_scales(ws, "cuda", up_chain.cuda_per_token(upstream), upstream)
 
 
 def test_scale_paths_disagree_somewhere():
@@ -194,10 +160,10 @@ def test_upstream_gemm_on_our_output_equals_upstream(n, k, m, upstream):
     w = _randint32((n, k // 8))
     ws = _rand_scales(n, k // 128)
     our_w, our_s, our_c = ops.prepare_layer(w, ws, "cuda")
-    up_w = _upstream_weight(upstream, w)
-    up_s, up_c = _upstream_scales(_dynamic_per_token_cuda(upstream), ws, upstream)
+    up_w = up_chain.weight(upstream, w)
+    up_s, up_c = up_chain.scales(upstream, up_chain.cuda_per_token(upstream), ws)
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    a8, a_scale = _dynamic_per_token_cuda(upstream)(a)
+    a8, a_scale = up_chain.cuda_per_token(upstream)(a)
 
     def mm(bw, bs, bc):
         return upstream.cutlass_w4a8_mm(a8, bw, bs, 128, bc, a_scale, None, None)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import ops, reference
+from . import upstream as upstream_chain
 from .checkpoint_format import checkpoint_problem
 
 
@@ -128,8 +129,7 @@ def cmd_prepare(args) -> int:
             rs, rc = reference.prepare_scales(s, args.path)
             ok &= torch.equal(ps.view(torch.uint8), rs.view(torch.uint8)) and torch.equal(pc, rc)
             if upstream is not None and (w.shape[1] * 8) % 256 == 0:
-                up = upstream.cutlass_encode_and_reorder_int4b((w ^ -0x77777778).t())
-                ok &= torch.equal(pw, up)
+                ok &= torch.equal(pw, upstream_chain.weight(upstream, w))
             if not ok:
                 mismatches.append(name)
     gb = (total_w + total_sc) / 1e9

@@ -28,7 +28,8 @@ import functools
 
 import torch
 
-GROUP_SIZE = 128
+from .checkpoint_format import GROUP_SIZE  # noqa: F401 (re-exported)
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # vLLM's QuantFP8: scales never go below 1 / (448 * 512).

@@ -105,9 +105,7 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
     ):
         n = sum(output_partition_sizes)
         k = input_size_per_partition
-        verify_group_size_divides_partition(k, GROUP_SIZE, self.layer_name)
-        if k % PACK_FACTOR:
-            raise ValueError(f"{self.layer_name}: K={k} is not a multiple of {PACK_FACTOR}")
+        verify_group_size_divides_partition(k, GROUP_SIZE, self.layer_name)  # so K % 8 == 0
         config = MPLinearLayerConfig(
             full_weight_shape=(input_size, output_size),
             partition_weight_shape=(k, n),

@@ -1,0 +1,22 @@
+"""The two ways every eval loads a W4AFP8 model."""
+
+from __future__ import annotations
+
+import os
+
+MODES = ("upstream", "ours")
+
+
+def use_mode(mode: str) -> str:
+    """Set this process up for ``mode``; returns vLLM's ``quantization``.
+
+    ``ours``: the plugin (``w4a8_fastprep``). ``upstream``: vLLM's own
+    compressed-tensors path, with the plugin's automatic claim turned off."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "upstream":
+        os.environ["VLLM_W4A8_FASTPREP_AUTO"] = "0"
+        return "compressed-tensors"
+    from vllm_w4a8_fastprep.checkpoint_format import METHOD_NAME
+
+    return METHOD_NAME
