@@ -1,12 +1,31 @@
-"""Weight and scale preparation: ours vs upstream vLLM vs a plain copy.
+"""Weight and scale preparation: ours vs upstream vLLM 0.26.0 vs a plain copy.
 
-One run prints, for realistic layer shapes (N x K), the median time (CUDA
-events, warm-up, many repeats, inputs rotated so that L2 does not serve
-them), GB/s counting read + write, the ratio to a device-to-device copy of the
-same bytes, the speed-up over upstream, and the peak extra GPU memory. The
-upstream columns need vLLM's compiled ops (``--upstream PATH``).
+Dense layers (default): for each shape of ``model_shapes.DENSE`` (N x K), the
+median time of ``prepare_weight`` and ``prepare_scales``, GB/s counting
+read + write, the ratio to a device-to-device copy of the same bytes, the
+speed-up over upstream's op and its whole chain, and the peak extra GPU memory.
 
-    python benchmarks/bench_prep.py [--upstream .oracle/vllm-0.26.0-_C.so] [--json out.json]
+MoE layers (``--moe``): for each layer of ``model_shapes.MOE`` (E experts,
+w13 and w2), ``prepare_weight_grouped`` per tensor vs a copy of the same bytes,
+and the whole layer (both weights and both scales) ours vs upstream's whole
+layer as vLLM 0.26.0 prepares it (``convert_to_w4a8_moe_kernel_format``:
+in-place uint4b8 -> int4 in PyTorch, a device sync, the grouped encode, the
+scale conversion and ``cutlass_pack_scale_fp8``). Upstream's layer takes up to
+seconds: it is timed over a few repeats (``--upstream-reps``, default 3).
+
+GPU timing: CUDA events, warm-up, median of many repeats, inputs random (never
+zeros) and rotated over >= 512 MiB so that L2 does not serve them, the copy and
+upstream measured in the same run. The upstream columns need vLLM's compiled
+ops (``--upstream PATH`` to its ``_C`` library, or ``--upstream auto``). Where
+upstream runs, ours is also compared with it byte for byte ("same").
+
+``--smoke`` runs the same code on tiny shapes with a few repeats, on CPU
+tensors by default (the ops' CPU path, i.e. the reference; no upstream): a
+check that the benchmark works, not a measurement.
+
+    python benchmarks/bench_prep.py [--upstream auto|PATH] [--json out.json]
+    python benchmarks/bench_prep.py --moe [--upstream auto|PATH] [--json out.json]
+    python benchmarks/bench_prep.py --smoke [--moe]
 """
 
 from __future__ import annotations
@@ -14,157 +33,490 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 
-from vllm_w4a8_fastprep import ops, upstream as up_chain
+from vllm_w4a8_fastprep import model_shapes, ops, reference
+from vllm_w4a8_fastprep import upstream as upstream_chain
 
-FP8 = torch.float8_e4m3fn
-# (N, K) of common layers: attention/MLP of 8B, 70B, and a 111B-class model.
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672),
-          (33792, 12288), (12288, 33792)]
-ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2
+ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2 (50 MiB on H100)
+GROUP = reference.GROUP_SIZE
+# --smoke: the smallest legal shapes, one with K % 256 == 128
+SMOKE_DENSE = {"smoke/128x256": (128, 256), "smoke/256x384": (256, 384)}
+SMOKE_MOE = {"smoke/w13@e3": (3, 256, 256), "smoke/w2@e3": (3, 256, 128)}
 
 
-def bench(fn, inputs, warmup=5, reps=30):
-    """Median ms of fn(x), cycling x through inputs (CUDA events)."""
+class UsageError(Exception):
+    """Bad arguments or environment: one line on stderr, exit 2."""
+
+
+# ------------------------------------------------------------- timing
+
+
+def timed(fn, inputs, device: torch.device, warmup: int, reps: int) -> dict:
+    """Median/min/max ms of ``fn(x)``, cycling ``x`` through ``inputs``:
+    CUDA events on a GPU, the wall clock on the CPU."""
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
     for i in range(reps):
         x = inputs[i % len(inputs)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), min(times), max(times)
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times),
+            "max_ms": max(times), "reps": reps}
 
 
-def peak_extra(fn, x):
-    """Peak GPU memory above what was allocated before fn(x) (bytes)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+def peak_extra(fn, x, device: torch.device) -> int | None:
+    """Peak GPU memory above what was allocated before ``fn(x)`` (bytes);
+    None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     out = fn(x)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    torch.cuda.synchronize(device)
+    extra = torch.cuda.max_memory_allocated(device) - base
     del out
     return extra
 
 
-def rotation(make, nbytes):
+def rotation(make, nbytes: int, device: torch.device) -> list:
+    """Enough copies of an input that cycling through them defeats L2 (at
+    least 2; only 2 for inputs over 1 GiB, so the largest layers fit)."""
+    if device.type != "cuda":
+        return [make() for _ in range(2)]
     count = max(2, min(16, ROTATE_BYTES // max(nbytes, 1)))
     return [make() for _ in range(count)]
 
 
-def upstream_weight_chain(up):
+def random_packed(shape, device) -> torch.Tensor:
+    """Random int32 nibbles over the whole range (never all zeros)."""
+    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device)
+
+
+def random_scales(shape, device) -> torch.Tensor:
+    return (torch.rand(shape, device=device) * 0.01 + 1e-4).to(torch.bfloat16)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8).reshape(-1), b.contiguous().view(torch.uint8).reshape(-1))
+
+
+# ------------------------------------------------- upstream's chains
+
+
+def load_upstream(spec: str | None, device: torch.device):
+    """vLLM's compiled ops (``torch.ops._C``) from ``spec``: a path to its
+    ``_C`` library, or ``auto`` (vLLM's installed package, if its ops load)."""
+    if spec is None:
+        return None
+    if device.type != "cuda":
+        raise UsageError("--upstream needs --device cuda (vLLM's ops run on the GPU only)")
+    if spec == "auto":
+        try:
+            import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
+        except Exception as e:  # noqa: BLE001  (any import failure: say which)
+            raise UsageError(f"--upstream auto: vLLM's compiled ops do not load here ({e})")
+    else:
+        if not Path(spec).is_file():
+            raise UsageError(f"--upstream {spec}: no such file")
+        try:
+            torch.ops.load_library(spec)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"--upstream {spec}: cannot load it as a torch library ({e})")
+    c = torch.ops._C
+    if not hasattr(c, "cutlass_encode_and_reorder_int4b"):
+        raise UsageError(f"--upstream {spec}: no cutlass_encode_and_reorder_int4b in torch.ops._C")
+    return c
+
+
+def uint4b8_to_int4_inplace(t: torch.Tensor) -> torch.Tensor:
+    """The conversion as vLLM 0.26.0 runs it (``quant_utils.
+    convert_packed_uint4b8_to_signed_int4_inplace``): per nibble, in PyTorch,
+    isolate it, clear it, put back ``(v - 8) & 0xF`` -- 8 x 5 elementwise
+    kernels over the whole tensor. Timed for its cost; the result equals
+    ``t ^ 0x88888888``."""
+    for shift in range(0, 32, 4):
+        v = (t >> shift) & 0xF
+        t &= ~(0xF << shift)
+        t |= ((v - 8) & 0xF) << shift
+    return t
+
+
+def upstream_dense_weight(vllm_ops):
+    """vLLM 0.26.0's dense weight chain (``CutlassW4A8LinearKernel``): the
+    conversion in place on the loaded weight, a device sync,
+    ``cutlass_encode_and_reorder_int4b``. In place like vLLM: each repeat
+    flips its input between uint4b8 and int4, which costs the same."""
+
     def run(w):
-        # what vLLM 0.26.0 does: 8 x 5 elementwise nibble passes in PyTorch,
-        # a device sync, then its encode+reorder op
-        t = w.clone()
-        for s in range(0, 32, 4):  # per nibble: isolate, clear, put back v - 8
-            v = (t >> s) & 0xF
-            t &= ~(0xF << s)
-            t |= ((v - 8) & 0xF) << s
+        uint4b8_to_int4_inplace(w)
         torch.cuda.synchronize()
-        return up.cutlass_encode_and_reorder_int4b(t.t())
+        return vllm_ops.cutlass_encode_and_reorder_int4b(w.t())
 
     return run
 
 
-def fmt_row(cols, widths):
+def upstream_moe_layer(vllm_ops, quant):
+    """vLLM 0.26.0's whole MoE layer (``convert_to_w4a8_moe_kernel_format``),
+    in its order: w13 in place + sync + grouped encode, the same for w2, then
+    both scale chains. In place like vLLM: each repeat flips the rotated
+    inputs between uint4b8 and int4, which costs the same."""
+
+    def run(layer):
+        w13, w2, s13, s2 = layer
+        uint4b8_to_int4_inplace(w13)
+        torch.cuda.synchronize()
+        out13 = vllm_ops.cutlass_encode_and_reorder_int4b_grouped(w13)
+        uint4b8_to_int4_inplace(w2)
+        torch.cuda.synchronize()
+        out2 = vllm_ops.cutlass_encode_and_reorder_int4b_grouped(w2)
+        return (out13, out2, upstream_chain.scales_grouped(vllm_ops, quant, s13),
+                upstream_chain.scales_grouped(vllm_ops, quant, s2))
+
+    return run
+
+
+def ours_moe_layer(path: str):
+    def run(layer):
+        w13, w2, s13, s2 = layer
+        return (ops.prepare_weight_grouped(w13), ops.prepare_weight_grouped(w2),
+                ops.prepare_scales_grouped(s13, path), ops.prepare_scales_grouped(s2, path))
+
+    return run
+
+
+def quant_for(vllm_ops, path: str):
+    """The QuantFP8 per-token path upstream's scale chain runs: ``native``
+    (forward_native compiled by Inductor, ``vllm serve``'s default) or
+    ``cuda`` (vLLM's own kernel, under ``enforce_eager``)."""
+    if path == "cuda":
+        return upstream_chain.cuda_per_token(vllm_ops)
+    return torch.compile(upstream_chain.native_per_token, dynamic=True, backend="inductor")
+
+
+# ------------------------------------------------------------- output
+
+
+def fmt_row(cols, widths) -> str:
     return " | ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--upstream", help="vLLM's compiled _C library (torch.ops._C)")
-    ap.add_argument("--json", help="write all numbers here")
-    ap.add_argument("--reps", type=int, default=30)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_prep: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    up = None
-    if args.upstream:
-        torch.ops.load_library(args.upstream)
-        up = torch.ops._C
-    dev = torch.cuda.get_device_name()
-    print(f"device: {dev}; torch {torch.__version__}; reps {args.reps} (median)")
-    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
-    results = {"device": dev, "weights": [], "scales": []}
+def us(ms) -> str:
+    return "-" if ms is None else f"{ms * 1e3:.1f}"
 
-    head = ["N x K", "MB", "copy us", "ours us", "ours GB/s", "vs copy", "up op us",
-            "up chain us", "x op", "x chain", "ours extra", "up extra"]
-    widths = [13, 6, 8, 8, 9, 7, 9, 11, 6, 7, 10, 9]
-    print("\nweights: prepare_weight vs upstream (uint4b8->int4 + cutlass_encode_and_reorder_int4b)")
+
+def ratio(a, b, digits=1) -> str:
+    return "-" if a is None or b is None else f"{a / b:.{digits}f}"
+
+
+def extra(nbytes, ref) -> str:
+    return "-" if nbytes is None else f"{nbytes / ref:.2f}x"
+
+
+def commit() -> str | None:
+    """The measured commit (with ``+dirty`` when the tree has changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def pick(table: dict, only: list[str] | None) -> dict:
+    if not only:
+        return table
+    out = {name: s for name, s in table.items() if any(o in name for o in only)}
+    if not out:
+        raise UsageError(f"--only {' '.join(only)}: matches none of {sorted(table)}")
+    return out
+
+
+# --------------------------------------------------------- benchmarks
+
+
+def bench_dense(args, device, up, quant) -> dict:
+    shapes = pick(SMOKE_DENSE if args.smoke else model_shapes.DENSE, args.only)
+    reps, up_reps = args.reps, max(1, min(args.reps, args.upstream_reps))
+    results: dict = {"weights": [], "scales": []}
+
+    head = ["shape", "N x K", "MB", "copy us", "ours us", "ours GB/s", "vs copy", "up op us",
+            "up chain us", "x op", "x chain", "ours extra", "up extra", "same"]
+    widths = [24, 11, 6, 8, 8, 9, 7, 9, 11, 6, 7, 10, 9, 4]
+    print("\nweights: prepare_weight vs upstream's op (cutlass_encode_and_reorder_int4b on int4) "
+          "and its chain (uint4b8->int4 in PyTorch + sync + op)")
     print(fmt_row(head, widths))
-    for n, k in SHAPES:
+    for name, (n, k) in shapes.items():
         nbytes = n * k // 2
-        ws_in = rotation(lambda: torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32,
-                                               device="cuda"), nbytes)
+        ws_in = rotation(lambda: random_packed((n, k // 8), device), nbytes, device)
         dst = torch.empty_like(ws_in[0])
-        copy = bench(lambda x: dst.copy_(x), ws_in, reps=args.reps)[0]
-        ours = bench(ops.prepare_weight, ws_in, reps=args.reps)[0]
-        ours_extra = peak_extra(ops.prepare_weight, ws_in[0])
-        row = {"N": n, "K": k, "bytes": nbytes, "copy_ms": copy, "ours_ms": ours,
-               "ours_extra_bytes": ours_extra}
-        up_op = up_chain = up_extra = None
-        if up is not None:
-            signed = [w ^ up_chain.UINT4B8_TO_INT4 for w in ws_in[:2]]
-            up_op = bench(lambda x: up.cutlass_encode_and_reorder_int4b(x.t()), signed,
-                          reps=min(args.reps, 20))[0]
-            chain = upstream_weight_chain(up)
-            up_chain = bench(chain, ws_in[:2], warmup=2, reps=min(args.reps, 10))[0]
-            up_extra = peak_extra(chain, ws_in[0])
-            row.update(up_op_ms=up_op, up_chain_ms=up_chain, up_extra_bytes=up_extra)
+        copy = timed(lambda x: dst.copy_(x), ws_in, device, args.warmup, reps)
+        ours = timed(ops.prepare_weight, ws_in, device, args.warmup, reps)
+        row = {"name": name, "N": n, "K": k, "bytes": nbytes, "copy": copy, "ours": ours,
+               "ours_extra_bytes": peak_extra(ops.prepare_weight, ws_in[0], device)}
+        # upstream's op reads and writes out of bounds when K % 256 == 128: not run there
+        if up is not None and k % 256 == 0:
+            signed = [w ^ upstream_chain.UINT4B8_TO_INT4 for w in ws_in[:2]]
+            row["upstream_op"] = timed(lambda x: up.cutlass_encode_and_reorder_int4b(x.t()),
+                                       signed, device, 2, max(1, min(reps, 20)))
+            del signed
+            chain = upstream_dense_weight(up)
+            row["same_as_upstream"] = same_bytes(ops.prepare_weight(ws_in[0]), chain(ws_in[0]))
+            uint4b8_to_int4_inplace(ws_in[0])  # back to uint4b8 (the chain converted it)
+            row["upstream_chain"] = timed(chain, ws_in[:2], device, 2, up_reps)
+            row["upstream_extra_bytes"] = peak_extra(chain, ws_in[0], device)
         results["weights"].append(row)
-        gbs = 2 * nbytes / ours / 1e6
-        print(fmt_row([f"{n}x{k}", f"{nbytes / 1e6:.0f}", f"{copy * 1e3:.1f}", f"{ours * 1e3:.1f}",
-                       f"{gbs:.0f}", f"{copy / ours:.0%}",
-                       "-" if up_op is None else f"{up_op * 1e3:.0f}",
-                       "-" if up_chain is None else f"{up_chain * 1e3:.0f}",
-                       "-" if up_op is None else f"{up_op / ours:.1f}",
-                       "-" if up_chain is None else f"{up_chain / ours:.1f}",
-                       f"{ours_extra / nbytes:.2f}x", "-" if up_extra is None else f"{up_extra / nbytes:.2f}x"],
-                      widths))
+        o, c = ours["median_ms"], copy["median_ms"]
+        up_op = row.get("upstream_op", {}).get("median_ms")
+        up_ch = row.get("upstream_chain", {}).get("median_ms")
+        same = row.get("same_as_upstream")
+        print(fmt_row([name, f"{n}x{k}", f"{nbytes / 1e6:.0f}", us(c), us(o),
+                       f"{2 * nbytes / o / 1e6:.0f}", f"{c / o:.0%}", us(up_op), us(up_ch),
+                       ratio(up_op, o), ratio(up_ch, o), extra(row["ours_extra_bytes"], nbytes),
+                       extra(row.get("upstream_extra_bytes"), nbytes),
+                       "-" if same is None else ("yes" if same else "NO")], widths))
         del ws_in, dst
 
-    head = ["N x K", "scales", "ours us", "ours GB/s", "up us", "x up", "ours extra", "up extra"]
-    widths = [13, 8, 8, 9, 10, 8, 10, 9]
-    print("\nscales: prepare_scales (native path) vs upstream (QuantFP8.forward_native compiled + /8 + transpose"
-          " + cutlass_pack_scale_fp8)")
+    head = ["shape", "N x K", "scales", "ours us", "ours GB/s", "up us", "x up", "ours extra",
+            "up extra", "same"]
+    widths = [24, 11, 8, 8, 9, 10, 8, 10, 9, 4]
+    print(f"\nscales: prepare_scales ({args.path} path) vs upstream (QuantFP8 {args.path} + /8 + "
+          "transpose + cutlass_pack_scale_fp8)")
     print(fmt_row(head, widths))
-    for n, k in SHAPES:
-        g = k // 128
-        nbytes = n * g * 2 + n * g * 8 + n * 4
-        sc_in = rotation(lambda: (torch.rand(n, g, device="cuda") * 0.01 + 1e-4).to(torch.bfloat16),
-                         nbytes)
-        ours = bench(ops.prepare_scales, sc_in, reps=args.reps)[0]
-        ours_extra = peak_extra(ops.prepare_scales, sc_in[0])
-        row = {"N": n, "K": k, "scales": n * g, "ours_ms": ours, "ours_extra_bytes": ours_extra}
-        up_ms = up_extra = None
+    for name, (n, k) in shapes.items():
+        g = k // GROUP
+        nbytes = n * g * 2 + n * g * 8 + n * 4  # bf16 in, packed fp8 + fp32 out
+        sc_in = rotation(lambda: random_scales((n, g), device), nbytes, device)
+        ours = timed(lambda s: ops.prepare_scales(s, args.path), sc_in, device, args.warmup, reps)
+        row = {"name": name, "N": n, "K": k, "scales": n * g, "ours": ours,
+               "ours_extra_bytes": peak_extra(lambda s: ops.prepare_scales(s, args.path),
+                                              sc_in[0], device)}
         if up is not None:
-            def chain(ws):
-                return up_chain.scales(up, compiled, ws)
+            def chain(s):
+                return upstream_chain.scales(up, quant, s)
 
-            up_ms = bench(chain, sc_in[:2], warmup=2, reps=min(args.reps, 10))[0]
-            up_extra = peak_extra(chain, sc_in[0])
-            row.update(up_ms=up_ms, up_extra_bytes=up_extra)
+            row["upstream"] = timed(chain, sc_in[:2], device, 2, up_reps)
+            row["upstream_extra_bytes"] = peak_extra(chain, sc_in[0], device)
+            mine, theirs = ops.prepare_scales(sc_in[0], args.path), chain(sc_in[0])
+            row["same_as_upstream"] = all(same_bytes(a, b) for a, b in zip(mine, theirs))
         results["scales"].append(row)
-        print(fmt_row([f"{n}x{k}", n * g, f"{ours * 1e3:.1f}", f"{nbytes / ours / 1e6:.0f}",
-                       "-" if up_ms is None else f"{up_ms * 1e3:.0f}",
-                       "-" if up_ms is None else f"{up_ms / ours:.0f}",
-                       f"{ours_extra / (n * g * 2):.1f}x",
-                       "-" if up_extra is None else f"{up_extra / (n * g * 2):.1f}x"], widths))
+        o = ours["median_ms"]
+        up_ms = row.get("upstream", {}).get("median_ms")
+        same = row.get("same_as_upstream")
+        print(fmt_row([name, f"{n}x{k}", n * g, us(o), f"{nbytes / o / 1e6:.0f}", us(up_ms),
+                       ratio(up_ms, o, 0), extra(row["ours_extra_bytes"], n * g * 2),
+                       extra(row.get("upstream_extra_bytes"), n * g * 2),
+                       "-" if same is None else ("yes" if same else "NO")], widths))
+    if up is not None and any(k % 256 for _, k in shapes.values()):
+        print("(weights: upstream's op is not run where K % 256 == 128: it reads and writes "
+              "out of bounds there)")
+    return results
+
+
+def moe_layers(table: dict) -> dict[str, tuple[tuple, tuple]]:
+    """``{layer: ((E, 2I, H), (E, H, I))}`` from ``model/w13@split`` and
+    ``model/w2@split`` entries."""
+    layers: dict[str, dict] = {}
+    for name, shape in table.items():
+        model, rest = name.split("/", 1)
+        tensor, split = rest.split("@", 1)
+        layers.setdefault(f"{model}@{split}", {})[tensor] = shape
+    return {name: (t["w13"], t["w2"]) for name, t in layers.items()}
+
+
+def bench_moe(args, device, up, quant) -> dict:
+    table = SMOKE_MOE if args.smoke else model_shapes.MOE
+    layers = pick(moe_layers(table), args.only)
+    reps, up_reps = args.reps, max(1, args.upstream_reps)
+    results: dict = {"weights": [], "layers": []}
+    w_head = ["layer", "tensor", "E x N x K", "MB", "copy us", "ours us", "ours GB/s", "vs copy",
+              "ours extra"]
+    w_widths = [24, 6, 17, 6, 9, 9, 9, 7, 10]
+    l_head = ["layer", "MB", "ours ms", "up ms", "x up", "ours extra", "up extra", "same"]
+    l_widths = [24, 6, 9, 10, 8, 10, 9, 4]
+    rows_l = []
+    print("\nMoE weights: prepare_weight_grouped (all experts, one launch) vs a copy of the same "
+          "bytes")
+    print(fmt_row(w_head, w_widths))
+    for lname, (s13, s2) in layers.items():
+        (e, n13, k13), (_, n2, k2) = s13, s2
+        b13, b2 = e * n13 * k13 // 2, e * n2 * k2 // 2
+        sc_bytes = 2 * e * (n13 * k13 + n2 * k2) // GROUP
+        layer_bytes = b13 + b2 + sc_bytes
+        for tname, (_, n, k), nbytes in (("w13", s13, b13), ("w2", s2, b2)):
+            ws_in = rotation(lambda: random_packed((e, n, k // 8), device), nbytes, device)
+            dst = torch.empty_like(ws_in[0])
+            copy = timed(lambda x: dst.copy_(x), ws_in, device, args.warmup, reps)
+            del dst
+            ours = timed(ops.prepare_weight_grouped, ws_in, device, args.warmup, reps)
+            row = {"layer": lname, "tensor": tname, "E": e, "N": n, "K": k, "bytes": nbytes,
+                   "copy": copy, "ours": ours,
+                   "ours_extra_bytes": peak_extra(ops.prepare_weight_grouped, ws_in[0], device)}
+            results["weights"].append(row)
+            o, c = ours["median_ms"], copy["median_ms"]
+            print(fmt_row([lname, tname, f"{e}x{n}x{k}", f"{nbytes / 1e6:.0f}", us(c), us(o),
+                           f"{2 * nbytes / o / 1e6:.0f}", f"{c / o:.0%}",
+                           extra(row["ours_extra_bytes"], nbytes)], w_widths), flush=True)
+            del ws_in
+
+        def make_layer():
+            return (random_packed((e, n13, k13 // 8), device), random_packed((e, n2, k2 // 8), device),
+                    random_scales((e, n13, k13 // GROUP), device),
+                    random_scales((e, n2, k2 // GROUP), device))
+
+        layer_in = rotation(make_layer, layer_bytes, device)
+        ours_fn = ours_moe_layer(args.path)
+        ours = timed(ours_fn, layer_in, device, args.warmup, reps)
+        row = {"layer": lname, "E": e, "w13": list(s13), "w2": list(s2), "bytes": layer_bytes,
+               "ours": ours, "ours_extra_bytes": peak_extra(ours_fn, layer_in[0], device)}
+        # upstream's grouped op is not run where K % 256 == 128 (I = 384: out of bounds)
+        if up is not None and k13 % 256 == 0 and k2 % 256 == 0:
+            up_fn = upstream_moe_layer(up, quant)
+            mine = ours_fn(layer_in[0])
+            theirs = up_fn(layer_in[0])  # also the warm-up; flips layer_in[0] to int4
+            row["same_as_upstream"] = (
+                same_bytes(mine[0], theirs[0][0]) and same_bytes(mine[1], theirs[1][0])
+                and all(same_bytes(a, b) for a, b in zip(mine[2], theirs[2]))
+                and all(same_bytes(a, b) for a, b in zip(mine[3], theirs[3])))
+            del mine, theirs
+            uint4b8_to_int4_inplace(layer_in[0][0])  # back to uint4b8
+            uint4b8_to_int4_inplace(layer_in[0][1])
+            row["upstream"] = timed(up_fn, layer_in[:2], device, 0, up_reps)
+            row["upstream_extra_bytes"] = peak_extra(up_fn, layer_in[0], device)
+        results["layers"].append(row)
+        o = ours["median_ms"]
+        up_ms = row.get("upstream", {}).get("median_ms")
+        same = row.get("same_as_upstream")
+        rows_l.append([lname, f"{layer_bytes / 1e6:.0f}", f"{o:.3f}",
+                       "-" if up_ms is None else f"{up_ms:.1f}", ratio(up_ms, o, 0),
+                       extra(row["ours_extra_bytes"], layer_bytes),
+                       extra(row.get("upstream_extra_bytes"), layer_bytes),
+                       "-" if same is None else ("yes" if same else "NO")])
+        del layer_in
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nMoE layers: ours (2 x prepare_weight_grouped + 2 x prepare_scales_grouped, "
+          f"{args.path} path) vs upstream's whole layer (convert_to_w4a8_moe_kernel_format: "
+          f"in-place nibble loop + sync + cutlass_encode_and_reorder_int4b_grouped per weight, "
+          f"scale conversion + cutlass_pack_scale_fp8); upstream: median of {up_reps} after one "
+          f"warm-up; extra memory over the layer's checkpoint bytes")
+    print(fmt_row(l_head, l_widths))
+    for r in rows_l:
+        print(fmt_row(r, l_widths))
+    if up is not None and any(s[0][2] % 256 or s[1][2] % 256 for s in layers.values()):
+        print("(upstream is not run where K % 256 == 128: its op reads and writes out of bounds)")
+    return results
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--moe", action="store_true", help="MoE layers (model_shapes.MOE)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, few repeats, CPU tensors unless --device: checks the "
+                         "benchmark runs, measures nothing")
+    ap.add_argument("--device", help="cuda (default) or cpu; --smoke defaults to cpu")
+    ap.add_argument("--upstream", metavar="auto|PATH",
+                    help="vLLM's compiled _C library, or 'auto' (the installed vllm package)")
+    ap.add_argument("--path", choices=ops.SCALE_PATHS, default="native",
+                    help="QuantFP8 path of the scale chain (native: vllm serve's default)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="only shapes/layers whose name contains one of these")
+    ap.add_argument("--reps", type=int, help="repeats per measurement (default 30; smoke 2)")
+    ap.add_argument("--upstream-reps", type=int,
+                    help="repeats of upstream's chains (default: dense 10, MoE layer 3)")
+    ap.add_argument("--warmup", type=int, help="warm-up calls (default 5; smoke 1)")
+    ap.add_argument("--json", help="write all numbers here")
+    args = ap.parse_args(argv)
+    for name in ("reps", "upstream_reps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    args.reps = args.reps or (2 if args.smoke else 30)
+    args.upstream_reps = args.upstream_reps or (1 if args.smoke else 3 if args.moe else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    return args
+
+
+def run(args) -> int:
+    try:
+        device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device}: {e}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("needs a CUDA GPU (none found); --smoke runs on the CPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+        err = ops.extension_error()
+        if err is not None:
+            raise UsageError(err)
+    elif device.type != "cpu":
+        raise UsageError(f"--device {device}: use cuda or cpu")
+    elif not args.smoke:
+        raise UsageError("the CPU path is the PyTorch reference: use --smoke to check it runs "
+                         "(CPU timings mean nothing here)")
+    if args.moe and not hasattr(ops, "prepare_weight_grouped"):
+        raise UsageError("--moe needs ops.prepare_weight_grouped (not in this version)")
+    up = load_upstream(args.upstream, device)
+    quant = quant_for(up, args.path) if up is not None else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rev = commit()
+    print(f"{'MoE' if args.moe else 'dense'} preparation on {name}; torch {torch.__version__}; "
+          f"commit {rev or 'unknown'}; median of {args.reps} (upstream: {args.upstream_reps}); "
+          f"upstream: {args.upstream or 'not run'}" + ("; SMOKE RUN, not a measurement"
+                                                      if args.smoke else ""))
+    results = {"device": name, "torch": torch.__version__, "commit": rev, "smoke": args.smoke,
+               "upstream": args.upstream, "path": args.path, "reps": args.reps,
+               "upstream_reps": args.upstream_reps}
+    results.update((bench_moe if args.moe else bench_dense)(args, device, up, quant))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    same = [r.get("same_as_upstream") for part in ("weights", "scales", "layers")
+            for r in results.get(part, [])]
+    if False in same:
+        print("error: ours differs from upstream on a shape marked NO", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"bench_prep: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"bench_prep: error: out of GPU memory ({str(e).splitlines()[0]}); "
+              "use --only to pick fewer shapes", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
