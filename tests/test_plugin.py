@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_w4a8_fastprep.checkpoint_format import checkpoint_problem  # noqa: E402
+from test_checkpoint_format import W4A16, W8A8_FP8  # noqa: E402
+
 from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
 
 NAME = "w4a8_fastprep"
@@ -60,64 +61,6 @@ print("w4a8_fastprep" in QUANTIZATION_METHODS)
 
 
 # ----------------------------------------------- which checkpoints are ours
-
-
-def _cfg(**changes):
-    cfg = quantization_config()
-    group = cfg["config_groups"]["group_0"]
-    for key, value in changes.items():
-        part, field = key.split("__")
-        if part == "top":
-            cfg[field] = value
-        elif part == "group":
-            group[field] = value
-        else:
-            group[part][field] = value
-    return cfg
-
-
-W8A8_FP8 = {
-    "quant_method": "compressed-tensors", "format": "float-quantized",
-    "config_groups": {"group_0": {"targets": ["Linear"],
-                                  "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
-                                              "symmetric": True, "dynamic": False},
-                                  "input_activations": {"num_bits": 8, "type": "float",
-                                                        "strategy": "token", "symmetric": True,
-                                                        "dynamic": True}}},
-}
-W4A16 = {
-    "quant_method": "compressed-tensors", "format": "pack-quantized",
-    "config_groups": {"group_0": {"targets": ["Linear"],
-                                  "weights": {"num_bits": 4, "type": "int", "strategy": "group",
-                                              "group_size": 128, "symmetric": True,
-                                              "dynamic": False},
-                                  "input_activations": None}},
-}
-
-
-@pytest.mark.parametrize(
-    "cfg,why",
-    [
-        (_cfg(weights__group_size=64), "group_size=64"),
-        (_cfg(weights__symmetric=False), "asymmetric weights"),
-        (_cfg(input_activations__type="int"), "type=int"),
-        (_cfg(input_activations__dynamic=False), "static activations"),
-        (_cfg(input_activations__strategy="tensor"), "strategy=tensor"),
-        (_cfg(weights__num_bits=8), "num_bits=8"),
-        (_cfg(top__format="int-quantized", group__format=None), "format=int-quantized"),
-        (W8A8_FP8, "format=float-quantized"),
-        (W4A16, "no input activation quantization"),
-        ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq'"),
-        (None, "no quantization_config"),
-    ],
-)
-def test_checkpoint_problem_names_the_reason(cfg, why):
-    problem = checkpoint_problem(cfg)
-    assert problem is not None and why in problem, problem
-
-
-def test_w4afp8_config_is_ours():
-    assert checkpoint_problem(quantization_config()) is None
 
 
 @pytest.fixture(scope="module")
