@@ -157,7 +157,7 @@ def test_one_info_line_per_model_load(vllm_ctx):
         assert not [r for r in records if "prepared" in r.getMessage()]
         _prepare(layers[2])
         lines = [r.getMessage() for r in records if "prepared" in r.getMessage()]
-        assert len(lines) == 1 and lines[0].startswith("w4a8_fastprep: prepared 3 layers ("), lines
+        assert len(lines) == 1 and lines[0].startswith("w4a8_fastprep: prepared 3 dense layers ("), lines
         assert qc.load_stats.last_summary["layers"] == 3
         assert qc.load_stats.last_summary["seconds"] > 0
     finally:

@@ -1,88 +1,254 @@
-"""Accounting of one model load: layers prepared, bytes, time.
+"""Accounting of one model load: which layers this package prepared, their
+bytes, and the time its own preparation took.
 
-One INFO line when the last layer of a model is prepared, e.g.
-``w4a8_fastprep: prepared 224 layers (4.13 GiB int4 + 0.26 GiB scales) in
-0.21 s on cuda:0``; per-layer times at DEBUG. GPU time comes from CUDA events
-around the whole step (one host wait on the last event, at the end)."""
+One INFO line per model load, when every layer created with this package's
+methods has been prepared once (or at once when a layer fails, or on
+``flush()``), e.g.::
+
+    w4a8_fastprep: prepared 224 dense layers (3.25 GiB int4 + 0.10 GiB scales) and
+    48 MoE layers (6144 experts, 14.10 GiB int4 + 0.44 GiB scales): 0.151 s of GPU
+    time on cuda:0 (this package's preparation only, summed per layer)
+
+(one line in the log). What is counted: each layer once, by name, however
+often it was prepared; the time is the sum over prepared layers of CUDA-event
+time around this package's own preparation of that layer (for layers on the
+CPU, host wall time), so vLLM's own work between layers (e.g. upstream's MoE
+preparation, weight loading) is not in it. The events are read once, when
+the line is written: one host wait, no synchronisation per layer. Per-layer
+times are logged at DEBUG at the same moment. ``parse_summary`` reads the
+line back (and the older ``prepared N layers (...) in T s on DEV`` form).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
 GIB = float(1 << 30)
+PREFIX = "w4a8_fastprep: prepared "
+COUNTED = "this package's preparation only, summed per layer"
+
+
+@dataclass
+class _Token:
+    device: torch.device
+    start: object  # torch.cuda.Event, or a perf_counter value
+    end: object = None
+
+
+@dataclass
+class _Layer:
+    weight_bytes: int
+    scale_bytes: int
+    fallback: bool
+    experts: int
+    timings: list = field(default_factory=list)  # _Token per preparation
 
 
 class LoadStats:
+    """Per quantization config (one per model): ``layer_created`` from
+    ``create_weights``, ``begin_layer``/``end_layer`` around the preparation
+    in ``process_weights_after_loading`` (``layer_failed`` if it raises)."""
+
     def __init__(self) -> None:
-        self.expected = 0  # layers created for this model
+        self.expected = 0  # layers created with this package's methods
+        self.expected_moe = 0
+        self.last_summary: dict | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self.done = 0
-        self.weight_bytes = 0
-        self.scale_bytes = 0
-        self.fallback = 0
-        self.device: torch.device | None = None
-        self._start_event = None
-        self._t0 = None
+        self._layers: dict[str, _Layer] = {}
+        self._repeats = 0
+        self._failed: list[str] = []
 
-    def layer_created(self) -> None:
+    # ---------------------------------------------------------- recording
+
+    def layer_created(self, experts: int = 0) -> None:
+        """A layer (``experts`` > 0: an MoE layer with that many local
+        experts) will be prepared by this package."""
         self.expected += 1
+        self.expected_moe += int(experts > 0)
 
-    def begin_layer(self, device: torch.device):
-        """Call before preparing a layer; returns a token for end_layer."""
-        if self.done == 0 and self._t0 is None:
-            self.device = device
-            self._t0 = time.perf_counter()
-            if device.type == "cuda":
-                self._start_event = torch.cuda.Event(enable_timing=True)
-                self._start_event.record()
-        if logger.isEnabledFor(logging.DEBUG):
-            if device.type == "cuda":
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record()
-                return ev
-            return time.perf_counter()
-        return None
+    def begin_layer(self, device: torch.device | str) -> _Token:
+        """Call right before preparing a layer; returns the token for
+        ``end_layer``/``layer_failed``. Records a CUDA event on the current
+        stream (no synchronisation)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return _Token(device, start)
+        return _Token(device, time.perf_counter())
 
-    def end_layer(self, token, name: str, weight_bytes: int, scale_bytes: int,
-                  fallback: bool) -> None:
-        self.done += 1
-        self.weight_bytes += weight_bytes
-        self.scale_bytes += scale_bytes
-        self.fallback += int(fallback)
-        if token is not None:
-            if isinstance(token, float):
-                ms = (time.perf_counter() - token) * 1e3
-            else:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                end.synchronize()
-                ms = token.elapsed_time(end)
-            logger.debug("w4a8_fastprep: %s: %.1f MiB int4 + %.2f MiB scales in %.3f ms%s",
-                         name, weight_bytes / 2**20, scale_bytes / 2**20, ms,
-                         " (dequantised fallback)" if fallback else "")
-        if self.done == self.expected:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._start_event is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            seconds = self._start_event.elapsed_time(end) / 1e3
+    def _stop(self, token: _Token) -> None:
+        if token.device.type == "cuda":
+            token.end = torch.cuda.Event(enable_timing=True)
+            token.end.record()
         else:
-            seconds = time.perf_counter() - self._t0
-        how = "" if not self.fallback else f", {self.fallback} through the dequantised fallback"
-        logger.info(
-            "w4a8_fastprep: prepared %d layers (%.2f GiB int4 + %.2f GiB scales) in %.3f s on %s%s",
-            self.done, self.weight_bytes / GIB, self.scale_bytes / GIB, seconds, self.device, how)
-        self.last_summary = {"layers": self.done, "seconds": seconds,
-                             "weight_bytes": self.weight_bytes, "scale_bytes": self.scale_bytes}
-        self.expected = 0
+            token.end = time.perf_counter()
+
+    def end_layer(self, token: _Token, name: str, weight_bytes: int, scale_bytes: int,
+                  fallback: bool = False, experts: int = 0) -> None:
+        """The layer ``name`` is prepared: ``weight_bytes``/``scale_bytes`` of
+        checkpoint int4 weights and scales (all experts together for an MoE
+        layer with ``experts`` local experts)."""
+        self._stop(token)
+        prev = self._layers.get(name)
+        layer = _Layer(int(weight_bytes), int(scale_bytes), bool(fallback), int(experts))
+        if prev is not None:  # prepared again: counted once, its time too
+            self._repeats += 1
+            layer.timings = prev.timings
+        layer.timings.append(token)
+        self._layers[name] = layer
+        if len(self._layers) >= self.expected:
+            self.flush()
+
+    def layer_failed(self, token: _Token | None, name: str) -> None:
+        """Preparing ``name`` raised: write the summary of what was prepared
+        so far now (the load is about to stop), naming the failed layer."""
+        self._failed.append(name)
+        self.flush()
+
+    # ------------------------------------------------------------ summary
+
+    def summary(self) -> dict:
+        """The numbers of the layers recorded since the last summary (reads
+        the CUDA events: waits for the last preparation to finish)."""
+        dense = {n: r for n, r in self._layers.items() if r.experts == 0}
+        moe = {n: r for n, r in self._layers.items() if r.experts > 0}
+        gpu_s, cpu_s, per_layer, device = 0.0, 0.0, {}, None
+        tokens = [t for r in self._layers.values() for t in r.timings]
+        cuda_ends = [t.end for t in tokens if t.device.type == "cuda"]
+        if cuda_ends:
+            cuda_ends[-1].synchronize()  # the one host wait
+        for n, r in self._layers.items():
+            s = 0.0
+            for t in r.timings:
+                if t.device.type == "cuda":
+                    if not t.end.query():
+                        t.end.synchronize()  # another stream: finish it too
+                    ms = t.start.elapsed_time(t.end)
+                    gpu_s += ms / 1e3
+                    s += ms / 1e3
+                    device = device or t.device
+                else:
+                    cpu_s += t.end - t.start
+                    s += t.end - t.start
+            per_layer[n] = s
+        if device is None and tokens:
+            device = tokens[0].device
+        return {
+            "layers": len(self._layers),
+            "dense_layers": len(dense),
+            "moe_layers": len(moe),
+            "experts": sum(r.experts for r in moe.values()),
+            "dense_weight_bytes": sum(r.weight_bytes for r in dense.values()),
+            "dense_scale_bytes": sum(r.scale_bytes for r in dense.values()),
+            "moe_weight_bytes": sum(r.weight_bytes for r in moe.values()),
+            "moe_scale_bytes": sum(r.scale_bytes for r in moe.values()),
+            "weight_bytes": sum(r.weight_bytes for r in self._layers.values()),
+            "scale_bytes": sum(r.scale_bytes for r in self._layers.values()),
+            "fallback": sum(r.fallback for r in self._layers.values()),
+            "repeats": self._repeats,
+            "failed": list(self._failed),
+            "gpu_seconds": gpu_s,
+            "cpu_seconds": cpu_s,
+            "seconds": gpu_s + cpu_s,
+            "device": str(device) if device is not None else None,
+            "per_layer_seconds": per_layer,
+        }
+
+    def flush(self) -> dict | None:
+        """Write the summary line for the layers recorded since the last one
+        (none: nothing written) and start counting afresh."""
+        if not self._layers and not self._failed:
+            return None
+        s = self.summary()
+        if logger.isEnabledFor(logging.DEBUG):
+            for n, secs in s["per_layer_seconds"].items():
+                r = self._layers[n]
+                logger.debug("w4a8_fastprep: %s: %.1f MiB int4 + %.2f MiB scales%s in %.3f ms%s",
+                             n, r.weight_bytes / 2**20, r.scale_bytes / 2**20,
+                             f" ({r.experts} experts)" if r.experts else "", secs * 1e3,
+                             " (dequantised fallback)" if r.fallback else "")
+        line = format_summary(s)
+        if s["failed"]:
+            logger.warning("%s", line)
+        else:
+            logger.info("%s", line)
+        self.last_summary = s
         self._reset()
+        return s
+
+
+def format_summary(s: dict) -> str:
+    text = (f"{PREFIX}{s['dense_layers']} dense layers ({s['dense_weight_bytes'] / GIB:.2f} GiB "
+            f"int4 + {s['dense_scale_bytes'] / GIB:.2f} GiB scales)")
+    if s["moe_layers"]:
+        text += (f" and {s['moe_layers']} MoE layers ({s['experts']} experts, "
+                 f"{s['moe_weight_bytes'] / GIB:.2f} GiB int4 + "
+                 f"{s['moe_scale_bytes'] / GIB:.2f} GiB scales)")
+    times = []
+    if s["gpu_seconds"] or (s["device"] or "").startswith("cuda"):
+        times.append(f"{s['gpu_seconds']:.3f} s of GPU time on {s['device']}")
+    if s["cpu_seconds"] or not times:
+        times.append(f"{s['cpu_seconds']:.3f} s of CPU time on cpu")
+    text += ": " + " + ".join(times) + f" ({COUNTED})"
+    if s["fallback"]:
+        text += f"; {s['fallback']} through the dequantised fallback"
+    if s["repeats"]:
+        text += f"; {s['repeats']} preparations of already prepared layers, counted once"
+    if s["failed"]:
+        text += f"; FAILED: {', '.join(s['failed'])}"
+    return text
+
+
+_NUM = r"([\d.]+)"
+_NEW = re.compile(
+    re.escape(PREFIX) + r"(\d+) dense layers \(" + _NUM + r" GiB int4 \+ " + _NUM
+    + r" GiB scales\)(?: and (\d+) MoE layers \((\d+) experts, " + _NUM + r" GiB int4 \+ "
+    + _NUM + r" GiB scales\))?: (?:" + _NUM + r" s of GPU time on (\S+))?(?: \+ )?(?:"
+    + _NUM + r" s of CPU time on cpu)?[^;\n]*(?:; (\d+) through the dequantised fallback)?"
+    r"(?:; (\d+) preparations[^;\n]*)?(?:; FAILED: ([^\n]*))?")
+_OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
+                  + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
+                  r"dequantised fallback)?$", re.M)
+
+
+def parse_summary(text: str) -> dict | None:
+    """The numbers of the last summary line in ``text`` (a log), or None.
+
+    Keys: ``layers``, ``dense_layers``, ``moe_layers``, ``experts``,
+    ``weight_gib``, ``scale_gib`` (totals), ``seconds`` (this package's own
+    preparation time), ``gpu_seconds``, ``cpu_seconds``, ``device``,
+    ``fallback``, ``failed`` (layer names) and ``timing``: ``"per-layer"``
+    for the current line, ``"wall-span"`` for the older ``prepared N layers
+    (...) in T s on DEV`` line, whose time is a wall-clock span that includes
+    vLLM's own work between layers.
+    """
+    found = []
+    for m in _NEW.finditer(text):
+        (dense, dw, ds, moe, experts, mw, ms, gpu, dev, cpu, fb, rep, failed) = m.groups()
+        gpu_s, cpu_s = float(gpu or 0), float(cpu or 0)
+        found.append((m.start(), {
+            "layers": int(dense) + int(moe or 0), "dense_layers": int(dense),
+            "moe_layers": int(moe or 0), "experts": int(experts or 0),
+            "weight_gib": float(dw) + float(mw or 0), "scale_gib": float(ds) + float(ms or 0),
+            "seconds": gpu_s + cpu_s, "gpu_seconds": gpu_s, "cpu_seconds": cpu_s,
+            "device": dev or ("cpu" if cpu is not None else None), "fallback": int(fb or 0),
+            "failed": [n.strip() for n in failed.split(",")] if failed else [],
+            "timing": "per-layer"}))
+    for m in _OLD.finditer(text):
+        layers, w, s, secs, dev, fb = m.groups()
+        found.append((m.start(), {
+            "layers": int(layers), "dense_layers": int(layers), "moe_layers": 0, "experts": 0,
+            "weight_gib": float(w), "scale_gib": float(s), "seconds": float(secs),
+            "gpu_seconds": None, "cpu_seconds": None, "device": dev, "fallback": int(fb or 0),
+            "failed": [], "timing": "wall-span"}))
+    return max(found, key=lambda f: f[0])[1] if found else None
