@@ -1,11 +1,9 @@
 import os
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ORACLE_DEFAULT = ROOT / ".oracle" / "vllm-0.26.0-_C.so"
+from oracle import OracleError, find_oracle, load, searched
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,18 +16,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def upstream():
-    """vLLM 0.26.0's compiled ops (torch.ops._C), when the library is at hand.
+def oracle_path():
+    """Path of vLLM 0.26.0's compiled ops library (tests/oracle.py says where
+    it is looked for); child processes get this path. Skips when there is
+    none; a W4A8_FASTPREP_ORACLE naming a missing file is an error."""
+    try:
+        path = find_oracle()
+    except OracleError as e:
+        pytest.fail(str(e))
+    if path is None:
+        pytest.skip(f"upstream vLLM ops library not found ({searched()})")
+    return path
 
-    Set W4A8_FASTPREP_ORACLE to the unpacked ``_C`` library of the vllm wheel
-    (``../shared/tools/vllm-oracle`` prepares it); skipped when absent.
-    """
-    path = pathlib.Path(os.environ.get("W4A8_FASTPREP_ORACLE", ORACLE_DEFAULT))
-    if not path.exists():
-        pytest.skip(f"upstream vLLM ops library not found at {path}")
-    if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
-        torch.ops.load_library(str(path))
-    return torch.ops._C
+
+@pytest.fixture(scope="session")
+def upstream(oracle_path):
+    """vLLM 0.26.0's compiled ops (``torch.ops._C``), loaded in this process."""
+    return load(oracle_path)
 
 
 @pytest.fixture

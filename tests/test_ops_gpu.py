@@ -1,31 +1,57 @@
-"""GPU: kernels == reference == upstream vLLM 0.26.0, byte for byte.
+"""GPU: the dense kernels == reference == upstream vLLM 0.26.0, byte for byte,
+on the shapes of ``vllm_w4a8_fastprep.model_shapes`` (DENSE and EDGE).
 
 Skipped without a CUDA GPU; the upstream comparisons also need vLLM's
-compiled ops library (fixture ``upstream`` in conftest.py)."""
+compiled ops library (fixtures ``oracle_path`` / ``upstream``, found by
+tests/oracle.py). Upstream's reorder runs in a child process wherever
+K % 256 == 128 (tests/upstream_child.py)."""
 
 import os
 
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import ops, reference as ref, upstream as up_chain
+from bitexact import (
+    assert_channel_scales_equal,
+    assert_packed_scales_equal,
+    assert_same,
+    assert_weight_equal,
+)
+from upstream_child import expect_output, run_batch, run_python
+from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
 FP8 = torch.float8_e4m3fn
 U8 = torch.uint8
 
-# (N, K): both orders, up to 33792, K % 256 == 128 included (5504, 384, ...).
-SHAPES = [
-    (128, 128), (256, 512), (128, 384), (384, 128), (384, 5504), (5504, 384),
-    (640, 1152), (1152, 640), (4096, 4096), (12288, 1024), (1024, 33792),
-    (33792, 1024), (128, 33792), (33792, 128), (4096, 14336), (14336, 4096),
-    (11008, 5504), (5504, 11008), (28672, 8192), (8192, 28672), (2688, 896),
-    (896, 2688),
-]
+
+def _unique(table: dict) -> dict:
+    seen, out = set(), {}
+    for name, shape in table.items():
+        if shape not in seen:
+            seen.add(shape)
+            out[name] = shape
+    return out
 
 
-def _randint32(shape, device="cuda"):
-    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device)
+ALL = {**model_shapes.DENSE, **model_shapes.EDGE}
+# Every dense shape of the table (both orders of N and K up to 33792,
+# K % 256 == 128 included), each once.
+SHAPES = _unique(ALL)
+ENCODE_SHAPES = model_shapes.EDGE
+SCALE_SHAPES = ["edge/128x128", "llama3-8b/o@tp1", "llama3-8b/gate_up@tp1", "llama3-8b/down@tp1",
+                "edge/5504x384", "llama2-7b/down@tp2", "llama3-70b/gate_up@tp1"]
+GEMM_CASES = [("llama3-8b/o@tp1", 64), ("edge/5504x384", 7), ("edge/384x5504", 33),
+              ("llama3-70b/gate_up@tp8", 128), ("qwen2.5-0.5b/gate_up@tp1", 16)]
+
+
+def _k128(k: int) -> bool:
+    return k % 256 == 128
+
+
+def _randint32(shape, device="cuda", generator=None):
+    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device,
+                         generator=generator)
 
 
 def _rand_scales(n, g, device="cuda"):
@@ -34,68 +60,69 @@ def _rand_scales(n, g, device="cuda"):
     return (x + 1e-6).to(torch.bfloat16)
 
 
-UPSTREAM_SCRIPT = """
-import sys, torch
-torch.ops.load_library(sys.argv[1])
-w = torch.load(sys.argv[2]).cuda()
-from vllm_w4a8_fastprep.upstream import weight
-out = weight(torch.ops._C, w)
-torch.cuda.synchronize()
-torch.save(out.t().contiguous().cpu(), sys.argv[3])
-"""
+@pytest.fixture(scope="module")
+def k128(oracle_path, tmp_path_factory):
+    """Inputs of every K % 256 == 128 case here, and upstream's outputs for
+    them computed in child processes: {(mode, N, K): (input, ChildResult)}."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"k128 inputs: seed={seed}")
+    g = torch.Generator().manual_seed(seed)
+    jobs = {}
+    for mode, table in (("weight", SHAPES), ("encode", ENCODE_SHAPES)):
+        for n, k in table.values():
+            if _k128(k):
+                jobs[(mode, n, k)] = (mode, _randint32((n, k // 8), "cpu", g))
+    results = run_batch(oracle_path, jobs, tmp_path_factory.mktemp("upstream_k128"))
+    return {key: (jobs[key][1], results[key]) for key in jobs}
 
 
-def _upstream_weight_isolated(upstream, w, tmp_path):
-    """Upstream's chain in a child process: for K % 256 == 128 its reorder
-    reads and writes out of bounds, which can kill the process."""
-    import subprocess
-    import sys
-
-    src, dst = tmp_path / "w.pt", tmp_path / "out.pt"
-    torch.save(w.cpu(), src)
-    lib = os.environ.get("W4A8_FASTPREP_ORACLE", "")
-    proc = subprocess.run([sys.executable, "-c", UPSTREAM_SCRIPT, lib, str(src), str(dst)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None, f"rc={proc.returncode} {proc.stderr[-300:]}"
-    return torch.load(dst).cuda().t(), None
-
-
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_prepare_weight_bit_exact(n, k, upstream, tmp_path):
+def _weight_input_and_upstream(upstream, k128, n, k):
+    """Checkpoint weights and upstream's chain on them (from a child process
+    where K % 256 == 128)."""
+    if _k128(k):
+        w, result = k128[("weight", n, k)]
+        w = w.cuda()
+        return w, lambda: expect_output(result, w.device)
     w = _randint32((n, k // 8))
+    return w, lambda: up_chain.weight(upstream, w)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_prepare_weight_bit_exact(name, upstream, k128):
+    n, k = SHAPES[name]
+    w, upstream_of_w = _weight_input_and_upstream(upstream, k128, n, k)
     nibbles = torch.cat([(w >> s) & 0xF for s in range(0, 32, 4)]).unique()
     assert nibbles.numel() == 16
     poison = torch.empty(k // 8 * n, dtype=torch.int32, device="cuda").fill_(0x5A5A5A5A)
     del poison  # the allocator hands this memory out again, so unwritten bytes show
     ours = ops.prepare_weight(w)
     assert ours.shape == (k // 8, n) and ours.stride() == (1, k // 8)
-    assert torch.equal(ours, ref.prepare_weight(w)), "kernel != reference"
-    if k % 256 == 128:
-        up, err = _upstream_weight_isolated(upstream, w, tmp_path)
-        if up is None:
-            pytest.xfail(f"upstream's own op failed for K % 256 == 128 ({err}); ours == reference")
-    else:
-        up = up_chain.weight(upstream, w)
-    assert up.stride() == ours.stride()
-    assert torch.equal(ours, up), "kernel != upstream"
+    assert_weight_equal(ours, ref.prepare_weight(w), f"{name}: kernel vs reference")
+    assert_weight_equal(ours, upstream_of_w(), f"{name}: kernel vs upstream")
 
 
-@pytest.mark.parametrize("n,k", SHAPES[:12])
-def test_encode_and_reorder_int4b_bit_exact(n, k, upstream):
-    b = _randint32((n, k // 8)).t()  # signed int4, (K/8, N), strides (1, K/8)
+@pytest.mark.parametrize("name", list(ENCODE_SHAPES))
+def test_encode_and_reorder_int4b_bit_exact(name, upstream, k128):
+    n, k = ENCODE_SHAPES[name]
+    rows = k128[("encode", n, k)][0].cuda() if _k128(k) else _randint32((n, k // 8))
+    b = rows.t()  # signed int4, (K/8, N), strides (1, K/8)
     ours = ops.encode_and_reorder_int4b(b)
-    assert torch.equal(ours, ref.encode_and_reorder_int4b(b))
-    assert torch.equal(ours, upstream.cutlass_encode_and_reorder_int4b(b))
+    assert_weight_equal(ours, ref.encode_and_reorder_int4b(b), f"{name}: kernel vs reference")
+    if _k128(k):
+        up = expect_output(k128[("encode", n, k)][1], b.device)
+    else:
+        up = upstream.cutlass_encode_and_reorder_int4b(b)
+    assert_weight_equal(ours, up, f"{name}: kernel vs upstream")
 
 
 def test_pack_scale_fp8_all_bytes_and_random(upstream):
     every = torch.arange(256, dtype=torch.int32, device="cuda").to(U8).view(FP8).view(2, 128)
     rand = torch.randint(0, 256, (64, 4096), dtype=torch.int32, device="cuda").to(U8).view(FP8)
-    for s in (every, rand):
+    for s in (every, rand):  # (K/128, N)
+        n, k = s.shape[1], 128 * s.shape[0]
         ours = ops.pack_scale_fp8(s)
-        assert torch.equal(ours.view(U8), ref.pack_scale_fp8(s).view(U8))
-        assert torch.equal(ours.view(U8), upstream.cutlass_pack_scale_fp8(s).view(U8))
+        assert_packed_scales_equal(ours, ref.pack_scale_fp8(s), n, k, "kernel vs reference")
+        assert_packed_scales_equal(ours, upstream.cutlass_pack_scale_fp8(s), n, k, "kernel vs upstream")
 
 
 def _every_bf16_amax_rows(g):
@@ -112,37 +139,36 @@ def _every_bf16_amax_rows(g):
     return (x * sign).to(torch.bfloat16).contiguous()
 
 
-def _check_scales(ws, path, quant, upstream):
+def _check_scales(ws, path, quant, upstream, what):
+    n, k = ws.shape[0], 128 * ws.shape[1]
     packed, chan = ops.prepare_scales(ws, path)
     rp, rc = ref.prepare_scales(ws, path)
-    assert torch.equal(packed.view(U8), rp.view(U8)), f"{path}: kernel != reference (packed)"
-    assert torch.equal(chan, rc), f"{path}: kernel != reference (channel scales)"
+    assert_packed_scales_equal(packed, rp, n, k, f"{what} {path}: kernel vs reference")
+    assert_channel_scales_equal(chan, rc, f"{what} {path}: kernel vs reference")
     up, uc = up_chain.scales(upstream, quant, ws)
-    assert torch.equal(packed.view(U8), up.view(U8)), f"{path}: kernel != upstream (packed)"
-    assert torch.equal(chan, uc), f"{path}: kernel != upstream (channel scales)"
+    assert_packed_scales_equal(packed, up, n, k, f"{what} {path}: kernel vs upstream")
+    assert_channel_scales_equal(chan, uc, f"{what} {path}: kernel vs upstream")
 
 
-@pytest.mark.parametrize("n,k", [(128, 128), (4096, 4096), (14336, 4096), (4096, 14336), (5504, 384), (28672, 8192)])
-def test_prepare_scales_bit_exact_all_paths(n, k, upstream):
-    ws = _rand_scales(n, k // 128)
+def _check_all_paths(ws, upstream, what):
     # vllm serve's default: forward_native compiled by Inductor; eager too.
     compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
-    _check_scales(ws, "native", compiled, upstream)
-    _check_scales(ws, "native", up_chain.native_per_token, upstream)
+    _check_scales(ws, "native", compiled, upstream, what + " (compiled)")
+    _check_scales(ws, "native", up_chain.native_per_token, upstream, what + " (eager)")
     # enforce_eager: vLLM's CUDA kernel.
-    _check_scales(ws, "cuda", up_chain.cuda_per_token(upstream), upstream)
+    _check_scales(ws, "cuda", up_chain.cuda_per_token(upstream), upstream, what)
+
+
+@pytest.mark.parametrize("name", SCALE_SHAPES)
+def test_prepare_scales_bit_exact_all_paths(name, upstream):
+    n, k = ALL[name]
+    _check_all_paths(_rand_scales(n, k // 128), upstream, name)
 
 
 @pytest.mark.parametrize("g", [1, 7, 64])
 def test_prepare_scales_every_bf16_amax(g, upstream):
     """Exhaustive over the row maximum: every positive bf16 value."""
-    ws = _every_bf16_amax_rows(g)
-    # vllm serve's default: forward_native compiled by Inductor; eager too.
-    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
-    _check_scales(ws, "native", compiled, upstream)
-    _check_scales(ws, "native", up_chain.native_per_token, upstream)
-    # enforce_eager: vLLM's CUDA kernel.
-    _check_scales(ws, "cuda", up_chain.cuda_per_token(upstream), upstream)
+    _check_all_paths(_every_bf16_amax_rows(g), upstream, f"every amax, {g} groups")
 
 
 def test_scale_paths_disagree_somewhere():
@@ -155,12 +181,13 @@ def test_scale_paths_disagree_somewhere():
     assert rows > 0
 
 
-@pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (5504, 384, 7), (384, 5504, 33), (14336, 4096, 128)])
-def test_upstream_gemm_on_our_output_equals_upstream(n, k, m, upstream):
-    w = _randint32((n, k // 8))
+@pytest.mark.parametrize("name,m", GEMM_CASES)
+def test_upstream_gemm_on_our_output_equals_upstream(name, m, upstream, k128):
+    n, k = ALL[name]
+    w, upstream_of_w = _weight_input_and_upstream(upstream, k128, n, k)
     ws = _rand_scales(n, k // 128)
     our_w, our_s, our_c = ops.prepare_layer(w, ws, "cuda")
-    up_w = up_chain.weight(upstream, w)
+    up_w = upstream_of_w()
     up_s, up_c = up_chain.scales(upstream, up_chain.cuda_per_token(upstream), ws)
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     a8, a_scale = up_chain.cuda_per_token(upstream)(a)
@@ -169,7 +196,7 @@ def test_upstream_gemm_on_our_output_equals_upstream(n, k, m, upstream):
         return upstream.cutlass_w4a8_mm(a8, bw, bs, 128, bc, a_scale, None, None)
 
     ours, theirs = mm(our_w, our_s, our_c), mm(up_w, up_s, up_c)
-    assert torch.equal(ours, theirs)
+    assert_same(ours, theirs, f"{name}: GEMM output, fed ours vs fed upstream's")
     # and it computes the layer: against an fp32 product of the same
     # quantised operands. The GEMM's weight is fp8(int4 x fp8 group scale)
     # (the packed scale table) times the channel scale.
@@ -183,18 +210,17 @@ def test_upstream_gemm_on_our_output_equals_upstream(n, k, m, upstream):
 
 def test_cuda_graph_capture_of_prepare_weight():
     w = _randint32((4096, 512))
-    want = ref.prepare_weight(w)
     ops.prepare_weight(w)  # warm up (loads the module) outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         out = ops.prepare_weight(w)
-    w.copy_(_randint32(w.shape))
+    w.copy_(_randint32(w.shape))  # new contents: the replay must read them
     want = ref.prepare_weight(w)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, want)
+    assert_weight_equal(out, want, "graph replay vs reference")
 
 
 def test_runs_on_the_current_side_stream():
@@ -209,13 +235,15 @@ def test_runs_on_the_current_side_stream():
         out = ops.prepare_weight(w2)
         packed, chan = ops.prepare_scales(ws)
     torch.cuda.current_stream().wait_stream(side)
-    assert torch.equal(out, ref.prepare_weight(w))
+    assert_weight_equal(out, ref.prepare_weight(w), "side stream vs reference")
     rp, rc = ref.prepare_scales(ws)
-    assert torch.equal(packed.view(U8), rp.view(U8)) and torch.equal(chan, rc)
+    assert_packed_scales_equal(packed, rp, 8192, 4096, "side stream vs reference")
+    assert_channel_scales_equal(chan, rc, "side stream vs reference")
 
 
 def test_peak_extra_memory_is_one_weight():
-    w = _randint32((8192, 28672 // 8))
+    n, k = model_shapes.DENSE["llama3-70b/down@tp1"]
+    w = _randint32((n, k // 8))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -264,10 +292,7 @@ print("ALL RAISED")
 def test_cuda_errors_from_the_op_itself():
     # Calling the registered ops directly (bypassing ops.py) still validates.
     # In a subprocess, so that a crash is a failure rather than the end of the run.
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", ERRORS_SCRIPT], capture_output=True, text=True)
+    proc = run_python(ERRORS_SCRIPT)
     print(proc.stdout, proc.stderr[-3000:])
     assert proc.returncode == 0 and "ALL RAISED" in proc.stdout, (proc.returncode, proc.stderr[-1500:])
 
