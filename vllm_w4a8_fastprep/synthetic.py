@@ -1,7 +1,8 @@
-"""Synthetic W4AFP8 checkpoints: Llama-shaped, random but valid tensors,
-written straight in the compressed-tensors ``pack-quantized`` format (what
-llm-compressor saves for the ``W4AFP8`` scheme), with a tokenizer built
-offline. For tests, benchmarks and startup-time measurements where no real
+"""Synthetic W4AFP8 checkpoints: Llama-shaped (dense) or Qwen3-MoE-shaped
+(mixture of experts), random but valid tensors, written straight in the
+compressed-tensors ``pack-quantized`` format (what llm-compressor saves for the
+``W4AFP8`` scheme, experts named one by one as llm-compressor names them), with
+a tokenizer built offline. For tests, benchmarks and startup-time measurements where no real
 weights can be downloaded; the outputs of such a model are meaningless but
 deterministic, which is what bit-exactness checks need.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_format import GROUP_SIZE
+from .model_shapes import ARCHS
 
 WEIGHT_ARGS = {
     "num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP_SIZE,
@@ -29,8 +31,10 @@ INPUT_ARGS = {
 }
 
 
-def quantization_config() -> dict:
-    """The ``quantization_config`` of a W4AFP8 pack-quantized checkpoint."""
+def quantization_config(moe: bool = False) -> dict:
+    """The ``quantization_config`` of a W4AFP8 pack-quantized checkpoint.
+    ``moe``: the MoE routers (``mlp.gate``) stay bf16, as llm-compressor's
+    recipes for MoE models leave them."""
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -44,7 +48,7 @@ def quantization_config() -> dict:
                 "format": "pack-quantized",
             }
         },
-        "ignore": ["lm_head"],
+        "ignore": ["lm_head", "re:.*mlp.gate$"] if moe else ["lm_head"],
         "kv_cache_scheme": None,
         "sparsity_config": {},
         "global_compression_ratio": None,
@@ -54,46 +58,88 @@ def quantization_config() -> dict:
 @dataclass(frozen=True)
 class Preset:
     hidden: int
-    intermediate: int
+    intermediate: int  # dense MLP (0: every MLP is a mixture of experts)
     layers: int
     heads: int
     kv_heads: int
     vocab: int = 32000
     head_dim: int | None = None
+    experts: int = 0  # routed experts per layer (0: dense, Llama-shaped)
+    moe_intermediate: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+
+def _from_arch(name: str, layers: int, vocab: int, experts_per_token: int = 0) -> Preset:
+    a = ARCHS[name]
+    return Preset(hidden=a.hidden, intermediate=a.intermediate, layers=layers, heads=a.heads,
+                  kv_heads=a.kv_heads, vocab=vocab, head_dim=a.head_dim, experts=a.experts,
+                  moe_intermediate=a.moe_intermediate, experts_per_token=experts_per_token)
 
 
 PRESETS = {
     "tiny": Preset(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512),
     "1b": Preset(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=32000),
-    "8b": Preset(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000),
-    "70b": Preset(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000),
+    "8b": _from_arch("llama3-8b", layers=32, vocab=32000),
+    "70b": _from_arch("llama3-70b", layers=80, vocab=32000),
+    # MoE: a Qwen3MoeForCausalLM; attention and experts W4AFP8, routers bf16
+    "tiny-moe": Preset(hidden=256, intermediate=0, layers=2, heads=4, kv_heads=2, vocab=512,
+                       head_dim=64, experts=8, moe_intermediate=256, experts_per_token=2),
+    "qwen3-30b-a3b": _from_arch("qwen3-30b-a3b", layers=48, vocab=151936, experts_per_token=8),
 }
 
 
 def preset(name: str, layers: int | None = None) -> Preset:
+    """The preset ``name``, with ``layers`` decoder layers if given."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[name]
-    return replace(p, layers=layers) if layers else p
+    if layers is None:
+        return p
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be a positive whole number of decoder layers, "
+                         f"got {layers!r}")
+    return replace(p, layers=layers)
 
 
 def linear_shapes(p: Preset) -> dict[str, tuple[int, int]]:
-    """(N, K) of each quantized Linear of one decoder layer."""
+    """(N, K) of each quantized Linear of one decoder layer (without the
+    experts of a MoE layer: see ``expert_shapes``)."""
     hd = p.head_dim or p.hidden // p.heads
-    return {
+    shapes = {
         "self_attn.q_proj": (p.heads * hd, p.hidden),
         "self_attn.k_proj": (p.kv_heads * hd, p.hidden),
         "self_attn.v_proj": (p.kv_heads * hd, p.hidden),
         "self_attn.o_proj": (p.hidden, p.heads * hd),
-        "mlp.gate_proj": (p.intermediate, p.hidden),
-        "mlp.up_proj": (p.intermediate, p.hidden),
-        "mlp.down_proj": (p.hidden, p.intermediate),
+    }
+    if not p.moe:
+        shapes.update({
+            "mlp.gate_proj": (p.intermediate, p.hidden),
+            "mlp.up_proj": (p.intermediate, p.hidden),
+            "mlp.down_proj": (p.hidden, p.intermediate),
+        })
+    return shapes
+
+
+def expert_shapes(p: Preset) -> dict[str, tuple[int, int]]:
+    """(N, K) of each projection of one expert (empty for a dense preset)."""
+    if not p.moe:
+        return {}
+    return {
+        "gate_proj": (p.moe_intermediate, p.hidden),
+        "up_proj": (p.moe_intermediate, p.hidden),
+        "down_proj": (p.hidden, p.moe_intermediate),
     }
 
 
 def random_w4afp8_linear(n: int, k: int, gen: torch.Generator, device="cpu") -> dict:
     """Random checkpoint tensors of one Linear: weight_packed, weight_scale,
-    weight_shape. Scales are ~1/(8 sqrt(K)) so activations keep their size."""
+    weight_shape. The group scales are uniform in [0.5, 1.5) / (4 sqrt(K)); with
+    int4 values uniform in -8..7 (mean square 21.5) a weight's RMS is then
+    ~1.2 / sqrt(K), so a layer's outputs keep about the size of its inputs."""
     if n % GROUP_SIZE or k % GROUP_SIZE:
         raise ValueError(f"N={n} and K={k} must be multiples of {GROUP_SIZE}")
     packed = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32,
@@ -104,6 +150,26 @@ def random_w4afp8_linear(n: int, k: int, gen: torch.Generator, device="cpu") -> 
         "weight_packed": packed,
         "weight_scale": scale.to(torch.bfloat16),
         "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+
+
+def random_w4afp8_experts(experts: int, n: int, k: int, gen: torch.Generator,
+                          device="cpu") -> dict:
+    """``random_w4afp8_linear`` for ``experts`` experts at once, stacked on a
+    leading expert dimension: weight_packed ``(E, N, K/8)``, weight_scale
+    ``(E, N, K/128)``, weight_shape ``(E, 2)``."""
+    if experts < 1:
+        raise ValueError(f"experts must be >= 1, got {experts}")
+    if n % GROUP_SIZE or k % GROUP_SIZE:
+        raise ValueError(f"N={n} and K={k} must be multiples of {GROUP_SIZE}")
+    packed = torch.randint(-(2**31), 2**31 - 1, (experts, n, k // 8), dtype=torch.int32,
+                           generator=gen, device=device)
+    base = 1.0 / (4.0 * math.sqrt(k))
+    scale = (torch.rand(experts, n, k // GROUP_SIZE, generator=gen, device=device) + 0.5) * base
+    return {
+        "weight_packed": packed,
+        "weight_scale": scale.to(torch.bfloat16),
+        "weight_shape": torch.tensor([[n, k]] * experts, dtype=torch.int64),
     }
 
 
@@ -162,26 +228,44 @@ class _ShardWriter:
         self.tensors, self.size = {}, 0
 
 
+def hf_config(p: Preset, vocab: int) -> dict:
+    """The model's ``config.json`` (without ``quantization_config``)."""
+    hd = p.head_dim or p.hidden // p.heads
+    common = {
+        "hidden_size": p.hidden, "num_hidden_layers": p.layers,
+        "num_attention_heads": p.heads, "num_key_value_heads": p.kv_heads, "head_dim": hd,
+        "vocab_size": vocab, "max_position_embeddings": 4096, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1,
+    }
+    if not p.moe:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "intermediate_size": p.intermediate, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, **common}
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "intermediate_size": p.intermediate, "moe_intermediate_size": p.moe_intermediate,
+            "num_experts": p.experts, "num_experts_per_tok": p.experts_per_token,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "output_router_logits": False,
+            **common}
+
+
 def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int | None = None,
                      seed: int = 0, device: str = "cpu", shard_bytes: int = 4 << 30,
                      progress: bool = False) -> Path:
-    """Write a synthetic Llama-style W4AFP8 checkpoint; returns its folder."""
+    """Write a synthetic W4AFP8 checkpoint; returns its folder.
+
+    Dense presets give a ``LlamaForCausalLM``; MoE presets a
+    ``Qwen3MoeForCausalLM`` whose experts are stored one by one
+    (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.{weight_packed,
+    weight_scale, weight_shape}``) beside a bf16 router ``mlp.gate``."""
     p = preset(preset_name, layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_vocab = write_tokenizer(out, p.vocab)
     vocab = max(p.vocab, tok_vocab)
-    hd = p.head_dim or p.hidden // p.heads
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": p.hidden, "intermediate_size": p.intermediate,
-        "num_hidden_layers": p.layers, "num_attention_heads": p.heads,
-        "num_key_value_heads": p.kv_heads, "head_dim": hd, "vocab_size": vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 0, "eos_token_id": 1,
-        "quantization_config": quantization_config(),
-    }
+    config = {**hf_config(p, vocab), "quantization_config": quantization_config(moe=p.moe)}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
 
@@ -189,6 +273,9 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
 
     def dense(*shape, std):
         return (torch.randn(*shape, generator=gen, device=device) * std).to(torch.bfloat16)
+
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16)
 
     writer = _ShardWriter(out, shard_bytes)
     put = writer.put
@@ -198,14 +285,25 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
         from tqdm import tqdm
 
         layer_iter = tqdm(layer_iter, desc=f"writing {preset_name} checkpoint", unit="layer")
+    hd = p.head_dim or p.hidden // p.heads
     for i in layer_iter:
         pre = f"model.layers.{i}."
-        put(pre + "input_layernorm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
-        put(pre + "post_attention_layernorm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
+        put(pre + "input_layernorm.weight", ones(p.hidden))
+        put(pre + "post_attention_layernorm.weight", ones(p.hidden))
+        if p.moe:  # Qwen3: RMSNorm of q and k per head
+            put(pre + "self_attn.q_norm.weight", ones(hd))
+            put(pre + "self_attn.k_norm.weight", ones(hd))
+            put(pre + "mlp.gate.weight", dense(p.experts, p.hidden, std=0.02))
         for name, (n, k) in linear_shapes(p).items():
             for tname, t in random_w4afp8_linear(n, k, gen, device).items():
                 put(f"{pre}{name}.{tname}", t)
-    put("model.norm.weight", torch.ones(p.hidden, dtype=torch.bfloat16))
+        for proj, (n, k) in expert_shapes(p).items():
+            stacked = {t: v.cpu() for t, v in
+                       random_w4afp8_experts(p.experts, n, k, gen, device).items()}
+            for e in range(p.experts):
+                for tname, t in stacked.items():  # own storage: safetensors refuses views
+                    put(f"{pre}mlp.experts.{e}.{proj}.{tname}", t[e].clone())
+    put("model.norm.weight", ones(p.hidden))
     put("lm_head.weight", dense(vocab, p.hidden, std=0.02))
     writer.flush()
     index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in writer.files)},

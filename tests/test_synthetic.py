@@ -1,0 +1,140 @@
+"""Synthetic checkpoints: presets drawn from the shared shape table, bad
+preset/layer requests refused before anything is written, the MoE layout
+(llm-compressor's per-expert names, bf16 routers), and what the scale formula
+claims about output size."""
+
+import json
+
+import pytest
+import torch
+
+from vllm_w4a8_fastprep import reference as ref
+from vllm_w4a8_fastprep.checkpoint_format import checkpoint_problem
+from vllm_w4a8_fastprep.model_shapes import ARCHS, moe_shapes
+from vllm_w4a8_fastprep.synthetic import (
+    PRESETS,
+    expert_shapes,
+    linear_shapes,
+    preset,
+    quantization_config,
+    random_w4afp8_experts,
+    random_w4afp8_linear,
+    write_checkpoint,
+)
+
+
+def test_unknown_preset_is_refused_listing_the_presets(tmp_path):
+    with pytest.raises(ValueError) as err:
+        write_checkpoint(tmp_path / "out", "qwen-9000")
+    assert "qwen-9000" in str(err.value)
+    for name in PRESETS:
+        assert name in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers", [-3, 0, 1.5, True])
+def test_layer_count_must_be_positive(tmp_path, layers):
+    with pytest.raises(ValueError, match="layers must be a positive whole number"):
+        write_checkpoint(tmp_path / "out", "tiny", layers=layers)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_override_and_default():
+    assert preset("tiny-moe", 1).layers == 1
+    assert preset("tiny-moe").layers == PRESETS["tiny-moe"].layers == 2
+
+
+def test_model_shaped_presets_come_from_the_shape_table():
+    for name, arch in (("8b", "llama3-8b"), ("70b", "llama3-70b"),
+                       ("qwen3-30b-a3b", "qwen3-30b-a3b")):
+        p, a = PRESETS[name], ARCHS[arch]
+        assert (p.hidden, p.intermediate, p.heads, p.kv_heads, p.head_dim, p.experts,
+                p.moe_intermediate) == (a.hidden, a.intermediate, a.heads, a.kv_heads,
+                                        a.head_dim, a.experts, a.moe_intermediate), name
+    p = PRESETS["qwen3-30b-a3b"]
+    assert (p.layers, p.experts, p.moe_intermediate, p.experts_per_token) == (48, 128, 768, 8)
+    # one expert's projections, stacked as vLLM stacks them = the table's MoE shapes
+    e = expert_shapes(p)
+    (w13, w2) = moe_shapes("qwen3-30b-a3b").values()
+    assert (p.experts, e["gate_proj"][0] + e["up_proj"][0], e["gate_proj"][1]) == w13
+    assert (p.experts, *e["down_proj"]) == w2
+    assert "mlp.gate_proj" not in linear_shapes(p)  # every MLP is MoE
+    assert "mlp.gate_proj" in linear_shapes(PRESETS["8b"]) and not expert_shapes(PRESETS["8b"])
+
+
+def test_tiny_moe_checkpoint_layout(tmp_path):
+    from safetensors import safe_open
+
+    p = PRESETS["tiny-moe"]
+    ckpt = write_checkpoint(tmp_path / "m", "tiny-moe")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
+    assert (cfg["num_experts"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"],
+            cfg["num_hidden_layers"]) == (8, 256, 2, 2)
+    qcfg = cfg["quantization_config"]
+    assert checkpoint_problem(qcfg) is None
+    assert qcfg["ignore"] == ["lm_head", "re:.*mlp.gate$"]
+    weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for fname in set(weight_map.values()):
+        with safe_open(str(ckpt / fname), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    i, h = p.moe_intermediate, p.hidden
+    for layer in range(p.layers):
+        pre = f"model.layers.{layer}."
+        router = tensors[pre + "mlp.gate.weight"]
+        assert router.dtype == torch.bfloat16 and router.shape == (p.experts, h)
+        assert tensors[pre + "self_attn.q_norm.weight"].shape == (64,)
+        assert not any(k.startswith(pre + "mlp.gate_proj") for k in tensors)
+        for e in range(p.experts):
+            for proj, (n, k) in (("gate_proj", (i, h)), ("up_proj", (i, h)),
+                                 ("down_proj", (h, i))):
+                name = f"{pre}mlp.experts.{e}.{proj}."
+                assert tensors[name + "weight_packed"].dtype == torch.int32
+                assert tensors[name + "weight_packed"].shape == (n, k // 8)
+                assert tensors[name + "weight_scale"].dtype == torch.bfloat16
+                assert tensors[name + "weight_scale"].shape == (n, k // 128)
+                assert tensors[name + "weight_shape"].tolist() == [n, k]
+    # experts differ from each other (each drawn, not one repeated)
+    a = tensors["model.layers.0.mlp.experts.0.down_proj.weight_packed"]
+    b = tensors["model.layers.0.mlp.experts.1.down_proj.weight_packed"]
+    assert not torch.equal(a, b)
+
+
+def test_moe_quantization_config_leaves_routers_bf16():
+    assert quantization_config()["ignore"] == ["lm_head"]
+    assert "re:.*mlp.gate$" in quantization_config(moe=True)["ignore"]
+
+
+def test_tiny_moe_checkpoint_is_a_vllm_qwen3_moe(tmp_path):
+    pytest.importorskip("vllm")
+    from vllm.config import ModelConfig
+
+    ckpt = write_checkpoint(tmp_path / "m", "tiny-moe", layers=1)
+    mc = ModelConfig(model=str(ckpt), tokenizer=str(ckpt), quantization="compressed-tensors")
+    assert mc.architectures == ["Qwen3MoeForCausalLM"] and mc.is_moe
+    assert mc.hf_config.num_experts == 8 and mc.hf_config.moe_intermediate_size == 256
+
+
+def test_scales_keep_outputs_about_the_size_of_inputs():
+    """The docstring of random_w4afp8_linear: weight RMS ~1.2 / sqrt(K)."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((512, 1024), (256, 4096)):
+        t = random_w4afp8_linear(n, k, g)
+        w = ref.dequantize_weight(t["weight_packed"], t["weight_scale"])
+        rms = w.pow(2).mean().sqrt().item() * k ** 0.5
+        assert 1.1 < rms < 1.3, rms
+        x = torch.randn(64, k, generator=g)
+        ratio = ((x @ w.t()).pow(2).mean() / x.pow(2).mean()).sqrt().item()
+        assert 0.9 < ratio < 1.5, ratio
+
+
+def test_random_experts_are_stacked_per_expert_tensors():
+    t = random_w4afp8_experts(3, 256, 384, torch.Generator().manual_seed(1))
+    assert t["weight_packed"].shape == (3, 256, 48) and t["weight_packed"].dtype == torch.int32
+    assert t["weight_scale"].shape == (3, 256, 3) and t["weight_scale"].dtype == torch.bfloat16
+    assert t["weight_shape"].tolist() == [[256, 384]] * 3
+    with pytest.raises(ValueError, match="multiples of 128"):
+        random_w4afp8_experts(2, 256, 200, torch.Generator())
+    with pytest.raises(ValueError, match="experts must be >= 1"):
+        random_w4afp8_experts(0, 256, 256, torch.Generator())
