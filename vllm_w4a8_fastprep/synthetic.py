@@ -2,9 +2,9 @@
 (mixture of experts), random but valid tensors, written straight in the
 compressed-tensors ``pack-quantized`` format (what llm-compressor saves for the
 ``W4AFP8`` scheme, experts named one by one as llm-compressor names them), with
-a tokenizer built offline. For tests, benchmarks and startup-time measurements where no real
-weights can be downloaded; the outputs of such a model are meaningless but
-deterministic, which is what bit-exactness checks need.
+a tokenizer built offline. For tests, benchmarks and startup-time measurements
+where no real weights can be downloaded; the outputs of such a model are
+meaningless but deterministic, which is what bit-exactness checks need.
 """
 
 from __future__ import annotations
