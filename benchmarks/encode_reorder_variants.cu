@@ -1,9 +1,15 @@
 // Tuning harness for the fused encode + reorder kernel: launch geometries of
 // csrc/encode_reorder_kernel.cuh against a device-to-device copy of the same
-// bytes, each checked byte for byte against the first one. No torch needed:
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-//        benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants
+// bytes, each checked byte for byte against the first one. No torch needed.
+// Shapes (N K pairs) come on the command line, from the shape table
+// (vllm_w4a8_fastprep/model_shapes.py): its large dense layers and a
+// K % 256 == 128 shard (the tail launch), printed by
+//   python3 -c "from vllm_w4a8_fastprep.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))"
+// Build and run (from the repository root):
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc benchmarks/encode_reorder_variants.cu -o /tmp/variants
+//   /tmp/variants $(python3 -c "...as above...")
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -57,9 +63,31 @@ float median_ms(F&& f, int nbuf) {
   return t[t.size() / 2];
 }
 
-int main() {
-  const long long shapes[][2] = {{28672, 8192}, {12288, 33792}, {8192, 28672},
-                                 {4096, 14336}, {11008, 5504}};
+// N K pairs from argv; every value a positive multiple of 128.
+static bool parse_shapes(int argc, char** argv, std::vector<std::array<long long, 2>>& shapes) {
+  if (argc < 3 || (argc - 1) % 2) return false;
+  for (int i = 1; i < argc; i += 2) {
+    std::array<long long, 2> sh{};
+    for (int j = 0; j < 2; ++j) {
+      char* end = nullptr;
+      sh[j] = std::strtoll(argv[i + j], &end, 10);
+      if (end == argv[i + j] || *end != '\0' || sh[j] <= 0 || sh[j] % 128) return false;
+    }
+    shapes.push_back(sh);
+  }
+  return true;
+}
+
+int main(int argc, char** argv) {
+  std::vector<std::array<long long, 2>> shapes;
+  if (!parse_shapes(argc, argv, shapes)) {
+    std::fprintf(stderr,
+                 "usage: %s N K [N K ...]   (N, K positive multiples of 128)\n"
+                 "  shapes from the table: %s $(python3 -c \"from vllm_w4a8_fastprep.model_shapes "
+                 "import DENSE_LARGE as S; print(*(f'{n} {k}' for n, k in S.values()))\")\n",
+                 argv[0], argv[0]);
+    return 2;
+  }
   unsigned long long* bad; CK(cudaMalloc(&bad, 8));
   std::printf("%-12s %-10s %9s %9s %8s %s\n", "N x K", "rows x B", "us", "GB/s",
               "vs copy", "mismatched 16B");
