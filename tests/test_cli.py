@@ -1,13 +1,54 @@
-"""The command line: prepare (synthetic or given checkpoint), synth, errors."""
+"""The command line: prepare (synthetic or given checkpoint, per-layer scheme
+from the config groups, what is checked against what), synth, and one-line
+errors with a non-zero exit for bad input."""
 
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from vllm_w4a8_fastprep import cli
+from vllm_w4a8_fastprep import cli, ops
 from vllm_w4a8_fastprep.synthetic import quantization_config, write_checkpoint
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def _ckpt(tmp_path, **kw):
+    return write_checkpoint(tmp_path / "m", "tiny", layers=1, **kw)
+
+
+def _edit_tensor(ckpt, name, fn):
+    """Rewrite the file holding ``name`` with ``fn(tensors)`` applied."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    path = ckpt / index["weight_map"][name]
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _edit_config(ckpt, fn):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    fn(cfg["quantization_config"])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def _ours(tmp):
+    """The folders this package made in a temp folder (torch makes its own)."""
+    return [p for p in tmp.iterdir() if p.name.startswith("w4a8_fastprep_")]
+
+
+def _one_line_error(capsys, *phrases):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vllm-w4a8-fastprep"), err
+    for p in phrases:
+        assert p in lines[0], (p, err)
+    return lines[0]
 
 
 def test_help_lists_commands():
@@ -17,29 +58,220 @@ def test_help_lists_commands():
     assert "prepare" in proc.stdout and "synth" in proc.stdout
 
 
-def test_prepare_without_checkpoint_makes_one_and_checks(capsys):
+def test_prepare_without_checkpoint_makes_one_and_removes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cli.main(["prepare", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "no checkpoint given" in out
-    assert "14 W4AFP8 layers" in out
-    assert "byte-exact check" in out and "equal the reference" in out
+    assert "no checkpoint given" in out and "14 W4AFP8 layers" in out
+    # on the CPU the op is the reference: nothing is claimed byte-exact
+    assert "no independent check is available on the CPU" in out and "byte-exact" not in out
+    assert _ours(tmp_path) == []
+
+
+def test_prepare_keep_keeps_the_synthetic_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli.main(["prepare", "--device", "cpu", "--keep"]) == 0
+    (kept,) = _ours(tmp_path)
+    assert (kept / "config.json").exists() and str(kept) in capsys.readouterr().out
+
+
+def test_prepare_removes_the_synthetic_checkpoint_after_an_error(tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def broken(*a, **k):
+        raise ValueError("boom in the middle of the run")
+
+    monkeypatch.setattr(ops, "prepare_layer", broken)
+    assert cli.main(["prepare", "--device", "cpu"]) == 1
+    _one_line_error(capsys, "boom in the middle of the run", "model.layers.0.")
+    assert _ours(tmp_path) == []
 
 
 def test_prepare_given_checkpoint_verbose(tmp_path, capsys):
-    ckpt = write_checkpoint(tmp_path / "m", "tiny", layers=1)
+    ckpt = _ckpt(tmp_path)
     assert cli.main(["prepare", str(ckpt), "--device", "cpu", "-v", "--path", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "7 W4AFP8 layers" in out and "model.layers.0.mlp.down_proj: N=256 K=512" in out
 
 
+def test_prepare_decides_per_layer_from_config_groups(tmp_path, capsys):
+    """A W4A16 group-32 group targeting down_proj and an ignored o_proj are
+    skipped (the old command prepared them and called them byte-exact)."""
+    ckpt = _ckpt(tmp_path)
+
+    def mixed(q):
+        w4a16 = json.loads(json.dumps(q["config_groups"]["group_0"]))
+        w4a16.update(targets=["re:.*down_proj$"], input_activations=None)
+        w4a16["weights"]["group_size"] = 32
+        q["config_groups"]["group_1"] = w4a16
+        q["ignore"] = ["lm_head", "re:.*o_proj$"]
+
+    _edit_config(ckpt, mixed)
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "5 W4AFP8 layers" in out and "skipped 2 layer(s) that are not W4AFP8" in out
+    assert "down_proj: N=" not in out and "o_proj: N=" not in out
+    assert "q_proj: N=" in out
+
+
+def test_layer_scheme_name_targets_win_over_class_targets():
+    q = quantization_config()
+    other = json.loads(json.dumps(q["config_groups"]["group_0"]))
+    other["targets"] = ["model.layers.3.mlp.down_proj"]
+    other["weights"]["num_bits"] = 8
+    q["config_groups"]["group_1"] = other
+    q["ignore"] = ["lm_head", "re:.*mlp.gate$"]
+    assert cli.layer_scheme("model.layers.0.mlp.down_proj", q) == ("group_0", None)
+    group, why = cli.layer_scheme("model.layers.3.mlp.down_proj", q)
+    assert group == "group_1" and "num_bits=8" in why
+    assert cli.layer_scheme("model.layers.3.mlp.gate", q) == (None, "in the config's ignore list")
+    q["config_groups"]["group_0"]["targets"] = ["Attention"]
+    assert cli.layer_scheme("model.layers.0.mlp.up_proj", q) == (
+        None, "no config group targets it")
+
+
 def test_prepare_refuses_other_checkpoints(tmp_path, capsys):
-    ckpt = write_checkpoint(tmp_path / "m", "tiny", layers=1)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]["type"] = "int"
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ckpt = _ckpt(tmp_path)
+    _edit_config(ckpt, lambda q: q["config_groups"]["group_0"]["input_activations"].update(
+        type="int"))
     assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 2
-    assert "not a W4AFP8 compressed-tensors checkpoint" in capsys.readouterr().err
+    _one_line_error(capsys, "not a W4AFP8 compressed-tensors checkpoint")
     assert cli.main(["prepare", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "is not a model folder")
+
+
+def test_prepare_refuses_a_checkpoint_whose_layers_are_all_ignored(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path)
+    _edit_config(ckpt, lambda q: q.update(ignore=["lm_head", "re:.*"]))
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "has no W4AFP8 layers", "in the config's ignore list")
+
+
+def _truncate(ckpt):
+    (f,) = ckpt.glob("*.safetensors")
+    f.write_bytes(f.read_bytes()[:100_000])
+
+
+def _move_to_other_file(ckpt):
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    save_file({"x": torch.ones(1)}, str(ckpt / "other.safetensors"))
+    index["weight_map"][LAYER + ".weight_scale"] = "other.safetensors"
+    index_path.write_text(json.dumps(index))
+
+
+def _scale_dtype(dtype):
+    def edit(ckpt):
+        _edit_tensor(ckpt, LAYER + ".weight_scale",
+                     lambda t: t.update({LAYER + ".weight_scale":
+                                         t[LAYER + ".weight_scale"].to(dtype)}))
+    return edit
+
+
+def _n200(ckpt):
+    def edit(t):
+        t[LAYER + ".weight_packed"] = t[LAYER + ".weight_packed"][:200].clone()
+        t[LAYER + ".weight_scale"] = t[LAYER + ".weight_scale"][:200].clone()
+        t[LAYER + ".weight_shape"] = torch.tensor([200, 256])
+    _edit_tensor(ckpt, LAYER + ".weight_packed", edit)
+
+
+def _scales_k64(ckpt):
+    def edit(t):
+        s = t[LAYER + ".weight_scale"]
+        t[LAYER + ".weight_scale"] = torch.cat([s, s], 1)  # [N, K/64]
+    _edit_tensor(ckpt, LAYER + ".weight_scale", edit)
+
+
+def _no_scale(ckpt):
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][LAYER + ".weight_scale"]
+    index_path.write_text(json.dumps(index))
+
+
+def _bad_weight_shape(ckpt):
+    _edit_tensor(ckpt, LAYER + ".weight_shape",
+                 lambda t: t.update({LAYER + ".weight_shape": torch.tensor([999, 7])}))
+
+
+def _bad_json(name):
+    def edit(ckpt):
+        (ckpt / name).write_text("{not json")
+    return edit
+
+
+@pytest.mark.parametrize("breaker, status, phrases", [
+    (_truncate, 1, ["model-00001.safetensors: cannot read", "file not fully covered"]),
+    (_move_to_other_file, 1, ["other.safetensors: has no tensor " + LAYER + ".weight_scale"]),
+    (_scale_dtype(torch.float32), 1, [LAYER + ": weight_scale must be torch.bfloat16"]),
+    (_scale_dtype(torch.float16), 1, [LAYER + ": weight_scale must be torch.bfloat16"]),
+    (_n200, 1, [LAYER + ": ", "N (output features, dim 0) = 200 is not a multiple of 128"]),
+    (_scales_k64, 1, [LAYER + ": weight_scale has shape (256, 4)", "[N, K/128] = (256, 2)"]),
+    (_no_scale, 1, [LAYER + ": has weight_packed but no weight_scale"]),
+    (_bad_weight_shape, 1, [LAYER + ": weight_shape [999, 7] does not match"]),
+    (_bad_json("config.json"), 2, ["config.json: not valid JSON"]),
+    (_bad_json("model.safetensors.index.json"), 2, ["index.json: not valid JSON"]),
+], ids=["truncated", "tensor-not-in-its-file", "fp32-scales", "fp16-scales", "n200",
+        "scales-k64", "no-scale", "weight-shape", "bad-config-json", "bad-index-json"])
+def test_prepare_bad_checkpoint_one_line_error(tmp_path, capsys, breaker, status, phrases):
+    ckpt = _ckpt(tmp_path)
+    breaker(ckpt)
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == status
+    _one_line_error(capsys, *phrases)
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["prepare", "--check", "-1"], "argument --check: must be >= 0, got -1"),
+    (["prepare", "--check", "two"], "argument --check: not a whole number"),
+    (["prepare", "--preset", "nope"], "unknown preset 'nope'"),
+    (["prepare", "--device", "tpu"], "--device tpu"),
+    (["synth", "OUT", "--layers", "-3"], "argument --layers: must be >= 1, got -3"),
+    (["synth", "OUT", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
+    (["synth", "OUT", "--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_usage_errors_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, phrase):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:  # argparse's exit
+        status = e.code
+    assert status == 2
+    _one_line_error(capsys, phrase)
+    assert _ours(tmp_path) == [] and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_device_cuda_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert cli.main(["prepare", "--device", "cuda"]) == 2
+    _one_line_error(capsys, "--device cuda: no CUDA GPU is available here")
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    _truncate(ckpt)
+    proc = subprocess.run([sys.executable, "-m", "vllm_w4a8_fastprep", "prepare", str(ckpt),
+                           "--device", "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("vllm-w4a8-fastprep: error: ")
+
+
+def test_nan_scales_compare_equal_byte_for_byte():
+    """One NaN scale made the old check report a false MISMATCH (NaN != NaN)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-(2**31), 2**31 - 1, (128, 32), dtype=torch.int32, generator=g)
+    s = (torch.rand(128, 2, generator=g) + 0.5).to(torch.bfloat16)
+    s[5, 1] = float("nan")
+    got = ops.prepare_layer(w, s)
+    assert torch.isnan(got[2]).any()
+    checker = cli.Checker(torch.device("cpu"), None, "native")
+    assert checker.dense(LAYER, w, s, got)
+    bad = (got[0], got[1].clone(), got[2])
+    bad[1].view(torch.uint8)[0] ^= 1
+    assert not checker.dense(LAYER, w, s, bad)
 
 
 def test_synthetic_checkpoint_is_valid_compressed_tensors(tmp_path):
@@ -48,17 +280,57 @@ def test_synthetic_checkpoint_is_valid_compressed_tensors(tmp_path):
     scheme = cfg.config_groups["group_0"]
     assert scheme.weights.num_bits == 4 and scheme.weights.group_size == 128
     assert scheme.input_activations.type == "float" and scheme.input_activations.dynamic
-    ckpt = write_checkpoint(tmp_path / "m", "tiny", layers=1)
+    ckpt = _ckpt(tmp_path)
     from safetensors import safe_open
 
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    name = "model.layers.0.self_attn.q_proj"
-    with safe_open(str(ckpt / index["weight_map"][name + ".weight_packed"]), "pt") as f:
-        assert f.get_tensor(name + ".weight_packed").shape == (256, 256 // 8)
-        assert f.get_tensor(name + ".weight_scale").shape == (256, 2)
-        assert f.get_tensor(name + ".weight_shape").tolist() == [256, 256]
+    with safe_open(str(ckpt / index["weight_map"][LAYER + ".weight_packed"]), "pt") as f:
+        assert f.get_tensor(LAYER + ".weight_packed").shape == (256, 256 // 8)
+        assert f.get_tensor(LAYER + ".weight_scale").shape == (256, 2)
+        assert f.get_tensor(LAYER + ".weight_shape").tolist() == [256, 256]
 
 
-def test_synth_command(tmp_path, capsys):
+def test_synth_command(tmp_path):
     assert cli.main(["synth", str(tmp_path / "s"), "--layers", "1"]) == 0
     assert (tmp_path / "s" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+# ----------------------------------------------------------------- GPU
+
+
+def _oracle():
+    from oracle import find_oracle, searched
+
+    path = find_oracle()
+    if path is None:
+        pytest.skip(f"upstream vLLM ops library not found in: {searched()}")
+    return str(path)
+
+
+def _prepare_gpu(*args):
+    return subprocess.run([sys.executable, "-m", "vllm_w4a8_fastprep", "prepare",
+                           "--device", "cuda", *args], capture_output=True, text=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["native", "cuda"])
+def test_gpu_prepare_checks_against_upstream(tmp_path, path):
+    ckpt = _ckpt(tmp_path)
+    proc = _prepare_gpu(str(ckpt), "--upstream", _oracle(), "--check", "100", "--path", path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "against vLLM 0.26.0's own preparation chain" in proc.stdout
+    assert "byte-exact: 7 sampled layers equal vLLM's own preparation" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_prepare_nan_scale_is_not_a_mismatch(tmp_path):
+    ckpt = _ckpt(tmp_path)
+
+    def nan(t):
+        t[LAYER + ".weight_scale"][3, 1] = float("nan")
+
+    _edit_tensor(ckpt, LAYER + ".weight_scale", nan)
+    proc = _prepare_gpu(str(ckpt), "--upstream", _oracle(), "--check", "100")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MISMATCH" not in proc.stderr
