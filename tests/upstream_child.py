@@ -78,11 +78,22 @@ def run_python(code: str, *args, timeout: float = 300) -> subprocess.CompletedPr
                           env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_script(script, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python script args...`` from the repository root, captured."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def died_of_cuda(proc: subprocess.CompletedProcess) -> bool:
+    """The child was killed by a signal or stopped on a CUDA error."""
+    return proc.returncode < 0 or bool(_CRASH_TEXT.search(proc.stderr or ""))
+
+
 def is_known_crash(n: int, k: int, proc: subprocess.CompletedProcess) -> bool:
     """The child died the known way: the known shape, and a signal or a CUDA error."""
     if (n, k) not in KNOWN_UPSTREAM_CRASHES or proc.returncode == 0:
         return False
-    return proc.returncode < 0 or bool(_CRASH_TEXT.search(proc.stderr or ""))
+    return died_of_cuda(proc)
 
 
 @dataclasses.dataclass
