@@ -7,12 +7,16 @@ fresh processes, once per mode (``ours`` / ``upstream``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from evals.modes import MODES, use_mode
+if not __package__:  # run as a script: make ``evals`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evals.modes import MODES, use_mode  # noqa: E402
+from vllm_w4a8_fastprep.cli import OneLineParser, positive_int  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -24,17 +28,21 @@ PROMPTS = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="run_llm", description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--logprobs", type=int, default=5)
+    ap.add_argument("--max-tokens", type=positive_int, default=32)
+    ap.add_argument("--logprobs", type=positive_int, default=5)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=positive_int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--tensor-parallel-size", type=positive_int, default=1)
     args = ap.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"{args.model}: not a model folder (no config.json)")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        ap.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
 
     quantization = use_mode(args.mode)
     from vllm import LLM, SamplingParams

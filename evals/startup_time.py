@@ -2,30 +2,50 @@
 
 Runs vLLM on a checkpoint in fresh processes -- upstream's compressed-tensors
 path and ``w4a8_fastprep`` -- several times each (interleaved), parses
-``Model loading took X GiB and Y seconds``, ``Loading weights took Z seconds``
-and our ``w4a8_fastprep: prepared ...`` line, checks that both modes produce
-the same greedy tokens and logprobs, and prints a table (median and spread;
-preparation = loading - weights) plus a PNG bar chart. It can also just parse
-log files you already have (``--parse-logs``, e.g. two ``vllm serve`` logs).
+``Model loading took X GiB memory and Y seconds``, ``Loading weights took Z
+seconds`` and this package's ``w4a8_fastprep: prepared ...`` summary
+(``load_stats.parse_summary``: its own preparation time, dense and MoE
+layers), checks that both modes produce the same greedy tokens and top-k
+logprobs, and prints a table (median and spread; preparation = loading -
+weights) plus a PNG bar chart. It can also just parse log files you already
+have (``--parse-logs``, e.g. two ``vllm serve`` logs).
 
     python -m evals.startup_time --model DIR [--runs 3] [--enforce-eager] [--out-dir DIR]
     python -m evals.startup_time --parse-logs upstream.log ours.log
+
+Exit status: 0 done (outputs identical), 1 outputs differ, a run failed or a
+log lacks vLLM's lines, 2 bad arguments or no GPU. Errors are one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from vllm_w4a8_fastprep.cli import OneLineParser, positive_int
+from vllm_w4a8_fastprep.load_stats import parse_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: make ``evals`` importable
+    sys.path.insert(0, str(ROOT))
+# vLLM 0.26.0's lines (gpu_model_runner.py: "Model loading took %s GiB memory and
+# %.6f seconds"; its newer runner drops "memory"; default_loader.py: "Loading
+# weights took %.2f seconds")
 LOADING = re.compile(r"Model loading took ([\d.]+) GiB(?: memory)? and ([\d.]+) seconds")
 WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
-OURS = re.compile(r"w4a8_fastprep: prepared (\d+) layers \(([\d.]+) GiB int4 \+ ([\d.]+) GiB "
-                  r"scales\) in ([\d.]+) s")
+
+
+class EvalError(Exception):
+    """One line for stderr and an exit status."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 def parse_log(text: str) -> dict:
@@ -37,10 +57,22 @@ def parse_log(text: str) -> dict:
         out["weights_s"] = float(m[-1])
     if "loading_s" in out and "weights_s" in out:
         out["prep_s"] = out["loading_s"] - out["weights_s"]
-    if m := OURS.findall(text):
-        layers, gib_w, gib_s, secs = m[-1]
-        out.update(ours_layers=int(layers), ours_prep_s=float(secs))
+    ours = parse_summary(text)
+    if ours is not None:
+        out.update(ours_layers=ours["layers"], ours_moe_layers=ours["moe_layers"],
+                   ours_experts=ours["experts"], ours_prep_s=ours["seconds"],
+                   ours_timing=ours["timing"])
     return out
+
+
+def check_log(name: str, parsed: dict) -> None:
+    """A log must hold vLLM's two load lines."""
+    missing = [what for key, what in (("loading_s", "Model loading took"),
+                                       ("weights_s", "Loading weights took"))
+               if key not in parsed]
+    if missing:
+        raise EvalError(f"{name}: no '{missing[0]}' line (not a vLLM log, or vLLM did not "
+                        f"finish loading the model)")
 
 
 def _stat(values):
@@ -66,7 +98,7 @@ def _fmt(s, digits=2):
 
 def table(summary: dict) -> str:
     rows = ["| mode | model loading s | weights s | preparation s (loading - weights) "
-            "| w4a8_fastprep line s | GiB |", "|---|---|---|---|---|---|"]
+            "| w4a8_fastprep own s | GiB |", "|---|---|---|---|---|---|"]
     for mode, s in summary.items():
         rows.append(f"| {mode} | {_fmt(s['loading_s'])} | {_fmt(s['weights_s'])} | "
                     f"{_fmt(s['prep_s'])} | {_fmt(s['ours_prep_s'], 3)} | {_fmt(s['loading_gib'])} |")
@@ -103,6 +135,8 @@ def chart(summary: dict, path: Path, title: str) -> None:
 
 def compare_outputs(a: dict, b: dict) -> str | None:
     """None when both runs gave the same greedy tokens and logprobs."""
+    if len(a["outputs"]) != len(b["outputs"]):
+        return f"{len(a['outputs'])} vs {len(b['outputs'])} outputs"
     for i, (x, y) in enumerate(zip(a["outputs"], b["outputs"])):
         if x["token_ids"] != y["token_ids"]:
             return f"prompt {i}: tokens differ ({x['token_ids'][:8]} vs {y['token_ids'][:8]})"
@@ -120,21 +154,26 @@ def run(args) -> int:
     from tqdm import tqdm
 
     jobs = [(i, m) for i in range(args.runs) for m in modes]
+    env = child_env()
     for i, mode in tqdm(jobs, desc="vLLM starts", unit="run"):
         log, res = out / f"{mode}-{i}.log", out / f"{mode}-{i}.json"
-        cmd = [sys.executable, "-m", "evals.run_llm", args.model, "--mode", mode,
-               "--out", str(res), "--max-model-len", str(args.max_model_len),
-               "--tensor-parallel-size", str(args.tp)]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
+        cmd = run_llm_command(args.model, mode, res, args)
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=args.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise EvalError(f"{mode} run {i} took over {args.timeout} s (--timeout); "
+                            f"its log: {log}") from None
         text = log.read_text()
         if proc.returncode != 0:
-            print(f"{mode} run {i} failed (rc={proc.returncode}); last lines of {log}:\n"
-                  + "\n".join(text.splitlines()[-25:]), file=sys.stderr)
-            return 1
-        runs[mode].append(parse_log(text))
+            print("\n".join(text.splitlines()[-25:]), file=sys.stderr)
+            raise EvalError(f"{mode} run {i} failed (rc={proc.returncode}); its last lines "
+                            f"are above, the whole log is {log}")
+        parsed = parse_log(text)
+        check_log(str(log), parsed)
+        check_mode(str(log), mode, parsed)
+        runs[mode].append(parsed)
         results[mode].append(json.loads(res.read_text()))
     summary = summarize(runs)
     verdict = None
@@ -145,8 +184,9 @@ def run(args) -> int:
         print(f"greedy tokens and logprobs, ours vs upstream ({len(diffs)} run pairs, "
               f"{len(results['ours'][0]['outputs'])} prompts): {same}")
     print(table(summary))
-    (out / "summary.json").write_text(json.dumps({"model": args.model, "runs": runs,
-                                                  "summary": summary,
+    (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": commit(),
+                                                  "enforce_eager": args.enforce_eager,
+                                                  "runs": runs, "summary": summary,
                                                   "outputs_identical": verdict is None},
                                                  indent=1))
     chart(summary, out / "startup_time.png", f"{Path(args.model).name}: model loading")
@@ -154,28 +194,101 @@ def run(args) -> int:
     return 0 if verdict is None else 1
 
 
+def child_env() -> dict:
+    """This environment, with the repository on PYTHONPATH so that
+    ``evals.run_llm`` is found from any working directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_llm_command(model: str, mode: str, result: Path, args) -> list[str]:
+    cmd = [sys.executable, "-m", "evals.run_llm", model, "--mode", mode, "--out", str(result),
+           "--max-model-len", str(args.max_model_len), "--tensor-parallel-size", str(args.tp)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd
+
+
+def check_mode(name: str, mode: str, parsed: dict) -> None:
+    """An ``ours`` run must show this package's summary (else the plugin did
+    not prepare anything and the comparison would be upstream with itself);
+    an ``upstream`` run must not."""
+    if mode == "ours" and "ours_layers" not in parsed:
+        raise EvalError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
+                        "layer in the 'ours' run")
+    if mode == "upstream" and "ours_layers" in parsed:
+        raise EvalError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
+                        "plugin claimed the model")
+
+
+def commit() -> str | None:
+    """The commit measured (``+dirty`` when tracked files have changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty.strip() else "")) or None
+
+
+def parse_logs(paths: list[str]) -> int:
+    runs = {}
+    for p in paths:
+        try:
+            text = Path(p).read_text(errors="replace")
+        except OSError as e:
+            raise EvalError(f"{p}: cannot read it ({e.strerror or e})", 2) from None
+        parsed = parse_log(text)
+        check_log(p, parsed)
+        runs[Path(p).stem] = [parsed]
+    print(table(summarize(runs)))
+    return 0
+
+
+def check_gpus(tp: int) -> None:
+    """vLLM needs ``tp`` CUDA GPUs here: say so before starting any run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EvalError("needs a CUDA GPU to run vLLM (none found); --parse-logs reads "
+                        "existing logs without one", 2)
+    if torch.cuda.device_count() < tp:
+        raise EvalError(f"--tp {tp} needs {tp} GPUs, found {torch.cuda.device_count()}", 2)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="startup_time", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint folder")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=positive_int, default=3)
     ap.add_argument("--modes", default="upstream,ours")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--max-model-len", type=positive_int, default=1024)
+    ap.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    ap.add_argument("--timeout", type=positive_int, default=1800)
     ap.add_argument("--out-dir", default="startup-time")
     ap.add_argument("--parse-logs", nargs="+", metavar="LOG",
                     help="only parse these vLLM logs (named by file) and print the table")
     args = ap.parse_args(argv)
-    if args.parse_logs:
-        runs = {Path(p).stem: [parse_log(Path(p).read_text())] for p in args.parse_logs}
-        print(table(summarize(runs)))
-        return 0
-    if not args.model:
-        ap.error("--model or --parse-logs is required")
-    if not (Path(args.model) / "config.json").exists():
-        ap.error(f"{args.model} is not a model folder (no config.json)")
-    return run(args)
+    try:
+        if args.parse_logs:
+            return parse_logs(args.parse_logs)
+        if not args.model:
+            ap.error("--model or --parse-logs is required")
+        if not (Path(args.model) / "config.json").is_file():
+            ap.error(f"--model {args.model}: not a model folder (no config.json)")
+        from evals.modes import MODES
+
+        bad = [m for m in args.modes.split(",") if m not in MODES]
+        if bad:
+            ap.error(f"--modes: unknown mode {bad[0]!r} (choose from {', '.join(MODES)})")
+        check_gpus(args.tp)
+        return run(args)
+    except EvalError as e:
+        print(f"startup_time: error: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":

@@ -1,48 +1,149 @@
-"""The eval tools on the CPU: log parsing, report, output comparison."""
+"""The startup-time eval on the CPU: parsing vLLM 0.26.0's own log lines and
+this package's summary line (current and older form), the table, the chart,
+the output comparison, the modes, and one-line errors with a non-zero exit."""
 
 import json
+import logging
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from evals import startup_time
+from evals import run_llm, startup_time
+from vllm_w4a8_fastprep import load_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
-UPSTREAM_LOG = """INFO 11-25 12:01:40 [default_loader.py:431] Loading weights took 0.69 seconds
-INFO 11-25 12:01:48 [gpu_model_runner.py:5348] Model loading took 4.2 GiB memory and 9.051234 seconds
-"""
-OURS_LOG = """INFO 11-25 12:03:10 [default_loader.py:431] Loading weights took 0.64 seconds
-INFO 11-25 12:03:11 [load_stats.py:99] w4a8_fastprep: prepared 128 layers (3.25 GiB int4 + 0.10 GiB scales) in 0.036 s on cuda:0
-INFO 11-25 12:03:12 [gpu_model_runner.py:5348] Model loading took 4.24 GiB memory and 3.110000 seconds
-"""
+
+def _vllm_source(relpath: str, starts: str) -> tuple[str, Path, int]:
+    """The format string of the vLLM 0.26.0 log call whose text starts with
+    ``starts``, the file and its line: the tests log exactly vLLM's text."""
+    import vllm
+
+    path = Path(vllm.__file__).parent / relpath
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.search(r'"(' + re.escape(starts) + r'[^"]*)"', line)
+        if m:
+            return m.group(1), path, lineno
+    raise AssertionError(f"vLLM's {relpath} has no log text starting {starts!r}")
+
+
+def _log_line(path: Path, lineno: int, fmt: str, *args, process="EngineCore_DP0 pid=4242"):
+    """One line as vLLM 0.26.0 writes it: its formatter and format, and the
+    prefix its engine-core process puts before each line."""
+    from vllm.logger import _DATE_FORMAT, _FORMAT
+    from vllm.logging_utils import NewLineFormatter
+
+    record = logging.LogRecord("vllm", logging.INFO, str(path), lineno, fmt, args, None)
+    record.fileinfo = path.name
+    return f"({process}) " + NewLineFormatter(_FORMAT, _DATE_FORMAT).format(record)
+
+
+def _weights_line(seconds):
+    fmt, path, lineno = _vllm_source("model_executor/model_loader/default_loader.py",
+                                     "Loading weights took")
+    return _log_line(path, lineno, fmt, seconds)
+
+
+def _loading_line(gib: str, seconds):
+    fmt, path, lineno = _vllm_source("v1/worker/gpu_model_runner.py", "Model loading took")
+    return _log_line(path, lineno, fmt, gib, seconds)
+
+
+def _ours_line(**numbers):
+    s = {"dense_layers": 96, "dense_weight_bytes": int(1.2 * 2**30),
+         "dense_scale_bytes": int(0.04 * 2**30), "moe_layers": 48, "experts": 6144,
+         "moe_weight_bytes": int(14.1 * 2**30), "moe_scale_bytes": int(0.44 * 2**30),
+         "gpu_seconds": 0.151, "cpu_seconds": 0.0, "device": "cuda:0", "fallback": 0,
+         "repeats": 0, "failed": []}
+    s.update(numbers)
+    text = load_stats.format_summary(s)
+    return _log_line(Path(load_stats.__file__), 200, "%s", text)
+
+
+def _upstream_log():
+    return "\n".join([_weights_line(0.69), _loading_line("4.2", 9.051234)]) + "\n"
+
+
+def _ours_log():
+    return "\n".join([_weights_line(0.64), _ours_line(), _loading_line("4.24", 3.11)]) + "\n"
+
+
+# the summary line as the plugin wrote it before (still parsed)
+OLD_OURS = ("INFO 11-25 12:03:11 [load_stats.py:99] w4a8_fastprep: prepared 128 layers "
+            "(3.25 GiB int4 + 0.10 GiB scales) in 0.036 s on cuda:0")
+
+
+def test_log_lines_are_vllms_own():
+    assert _weights_line(0.69).endswith("] Loading weights took 0.69 seconds")
+    assert re.fullmatch(r"\(EngineCore_DP0 pid=4242\) INFO \d\d-\d\d \d\d:\d\d:\d\d "
+                        r"\[gpu_model_runner\.py:\d+\] Model loading took 4\.2 GiB memory and "
+                        r"9\.051234 seconds", _loading_line("4.2", 9.051234))
 
 
 def test_parse_vllm_logs():
-    up = startup_time.parse_log(UPSTREAM_LOG)
+    up = startup_time.parse_log(_upstream_log())
     assert up == {"loading_gib": 4.2, "loading_s": 9.051234, "weights_s": 0.69,
                   "prep_s": pytest.approx(8.361234)}
-    ours = startup_time.parse_log(OURS_LOG)
-    assert ours["ours_layers"] == 128 and ours["ours_prep_s"] == 0.036
+    ours = startup_time.parse_log(_ours_log())
+    assert ours["ours_layers"] == 144 and ours["ours_prep_s"] == 0.151
+    assert ours["ours_moe_layers"] == 48 and ours["ours_experts"] == 6144
+    assert ours["ours_timing"] == "per-layer"
     assert ours["prep_s"] == pytest.approx(2.47)
 
 
+def test_parse_older_summary_line():
+    old = startup_time.parse_log(_upstream_log() + OLD_OURS + "\n")
+    assert old["ours_layers"] == 128 and old["ours_prep_s"] == 0.036
+    assert old["ours_timing"] == "wall-span"
+
+
 def test_table_and_parse_logs_cli(tmp_path, capsys):
-    (tmp_path / "upstream.log").write_text(UPSTREAM_LOG)
-    (tmp_path / "ours.log").write_text(OURS_LOG)
+    (tmp_path / "upstream.log").write_text(_upstream_log())
+    (tmp_path / "ours.log").write_text(_ours_log())
     assert startup_time.main(["--parse-logs", str(tmp_path / "upstream.log"),
                               str(tmp_path / "ours.log")]) == 0
     out = capsys.readouterr().out
-    assert "| upstream | 9.05 | 0.69 | 8.36 |" in out
+    assert "| upstream | 9.05 | 0.69 | 8.36 | - | 4.20 |" in out
+    assert "| ours | 3.11 | 0.64 | 2.47 | 0.151 | 4.24 |" in out
     assert "preparation: upstream 8.36 s -> ours 2.47 s" in out
+
+
+def _one_line(capsys, *phrases):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for p in phrases:
+        assert p in err[0], (p, err)
+
+
+def test_parse_logs_without_vllm_lines_fails(tmp_path, capsys):
+    (tmp_path / "empty.log").write_text("Traceback (most recent call last):\n  boom\n")
+    assert startup_time.main(["--parse-logs", str(tmp_path / "empty.log")]) == 1
+    _one_line(capsys, "empty.log: no 'Model loading took' line")
+    (tmp_path / "half.log").write_text(_loading_line("4.2", 9.0) + "\n")
+    assert startup_time.main(["--parse-logs", str(tmp_path / "half.log")]) == 1
+    _one_line(capsys, "half.log: no 'Loading weights took' line")
+    assert startup_time.main(["--parse-logs", str(tmp_path / "missing.log")]) == 2
+    _one_line(capsys, "missing.log: cannot read it")
+
+
+def test_each_mode_must_show_whether_the_plugin_prepared():
+    ours, up = startup_time.parse_log(_ours_log()), startup_time.parse_log(_upstream_log())
+    startup_time.check_mode("o.log", "ours", ours)
+    startup_time.check_mode("u.log", "upstream", up)
+    with pytest.raises(startup_time.EvalError, match="the plugin prepared no layer"):
+        startup_time.check_mode("o.log", "ours", up)
+    with pytest.raises(startup_time.EvalError, match="the plugin claimed the model"):
+        startup_time.check_mode("u.log", "upstream", ours)
 
 
 def test_chart_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    summary = startup_time.summarize({"upstream": [startup_time.parse_log(UPSTREAM_LOG)],
-                                      "ours": [startup_time.parse_log(OURS_LOG)]})
+    summary = startup_time.summarize({"upstream": [startup_time.parse_log(_upstream_log())],
+                                      "ours": [startup_time.parse_log(_ours_log())]})
     startup_time.chart(summary, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -55,15 +156,64 @@ def test_compare_outputs():
     assert "logprobs differ" in startup_time.compare_outputs(a, b)
     b["outputs"][0]["token_ids"] = [1, 3]
     assert "tokens differ" in startup_time.compare_outputs(a, b)
+    assert "1 vs 0 outputs" in startup_time.compare_outputs(a, {"outputs": []})
 
 
-def test_startup_time_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        startup_time.main(["--model", str(tmp_path / "nope")])
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    return tmp_path / "m"
 
 
-def test_help_of_every_tool():
-    for mod in ("evals.startup_time", "evals.gsm8k", "evals.make_checkpoint", "evals.run_llm"):
+@pytest.mark.parametrize("argv, phrase", [
+    (["--model", "NOPE"], "not a model folder (no config.json)"),
+    (["--model", "MODEL", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    (["--model", "MODEL", "--modes", "upstream,fast"], "--modes: unknown mode 'fast'"),
+    ([], "--model or --parse-logs is required"),
+])
+def test_startup_time_usage_errors(tmp_path, model_dir, capsys, argv, phrase):
+    argv = [str(tmp_path / "nope") if a == "NOPE" else str(model_dir) if a == "MODEL" else a
+            for a in argv]
+    with pytest.raises(SystemExit) as e:
+        startup_time.main(argv)
+    assert e.value.code == 2
+    _one_line(capsys, "startup_time: error: ", phrase)
+
+
+def test_startup_time_needs_a_gpu(model_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    out = tmp_path / "out"
+    assert startup_time.main(["--model", str(model_dir), "--out-dir", str(out)]) == 2
+    _one_line(capsys, "needs a CUDA GPU")
+    assert not out.exists()  # checked before any run
+
+
+def test_run_llm_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_llm.main([str(tmp_path / "nope"), "--mode", "ours", "--out", "x.json"])
+    assert e.value.code == 2
+    _one_line(capsys, "run_llm: error: ", "not a model folder")
+
+
+def test_child_runs_find_evals_from_any_directory(tmp_path):
+    """startup_time starts ``python -m evals.run_llm``: it must not depend on
+    the working directory; both tools also run as scripts."""
+    cmd = [sys.executable, "-m", "evals.run_llm", "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,
+                          env=startup_time.child_env())
+    assert proc.returncode == 0 and "usage: run_llm" in proc.stdout, proc.stderr[-800:]
+    for script in ("startup_time.py", "run_llm.py"):
+        proc = subprocess.run([sys.executable, str(ROOT / "evals" / script), "--help"],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0 and "usage" in proc.stdout, (script, proc.stderr[-800:])
+
+
+def test_help_of_the_startup_tools():
+    for mod in ("evals.startup_time", "evals.run_llm"):
         proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True,
                               text=True, cwd=ROOT)
         assert proc.returncode == 0 and "usage" in proc.stdout, (mod, proc.stderr[-500:])
@@ -72,10 +222,15 @@ def test_help_of_every_tool():
 def test_modes(monkeypatch):
     from evals.modes import use_mode
 
-    monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
-    assert use_mode("ours") == "w4a8_fastprep"
-    assert "VLLM_W4A8_FASTPREP_AUTO" not in __import__("os").environ
-    assert use_mode("upstream") == "compressed-tensors"
-    assert __import__("os").environ["VLLM_W4A8_FASTPREP_AUTO"] == "0"
-    with pytest.raises(ValueError, match="mode must be one of"):
-        use_mode("fast")
+    name = "VLLM_W4A8_FASTPREP_AUTO"
+    before = os.environ.get(name)
+    with monkeypatch.context() as m:
+        m.setenv(name, "placeholder")  # recorded, so the context restores it
+        m.delenv(name)
+        assert use_mode("ours") == "w4a8_fastprep"
+        assert name not in os.environ
+        assert use_mode("upstream") == "compressed-tensors"
+        assert os.environ[name] == "0"
+        with pytest.raises(ValueError, match="mode must be one of"):
+            use_mode("fast")
+    assert os.environ.get(name) == before  # nothing leaks into later tests
