@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run every test (GPU ones included,
-# with vLLM's compiled ops as the oracle), compute-sanitizer, the benchmark.
-# Logs go to $OUT (or ./gpu-out). Carry .oracle (see ../shared/tools/vllm-oracle).
+# with vLLM's compiled ops as the oracle), the kernel geometry sweep, the
+# benchmark (dense layers, then MoE layers). Logs go to $OUT (or ./gpu-out).
+# The oracle is found by tests/oracle.py ($W4A8_FASTPREP_ORACLE, .oracle/ --
+# carry .oracle, see ../shared/tools/vllm-oracle -- or the installed vllm).
 #   bash benchmarks/gpu_suite.sh [pytest args...]
+# SKIP_VARIANTS=1, SKIP_BENCH=1, SKIP_MOE_BENCH=1 leave those parts out.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-oracle=.oracle/vllm-0.26.0-_C.so
-[[ -f $oracle.xz && ! -f $oracle ]] && xz -dkf "$oracle.xz"
-[[ -f $oracle ]] && export W4A8_FASTPREP_ORACLE=$PWD/$oracle
+found=$(python3 tests/oracle.py) || { echo "oracle: $found"; exit 1; }
+if [[ -f $found ]]; then export W4A8_FASTPREP_ORACLE=$found; echo "oracle: $found"
+else echo "oracle: $found (GPU comparisons with upstream will skip)"; fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv; date -u; \
-  python3 -c 'import torch; print("torch", torch.__version__)'; } 2>&1 | tee "$OUT/env.log"
+  python3 -c 'import torch; print("torch", torch.__version__)'; \
+  echo "commit $(git rev-parse HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"; } \
+  2>&1 | tee "$OUT/env.log"
 t0=$(date +%s)
 W4A8_FASTPREP_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "registers|spill" "$OUT/build.log" | sort -u | head -20
 echo "build: $(( $(date +%s) - t0 )) s"
 if [[ ${SKIP_VARIANTS:-0} != 1 ]]; then
+  shapes=$(python3 -c "from vllm_w4a8_fastprep.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))")
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-    benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants 2>&1 | tee "$OUT/variants.log"
+    benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants $shapes 2>&1 | tee "$OUT/variants.log"
 fi
 python3 -X faulthandler -m pytest -v -rs --tb=short -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"
 grep -E "^E  |FAILED|ERROR|Fatal|passed|failed" "$OUT/pytest.log" | cut -c1-300 | tail -60
+up=${W4A8_FASTPREP_ORACLE:+--upstream "$W4A8_FASTPREP_ORACLE"}
 if [[ ${SKIP_BENCH:-0} != 1 ]]; then
-  python3 benchmarks/bench_prep.py ${W4A8_FASTPREP_ORACLE:+--upstream "$W4A8_FASTPREP_ORACLE"} \
-    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  python3 benchmarks/bench_prep.py $up --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  echo "bench rc=${PIPESTATUS[0]}"
+fi
+if [[ ${SKIP_BENCH:-0} != 1 && ${SKIP_MOE_BENCH:-0} != 1 ]]; then
+  python3 benchmarks/bench_prep.py --moe $up --json "$OUT/bench-moe.json" 2>&1 | tee "$OUT/bench-moe.log"
+  echo "bench --moe rc=${PIPESTATUS[0]}"
 fi

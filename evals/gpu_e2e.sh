@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# End-to-end on the lent GPU with upstream vLLM 0.26.0 (../shared/tools/vllm-gpu-bundle):
+# End-to-end on the lent GPU with upstream vLLM 0.26.0 (../shared/tools/vllm-gpu-bundle;
+# build it with --with-moe for the moe steps: vLLM's MoE forward needs _moe_C):
 # two device calls back to back (the machine keeps the unpacked bundle, $VB, only while warm):
 #   1) carry .vllm-bundle/part1:  bash .vllm-bundle/part1/unpack.sh
 #   2) carry .vllm-bundle/part2:  bash evals/gpu_e2e.sh STEP...
-# Steps: setup (unpack part 2, build, install the plugin), tests (all tests, upstream's ops
-# as the oracle), bench, tiny, 8b, 70b (synthetic checkpoints, startup time ours vs upstream, output identity).
+# Steps:
+#   setup     unpack part 2, build, install the plugin
+#   tests     all tests, upstream's ops (found by tests/oracle.py: the bundle's vllm) as the oracle
+#   bench     benchmarks/bench_prep.py, dense layers then MoE layers (--moe)
+#   tiny, 8b, 70b            dense synthetic checkpoints: startup time ours vs upstream, output identity
+#   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
+#   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
+#             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
+# Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
+# vLLM starts per mode, STARTUP_ARGS adds startup_time arguments.
 # Summaries and charts go to $OUT (8 files at most come back).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -13,16 +22,35 @@ export VB=${VB:-$HOME/vb}  # where the bundle's unpack scripts put vLLM (their d
 export PYTHONUNBUFFERED=1
 [[ -f $VB/activate.sh ]] && source $VB/activate.sh
 
+oracle() {  # the one lookup (tests/oracle.py); empty when there is none
+  local found
+  found=$(python3 tests/oracle.py) || return 1
+  [[ -f $found ]] && echo "$found"
+}
+
 startup() {  # name, model dir, extra args
   local name=$1 model=$2; shift 2
   python3 -m evals.startup_time --model "$model" --out-dir "$WORK/$name" "$@" 2>&1 \
     | grep -v "it/s\]$" | tail -14
+  local rc=${PIPESTATUS[0]}
+  echo "$name: startup_time rc=$rc"
   cp "$WORK/$name/summary.json" "$OUT/$name.json" 2>/dev/null
   cp "$WORK/$name/startup_time.png" "$OUT/$name.png" 2>/dev/null
 }
 
+synth() {  # dir, synth args...
+  local dir=$1; shift
+  python3 -m vllm_w4a8_fastprep synth "$dir" "$@" > "$WORK/synth.log" 2>&1 \
+    || { tail -5 "$WORK/synth.log"; return 1; }
+  du -sh "$dir" | cut -f1 | sed "s|^|$(basename "$dir"): |"
+}
+
+done_with() {  # remove a synthetic checkpoint unless KEEP=1
+  [[ ${KEEP:-0} == 1 ]] || rm -rf "$1"
+}
+
 for step in "$@"; do
-  echo "=== $step ($(date -u +%T))"
+  echo "=== $step ($(date -u +%T)) commit $(git rev-parse --short HEAD 2>/dev/null)"
   case $step in
     setup)
       [[ -f $VB/vllm/__init__.py ]] || bash .vllm-bundle/part2/unpack.sh || exit 1
@@ -31,24 +59,42 @@ for step in "$@"; do
         || { tail -30 "$WORK/build.log"; exit 1; }
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
         || { tail -20 "$WORK/pip.log"; exit 1; } ;;
-    tests)  # every test: kernels vs upstream's ops (the bundle's _C), plugin in real vLLM
-      W4A8_FASTPREP_ORACLE=$VB/vllm/_C_stable_libtorch.abi3.so python3 -m pytest -q -rs \
-        -p no:cacheprovider tests > "$OUT/pytest-all.log" 2>&1
+    tests)  # every test: kernels vs upstream's ops, plugin in real vLLM
+      W4A8_FASTPREP_ORACLE=$(oracle) python3 -m pytest -q -rs -p no:cacheprovider tests \
+        > "$OUT/pytest-all.log" 2>&1
+      echo "pytest rc=$?"
       grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/pytest-all.log" | tail -12 ;;
     bench)
-      python3 benchmarks/bench_prep.py --upstream $VB/vllm/_C_stable_libtorch.abi3.so \
-        --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -22 ;;
+      up=$(oracle); [[ -n $up ]] || echo "no upstream ops found: upstream columns stay empty"
+      python3 benchmarks/bench_prep.py ${up:+--upstream "$up"} --json "$OUT/bench.json" 2>&1 \
+        | tee "$OUT/bench.log" | tail -62
+      python3 benchmarks/bench_prep.py --moe ${up:+--upstream "$up"} --json "$OUT/bench-moe.json" \
+        2>&1 | tee "$OUT/bench-moe.log" | tail -20 ;;
     tiny)
-      python3 -m vllm_w4a8_fastprep synth "$WORK/tiny" > /dev/null
+      synth "$WORK/tiny" || continue
       startup tiny-eager "$WORK/tiny" --runs 1 --enforce-eager
-      startup tiny-compiled "$WORK/tiny" --runs 1 ;;
+      startup tiny-compiled "$WORK/tiny" --runs 1
+      done_with "$WORK/tiny" ;;
     8b)
-      python3 -m vllm_w4a8_fastprep synth "$WORK/8b" --preset 8b --device cuda > /dev/null
-      startup 8b "$WORK/8b" --runs ${RUNS:-2} ${STARTUP_ARGS:-} ;;
+      synth "$WORK/8b" --preset 8b --device cuda || continue
+      startup 8b "$WORK/8b" --runs ${RUNS:-2} ${STARTUP_ARGS:-}
+      done_with "$WORK/8b" ;;
     70b)
-      python3 -m vllm_w4a8_fastprep synth "$WORK/70b" --preset 70b --layers ${LAYERS_70B:-80} \
-        --device cuda > /dev/null
+      synth "$WORK/70b" --preset 70b --layers ${LAYERS_70B:-80} --device cuda || continue
       df -h "$WORK" | tail -1
-      startup 70b "$WORK/70b" --runs ${RUNS:-1} ${STARTUP_ARGS:-} ;;
+      startup 70b "$WORK/70b" --runs ${RUNS:-1} ${STARTUP_ARGS:-}
+      done_with "$WORK/70b" ;;
+    moe-tiny)
+      synth "$WORK/moe-tiny" --preset tiny-moe || continue
+      startup moe-tiny-eager "$WORK/moe-tiny" --runs 1 --enforce-eager
+      startup moe-tiny-compiled "$WORK/moe-tiny" --runs 1
+      done_with "$WORK/moe-tiny" ;;
+    moe)
+      synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
+      df -h "$WORK" | tail -1
+      startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
+      done_with "$WORK/moe" ;;
+    *)
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe)"; exit 2 ;;
   esac
 done

@@ -154,3 +154,11 @@ def test_gpu_smoke_moe_with_upstream_is_byte_exact(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [r.get("same_as_upstream") for r in res["layers"]] == [True]
+
+
+def test_gpu_suite_script_parses_and_runs_both_benchmarks():
+    script = ROOT / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "python3 tests/oracle.py" in text  # the one oracle lookup
+    assert "bench_prep.py $up --json" in text and "bench_prep.py --moe $up --json" in text

@@ -234,3 +234,20 @@ def test_modes(monkeypatch):
         with pytest.raises(ValueError, match="mode must be one of"):
             use_mode("fast")
     assert os.environ.get(name) == before  # nothing leaks into later tests
+
+
+def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
+    from vllm_w4a8_fastprep.synthetic import PRESETS
+
+    script = ROOT / "evals" / "gpu_e2e.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    named = set(re.findall(r"--preset (\S+)", text))
+    assert {"qwen3-30b-a3b", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
+    steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
+    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe"}
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+               VB=str(tmp_path / "vb"))
+    proc = subprocess.run(["bash", str(script), "no-such-step"], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "unknown step 'no-such-step'" in proc.stdout
