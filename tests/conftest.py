@@ -32,7 +32,10 @@ def oracle_path():
 @pytest.fixture(scope="session")
 def upstream(oracle_path):
     """vLLM 0.26.0's compiled ops (``torch.ops._C``), loaded in this process."""
-    return load(oracle_path)
+    try:
+        return load(oracle_path)
+    except OracleError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture

@@ -82,9 +82,20 @@ def searched() -> str:
 
 
 def load(path: pathlib.Path):
-    """Loads the library into this process once; returns ``torch.ops._C``."""
+    """Loads the library into this process once; returns ``torch.ops._C``.
+
+    Where the vllm package is importable, importing it (as the upstream MoE
+    scale chain does) loads its own ``_C`` library: a second copy from
+    another file would register the same ops twice. So then ``path`` must be
+    that very file (OracleError otherwise, saying which)."""
     import torch
 
+    package = _package_library()
+    if package is not None and not os.path.samefile(package, path):
+        raise OracleError(
+            f"the oracle {path} is not the importable vllm package's own library "
+            f"{package}; importing vllm would load that one too and register its ops "
+            f"twice: set {ENV}={package} (or run where vllm is not importable)")
     if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
         torch.ops.load_library(str(path))
     return torch.ops._C

@@ -66,3 +66,12 @@ def test_installed_vllm_package_last(no_repo_copy):
     proc = run_python(LOOKUP, str(no_repo_copy))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [str(want), "vllm imported: False"], proc.stdout
+
+
+def test_a_second_copy_beside_the_importable_vllm_is_refused(tmp_path):
+    if oracle._package_library() is None:
+        pytest.skip("no importable vllm package with its _C library here")
+    copy = tmp_path / "vllm-0.26.0-_C.so"
+    copy.write_bytes(b"not loaded")
+    with pytest.raises(oracle.OracleError, match="register its ops twice"):
+        oracle.load(copy)
