@@ -1,0 +1,463 @@
+"""The MoE method (``moe.py``) inside vLLM's own FusedMoE layer: weights of the
+tiny synthetic MoE checkpoint loaded through vLLM's expert weight loader, then
+``process_weights_after_loading``; the prepared tensors must equal the dense
+reference applied to each expert alone. Routing (which layers the method
+takes), refused shapes, and expert-/tensor-parallel slices (two CPU processes).
+Without an SM90 GPU the method runs in its preparation-only mode (no GEMM is
+built: upstream's CUTLASS backend refuses any other device); the preparation is
+the same code either way."""
+
+import json
+import logging
+import socket
+import weakref
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from bitexact import (  # noqa: E402
+    assert_channel_scales_equal,
+    assert_packed_scales_equal,
+    assert_same,
+    assert_weight_equal,
+)
+
+from vllm_w4a8_fastprep import moe  # noqa: E402
+from vllm_w4a8_fastprep import reference as ref  # noqa: E402
+from vllm_w4a8_fastprep.synthetic import (  # noqa: E402
+    PRESETS,
+    quantization_config,
+    random_w4afp8_experts,
+    write_checkpoint,
+)
+
+TINY = PRESETS["tiny-moe"]  # 8 experts, hidden 256, moe intermediate 256
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_ctx():
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vc = VllmConfig(device_config=DeviceConfig(device=device))
+    with set_current_vllm_config(vc):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                     backend="gloo" if device == "cpu" else "nccl")
+        initialize_model_parallel(1, 1)
+        yield torch.device(device)
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-moe"), "tiny-moe")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _prepare_only_config(cfg: dict | None = None):
+    """Our config, with MoE layers taking the method's preparation-only mode
+    (the config proper hands them to upstream where no SM90 GPU is present)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    class PrepareOnlyConfig(W4A8FastPrepConfig):
+        def get_quant_method(self, layer, prefix):
+            if isinstance(layer, RoutedExperts):
+                return moe.make_moe_method(self, layer, prefix, kernel=False)
+            return super().get_quant_method(layer, prefix)
+
+    return PrepareOnlyConfig.from_config(cfg or quantization_config(moe=True))
+
+
+def _fused_moe(qc, prefix: str, experts: int, hidden: int, intermediate: int, device):
+    from vllm.model_executor.layers.fused_moe import FusedMoE
+
+    runner = FusedMoE(num_experts=experts, top_k=2, hidden_size=hidden,
+                      intermediate_size=intermediate, params_dtype=torch.bfloat16,
+                      quant_config=qc, prefix=prefix)
+    return runner.to(device)
+
+
+def _checkpoint_experts(ckpt, layer: int) -> dict[str, torch.Tensor]:
+    """``{"E.proj.tensor": t}`` of one layer's experts, as stored."""
+    from safetensors import safe_open
+
+    weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    prefix = f"model.layers.{layer}.mlp.experts."
+    out = {}
+    for fname in sorted(set(weight_map.values())):
+        with safe_open(str(ckpt / fname), "pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    return out
+
+
+def _per_expert(tensors: dict, experts: int, hidden: int, intermediate: int) -> dict:
+    """Random per-expert checkpoint tensors named as stored: ``E.proj.tensor``."""
+    g = torch.Generator().manual_seed(experts * 1000 + intermediate)
+    out = {}
+    for proj, (n, k) in (("gate_proj", (intermediate, hidden)), ("up_proj", (intermediate, hidden)),
+                         ("down_proj", (hidden, intermediate))):
+        stacked = random_w4afp8_experts(experts, n, k, g)
+        for e in range(experts):
+            for t, v in stacked.items():
+                out[f"{e}.{proj}.{t}"] = v[e].clone()
+    tensors.update(out)
+    return out
+
+
+def _load(runner, tensors: dict) -> set[str]:
+    """Through vLLM's own expert weight loader (MoERunner -> RoutedExperts)."""
+    return set(runner.load_weights(list(tensors.items())))
+
+
+def _expected(tensors: dict, experts: list[int], path: str = "native",
+              i_slice: slice | None = None) -> dict:
+    """The dense reference applied to each expert alone, stacked as vLLM's
+    MoE GEMM takes them. ``i_slice``: this rank's part of the intermediate
+    size (tensor parallelism)."""
+    w13, s13, w2, s2 = [], [], [], []
+    for e in experts:
+        gate_w, gate_s = (tensors[f"{e}.gate_proj.weight_{t}"] for t in ("packed", "scale"))
+        up_w, up_s = (tensors[f"{e}.up_proj.weight_{t}"] for t in ("packed", "scale"))
+        down_w, down_s = (tensors[f"{e}.down_proj.weight_{t}"] for t in ("packed", "scale"))
+        if i_slice is not None:  # N of gate/up, K of down (8 per int32, 128 per scale)
+            gate_w, up_w = gate_w[i_slice], up_w[i_slice]
+            gate_s, up_s = gate_s[i_slice], up_s[i_slice]
+            a, b = i_slice.start, i_slice.stop
+            down_w, down_s = down_w[:, a // 8:b // 8], down_s[:, a // 128:b // 128]
+        w13.append(ref.prepare_weight(torch.cat([gate_w, up_w])).t())  # memory: [N, K/8]
+        w2.append(ref.prepare_weight(down_w.contiguous()).t())
+        s13.append(ref.prepare_scales(torch.cat([gate_s, up_s]), path))
+        s2.append(ref.prepare_scales(down_s.contiguous(), path))
+    return {
+        "w13_weight_packed": torch.stack(w13),
+        "w2_weight_packed": torch.stack(w2),
+        "w13_weight_scale": torch.cat([p for p, _ in s13]),
+        "w2_weight_scale": torch.cat([p for p, _ in s2]),
+        "w13_weight_chan_scale": torch.stack([c for _, c in s13]),
+        "w2_weight_chan_scale": torch.stack([c for _, c in s2]),
+    }
+
+
+def _check_prepared(layer, want: dict, hidden: int, intermediate: int) -> None:
+    """``layer``: a prepared RoutedExperts; ``want``: from ``_expected``."""
+    assert_weight_equal(layer.w13_weight_packed.data, want["w13_weight_packed"], "w13 weights")
+    assert_weight_equal(layer.w2_weight_packed.data, want["w2_weight_packed"], "w2 weights")
+    assert_packed_scales_equal(layer.w13_weight_scale.data, want["w13_weight_scale"],
+                               n=2 * intermediate, k=hidden, what="w13 group scales")
+    assert_packed_scales_equal(layer.w2_weight_scale.data, want["w2_weight_scale"],
+                               n=hidden, k=intermediate, what="w2 group scales")
+    assert_channel_scales_equal(layer.w13_weight_chan_scale.data, want["w13_weight_chan_scale"],
+                                "w13 channel scales")
+    assert_channel_scales_equal(layer.w2_weight_chan_scale.data, want["w2_weight_chan_scale"],
+                                "w2 channel scales")
+    experts = want["w13_weight_packed"].shape[0]
+    method = layer.quant_method
+    # every row of CUTLASS's reordered-B layout: (N/16, K/32, 32*N)
+    for strides, n, k in ((method.b_strides1, 2 * intermediate, hidden),
+                          (method.b_strides2, hidden, intermediate)):
+        want_rows = torch.tensor([[n // 16, k // 32, 32 * n]] * experts, dtype=strides.dtype)
+        assert_same(strides.cpu(), want_rows, "b_strides")
+    # the GEMM's quant config reads the prepared tensors
+    qc = method.moe_quant_config
+    assert qc is not None
+    assert qc.w1_scale is layer.w13_weight_scale and qc.w2_scale is layer.w2_weight_scale
+    assert qc.g1_alphas is layer.w13_weight_chan_scale
+    assert qc.g2_alphas is layer.w2_weight_chan_scale
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_experts_loaded_by_vllm_are_prepared_as_the_dense_reference_per_expert(
+        vllm_ctx, tiny_moe):
+    qc = _prepare_only_config()
+    runner = _fused_moe(qc, "model.layers.0.mlp.experts", TINY.experts, TINY.hidden,
+                        TINY.moe_intermediate, vllm_ctx)
+    layer = runner.routed_experts
+    assert type(layer.quant_method) is moe.W4A8FastPrepMoEMethod
+    tensors = _checkpoint_experts(tiny_moe, 0)
+    loaded = _load(runner, tensors)
+    assert {"w13_weight_packed", "w2_weight_packed", "w13_weight_scale",
+            "w2_weight_scale"} <= loaded
+    inputs = [weakref.ref(getattr(layer, p)) for p in
+              ("w13_weight_packed", "w2_weight_packed", "w13_weight_scale", "w2_weight_scale")]
+    layer.quant_method.process_weights_after_loading(layer)
+    _check_prepared(layer, _expected(tensors, list(range(TINY.experts))), TINY.hidden,
+                    TINY.moe_intermediate)
+    # the checkpoint-format tensors are released, not kept beside the prepared ones
+    assert all(r() is None for r in inputs)
+    # reported as one MoE layer of 8 experts (the summary is written when every
+    # layer created with this config is prepared: here, this one)
+    s = qc.load_stats.last_summary
+    e, i, h = TINY.experts, TINY.moe_intermediate, TINY.hidden
+    assert (s["dense_layers"], s["moe_layers"], s["experts"], s["failed"]) == (0, 1, e, [])
+    assert s["moe_weight_bytes"] == e * 3 * i * h // 2  # int4: gate, up, down
+    assert s["moe_scale_bytes"] == e * 3 * i * h // 128 * 2  # bf16 group scales
+
+
+def test_preparation_errors_name_the_layer(vllm_ctx, tiny_moe):
+    qc = _prepare_only_config()
+    runner = _fused_moe(qc, "model.layers.1.mlp.experts", TINY.experts, TINY.hidden,
+                        TINY.moe_intermediate, vllm_ctx)
+    layer = runner.routed_experts
+    _load(runner, _checkpoint_experts(tiny_moe, 1))
+    layer.w2_weight_scale.data = layer.w2_weight_scale.data.float()  # not the bf16 scales
+    with pytest.raises(TypeError, match=r"MoE layer model\.layers\.1\.mlp\.experts: .*bfloat16"):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert qc.load_stats.last_summary["failed"] == ["model.layers.1.mlp.experts"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("drop 3.up_proj.weight_scale",
+     "up_proj.weight_scale was loaded for 7 of this rank's 8 experts"),
+    ("drop 5.down_proj.weight_packed",
+     "down_proj.weight_packed was loaded for 7 of this rank's 8 experts"),
+    ("shape 2.down_proj.weight_shape", "expert 2 down_proj.weight_shape is [999, 7], the layer's "
+                                       "experts are [256, 256]"),
+])
+def test_experts_missing_from_the_checkpoint_are_refused(vllm_ctx, tiny_moe, damage, message):
+    """A tensor never loaded would be served as whatever memory held."""
+    qc = _prepare_only_config()
+    what, name = damage.split()
+    prefix = f"model.layers.{20 + int(name.split('.')[0])}.mlp.experts"
+    runner = _fused_moe(qc, prefix, TINY.experts, TINY.hidden, TINY.moe_intermediate, vllm_ctx)
+    layer = runner.routed_experts
+    tensors = _checkpoint_experts(tiny_moe, 0)
+    if what == "drop":
+        del tensors[name]
+    else:
+        tensors[name] = torch.tensor([999, 7])
+    _load(runner, tensors)
+    with pytest.raises(ValueError) as err:
+        layer.quant_method.process_weights_after_loading(layer)
+    assert f"MoE layer {prefix} cannot be served: " in str(err.value)
+    assert message in str(err.value)
+    assert qc.load_stats.last_summary["failed"] == [prefix]
+
+
+def test_dummy_weights_are_prepared_without_a_loading_check(vllm_ctx):
+    """load_format=dummy: vLLM fills the parameters itself, not through the
+    weight loader, so nothing is 'missing'."""
+    from vllm.config import DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device=vllm_ctx.type),
+                                            load_config=LoadConfig(load_format="dummy"))):
+        runner = _fused_moe(_prepare_only_config(), "model.layers.3.mlp.experts", 4, 256, 256,
+                            vllm_ctx)
+    layer = runner.routed_experts
+    layer.w13_weight_scale.data.fill_(0.01)
+    layer.w2_weight_scale.data.fill_(0.01)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.w13_weight_packed.shape == (4, 512, 32) and layer.w13_weight_scale.dim() == 1
+
+
+def test_odd_multiple_of_128_intermediate_is_refused_naming_shape_and_way_out(vllm_ctx):
+    assert moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 is False
+    # Qwen3-30B-A3B at tensor-parallel size 2: 768 / 2 = 384 per GPU
+    why = moe.moe_shape_problem(2048, 384, 768)
+    assert "intermediate_size_per_partition=384" in why and "--enable-expert-parallel" in why
+    assert moe.moe_shape_problem(2048, 768, 768) is None
+    assert "hidden_size=2176" in moe.moe_shape_problem(2176, 768)
+    assert "multiple of 128" in moe.moe_shape_problem(2048, 200)
+    # inside vLLM's layer: one clear error naming the layer
+    with pytest.raises(ValueError, match=r"model\.layers\.7\.mlp\.experts cannot be served: "
+                                         r"intermediate_size_per_partition=384"):
+        _fused_moe(_prepare_only_config(), "model.layers.7.mlp.experts", 4, 256, 384, vllm_ctx)
+
+
+def test_k_mod_256_eq_128_layers_prepare_exactly_when_the_gemm_allows_them(
+        vllm_ctx, monkeypatch):
+    monkeypatch.setattr(moe, "_GEMM_SUPPORTS_K_MOD_256_EQ_128", True)
+    experts, hidden, inter = 3, 256, 384
+    runner = _fused_moe(_prepare_only_config(), "model.layers.8.mlp.experts", experts, hidden,
+                        inter, vllm_ctx)
+    layer = runner.routed_experts
+    tensors = _per_expert({}, experts, hidden, inter)
+    _load(runner, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    _check_prepared(layer, _expected(tensors, list(range(experts))), hidden, inter)
+
+
+def test_own_registration_for_k_mod_256_eq_128_matches_upstreams_create_weights(vllm_ctx):
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a8_fp8 import (  # noqa: E501
+        CompressedTensorsW4A8Fp8MoEMethod,
+    )
+
+    runner = _fused_moe(_prepare_only_config(), "model.layers.9.mlp.experts", 4, 256, 256,
+                        vllm_ctx)
+    method = runner.routed_experts.quant_method
+    loader = runner.routed_experts.weight_loader
+    attrs = {"weight_loader": loader, "unpadded_hidden_size": 256, "global_num_experts": 4}
+    ours, theirs = torch.nn.Module(), torch.nn.Module()
+    moe._create_moe_weights(ours, 4, 256, 256, torch.bfloat16, dict(attrs))
+    CompressedTensorsW4A8Fp8MoEMethod.create_weights(method, theirs, 4, 256, 256,
+                                                     torch.bfloat16, **dict(attrs))
+
+    def describe(m):
+        return [(name, tuple(p.shape), p.dtype, sorted(k for k in vars(p) if not k.startswith("_")),
+                 getattr(p, "quant_method", None), getattr(p, "weight_loader", None))
+                for name, p in m.named_parameters()]
+
+    assert describe(ours) == describe(theirs)
+    for m in (ours, theirs):
+        assert m.w13_input_scale is None and m.w2_input_scale is None
+    assert (ours.num_experts, ours.orig_dtype, ours.weight_block_size) == \
+        (theirs.num_experts, theirs.orig_dtype, theirs.weight_block_size)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def _log_records():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    return records, handler
+
+
+def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx):
+    runner = _fused_moe(_prepare_only_config(), "model.layers.10.mlp.experts", 4, 256, 256,
+                        vllm_ctx)
+    layer, prefix = runner.routed_experts, "model.layers.10.mlp.experts"
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    records, handler = _log_records()
+    log = logging.getLogger("vllm.w4a8_fastprep")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    moe._logged.clear()
+    try:
+        w4afp8 = W4A8FastPrepConfig.from_config(quantization_config(moe=True))
+        method = moe.get_moe_method(w4afp8, layer, prefix)
+        if moe.moe_kernel_problem(layer.moe_config) is None:  # an SM90 GPU with vLLM's ops
+            assert type(method) is moe.W4A8FastPrepMoEMethod and method.build_kernel
+        else:
+            assert method is None
+            assert any("cannot run here" in r.getMessage() and prefix in r.getMessage()
+                       for r in records if r.levelno == logging.WARNING)
+        # not W4AFP8: int8 activations (W4A8-int) -> upstream, logged
+        cfg = quantization_config(moe=True)
+        cfg["config_groups"]["group_0"]["input_activations"]["type"] = "int"
+        assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
+        assert any(f"{prefix} is not W4AFP8 (input_activations: type=int" in r.getMessage()
+                   for r in records)
+        # experts left unquantized -> upstream (its unquantized method)
+        cfg = quantization_config(moe=True)
+        cfg["ignore"].append("re:.*mlp.experts.*")
+        assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
+        assert any("not quantized" in r.getMessage() for r in records)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    with pytest.raises(ValueError, match="is not W4AFP8"):
+        moe.make_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix)
+
+
+# ------------------------------------------------ expert / tensor parallelism
+
+WORLD = 2
+
+
+def _rank_main(rank: int, port: int, ckpt: str, results):
+    import pathlib
+
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    from vllm.config import DeviceConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    ckpt = pathlib.Path(ckpt)
+    tensors = _checkpoint_experts(ckpt, 0)
+    out = {}
+    ep = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                    parallel_config=ParallelConfig(tensor_parallel_size=WORLD,
+                                                   enable_expert_parallel=True))
+    tp = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                    parallel_config=ParallelConfig(tensor_parallel_size=WORLD))
+    try:
+        with set_current_vllm_config(ep):
+            init_distributed_environment(world_size=WORLD, rank=rank, local_rank=rank,
+                                         distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                         backend="gloo")
+            initialize_model_parallel(WORLD, 1)
+            # expert parallelism: this rank holds whole experts, 4 of the 8
+            runner = _fused_moe(_prepare_only_config(), "ep.mlp.experts", TINY.experts,
+                                TINY.hidden, TINY.moe_intermediate, "cpu")
+            layer = runner.routed_experts
+            local = [e for e in range(TINY.experts)
+                     if layer._map_global_expert_id_to_local_expert_id(e) != -1]
+            _load(runner, tensors)
+            layer.quant_method.process_weights_after_loading(layer)
+            _check_prepared(layer, _expected(tensors, local), TINY.hidden,
+                            TINY.moe_intermediate)
+            out["ep_local"] = local
+        with set_current_vllm_config(tp):
+            # tensor parallelism: every expert, this rank's half of the
+            # intermediate size (128: an odd multiple of 128)
+            try:
+                _fused_moe(_prepare_only_config(), "tp.refused.experts", TINY.experts,
+                           TINY.hidden, TINY.moe_intermediate, "cpu")
+            except ValueError as e:
+                out["tp_refused"] = str(e)
+            moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
+            runner = _fused_moe(_prepare_only_config(), "tp.mlp.experts", TINY.experts,
+                                TINY.hidden, TINY.moe_intermediate, "cpu")
+            layer = runner.routed_experts
+            _load(runner, tensors)
+            layer.quant_method.process_weights_after_loading(layer)
+            half = TINY.moe_intermediate // WORLD
+            _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
+                                             i_slice=slice(rank * half, (rank + 1) * half)),
+                            TINY.hidden, half)
+            out["tp_ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        out["error"] = f"{type(e).__name__}: {e}"
+    results.put((rank, out))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process test (gloo)")
+def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe):
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, str(tiny_moe), results))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=600) for _ in range(WORLD))
+    for p in procs:
+        p.join(timeout=60)
+    for rank in range(WORLD):
+        assert "error" not in got[rank], got[rank]["error"]
+        assert got[rank]["tp_ok"]
+        assert "intermediate_size_per_partition=128" in got[rank]["tp_refused"]
+        assert "--enable-expert-parallel" in got[rank]["tp_refused"]
+    # linear placement: rank r holds experts 4r .. 4r+3, each expert once
+    assert got[0]["ep_local"] == [0, 1, 2, 3] and got[1]["ep_local"] == [4, 5, 6, 7]

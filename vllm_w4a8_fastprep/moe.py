@@ -1,0 +1,380 @@
+"""Mixture-of-experts layers of ``w4a8_fastprep``: vLLM's own W4AFP8 MoE
+method with its weight preparation replaced by this package's grouped GPU ops.
+
+``W4A8FastPrepMoEMethod`` is vLLM 0.26.0's
+``CompressedTensorsW4A8Fp8MoEMethod`` (same parameters, same weight loading,
+same CUTLASS grouped GEMM ``cutlass_w4a8_moe_mm``, same forward); only
+``process_weights_after_loading`` differs: each of the layer's four tensors
+(``w13``/``w2`` weights and group scales) is prepared for all of its experts in
+one pass on the current stream, without a device sync, bit-identical to
+upstream's ``convert_to_w4a8_moe_kernel_format``. Everything upstream sets
+afterwards is set the same way: the prepared parameters, the channel scales,
+``b_strides1``/``b_strides2``, ``moe_quant_config`` and ``moe_kernel``.
+
+``get_moe_method`` picks it for W4AFP8 MoE layers where the CUTLASS MoE path
+runs (an SM90 GPU with vLLM's compiled ops); elsewhere it returns None, logged,
+and the layer gets upstream's compressed-tensors handling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
+from vllm.model_executor.layers.fused_moe.oracle.w4a8 import (
+    make_w4a8_moe_kernel,
+    select_w4a8_moe_backend,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (  # noqa: E501
+    CompressedTensorsMoEMethod,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a8_fp8 import (  # noqa: E501
+    CompressedTensorsW4A8Fp8MoEMethod,
+)
+from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+from vllm.model_executor.utils import replace_parameter, set_weight_attrs
+from vllm.platforms import current_platform
+
+from . import ops
+from .checkpoint_format import GROUP_SIZE, METHOD_NAME, scheme_problem
+from .load_stats import LoadStats
+from .scheme import scale_path_of
+
+logger = logging.getLogger("vllm.w4a8_fastprep")
+
+# Whether vLLM 0.26.0's grouped GEMM ``cutlass_w4a8_moe_mm`` computes correctly
+# when its K is an odd multiple of 128 (K % 256 == 128), i.e. for
+# ``intermediate_size_per_partition % 256 == 128`` (the K of ``w2``; e.g.
+# Qwen3-30B-A3B at tensor-parallel size 2: 768 / 2 = 384). Upstream refuses
+# these layers in ``create_weights``; this package's preparation handles them.
+# False until a GPU comparison with a dequantised reference shows the GEMM is
+# right there; then such layers are served.
+_GEMM_SUPPORTS_K_MOD_256_EQ_128 = False
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, level: int, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+def _dummy_weights() -> bool:
+    """vLLM fills the parameters itself (``load_format=dummy``): no checkpoint
+    tensor goes through the weight loader."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    load_config = getattr(get_current_vllm_config_or_none(), "load_config", None)
+    return str(getattr(load_config, "load_format", "") or "").lower() == "dummy"
+
+
+# ------------------------------------------------------------------ selection
+
+
+def moe_shape_problem(hidden: int, intermediate_per_partition: int,
+                      intermediate_full: int | None = None) -> str | None:
+    """None if vLLM's CUTLASS W4A8 MoE GEMM serves experts of this shape on one
+    GPU (``intermediate_per_partition``: this rank's share of the expert's
+    intermediate size), else why not and what to do."""
+    for what, v in (("hidden_size", hidden),
+                    ("intermediate_size_per_partition", intermediate_per_partition)):
+        if v <= 0 or v % GROUP_SIZE:
+            return (f"{what}={v} is not a positive multiple of {GROUP_SIZE} (the int4 group "
+                    "size; the CUTLASS W4A8 kernels need multiples of 128)")
+    if hidden % 256:
+        return (f"hidden_size={hidden} is not a multiple of 256, which vLLM's CUTLASS W4A8 "
+                "MoE kernels need")
+    if intermediate_per_partition % 256 and not _GEMM_SUPPORTS_K_MOD_256_EQ_128:
+        why = (f"intermediate_size_per_partition={intermediate_per_partition} is an odd "
+               "multiple of 128, but vLLM's CUTLASS W4A8 grouped GEMM needs a multiple of 256")
+        if intermediate_full is not None and intermediate_full % 256 == 0:
+            return (why + "; tensor parallelism splits this model's expert intermediate size "
+                    f"({intermediate_full}) too finely: serve it with --enable-expert-parallel "
+                    "(each GPU then holds whole experts) or a smaller tensor-parallel size")
+        return why
+    return None
+
+
+def moe_kernel_problem(moe_config) -> str | None:
+    """None if vLLM's CUTLASS W4A8 MoE path and this package's preparation can
+    run here for a layer of ``moe_config`` (a ``FusedMoEConfig``); else why not."""
+    if not current_platform.is_cuda():
+        return f"platform is {current_platform.device_type or 'not a GPU'}"
+    cap = current_platform.get_device_capability()
+    if cap is None or cap.to_int() != 90:
+        return (f"GPU compute capability is {cap.to_int() if cap else '?'}; vLLM's CUTLASS "
+                "W4A8 MoE GEMM runs on 90 (Hopper) only")
+    if not hasattr(torch.ops._C, "cutlass_w4a8_moe_mm"):
+        try:
+            current_platform.import_kernels()  # vLLM's compiled ops (torch.ops._C)
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            return f"vLLM's compiled ops do not load ({e})"
+        if not hasattr(torch.ops._C, "cutlass_w4a8_moe_mm"):
+            return "vLLM's compiled ops have no cutlass_w4a8_moe_mm"
+    err = ops.extension_error()
+    if err is not None:
+        return err
+    try:
+        select_w4a8_moe_backend(config=moe_config)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def _moe_scheme(config, layer, prefix: str):
+    """``(weight_quant, input_quant)`` of a W4AFP8 MoE layer, or why the layer
+    is not one (a string)."""
+    # as upstream: the experts are matched through their unfused projections
+    config._add_fused_moe_to_target_scheme_map()
+    dicts = [config.get_scheme_dict(layer, f"{prefix}.0.{proj}")
+             for proj in ("gate_proj", "up_proj", "down_proj")]
+    if any(d is None for d in dicts):
+        return "not quantized (ignored)"
+    if any(d != dicts[0] for d in dicts[1:]):
+        return "its projections have different quantization schemes"
+    d = dicts[0]
+    weight_quant, input_quant = d.get("weights"), d.get("input_activations")
+    problem = scheme_problem(weight_quant, input_quant, d.get("format"))
+    if problem is None and d.get("output_activations") is not None:
+        problem = "has output activation quantization"
+    return problem if problem is not None else (weight_quant, input_quant)
+
+
+def make_moe_method(config, layer, prefix: str, kernel: bool = True) -> W4A8FastPrepMoEMethod:
+    """This package's method for the W4AFP8 MoE layer ``layer`` (a vLLM
+    ``RoutedExperts``), without asking whether the CUTLASS path runs here.
+    ``kernel=False`` prepares the weights only (no GEMM is built, the layer has
+    no forward): for tools and tests on machines without an SM90 GPU."""
+    scheme = _moe_scheme(config, layer, prefix)
+    if isinstance(scheme, str):
+        raise ValueError(f"{METHOD_NAME}: MoE layer {prefix} is not W4AFP8: {scheme}")
+    weight_quant, input_quant = scheme
+    return W4A8FastPrepMoEMethod(weight_quant, input_quant, layer.moe_config,
+                                 config.load_stats, prefix, kernel=kernel)
+
+
+def get_moe_method(config, layer, prefix: str) -> W4A8FastPrepMoEMethod | None:
+    """The method for a vLLM MoE layer (``RoutedExperts``) of a
+    ``w4a8_fastprep`` model: ours for W4AFP8 layers where vLLM's CUTLASS W4A8
+    MoE path runs, else None (logged): the caller then uses upstream's
+    compressed-tensors MoE handling, so the user gets what upstream gives."""
+    scheme = _moe_scheme(config, layer, prefix)
+    if isinstance(scheme, str):
+        logger.info("%s: MoE layer %s is not W4AFP8 (%s); using upstream's handling",
+                    METHOD_NAME, prefix, scheme)
+        return None
+    problem = moe_kernel_problem(layer.moe_config)
+    if problem is not None:
+        _log_once(f"moe-fallback:{problem}", logging.WARNING,
+                  "%s: vLLM's CUTLASS W4A8 MoE path cannot run here (%s); MoE layers such as "
+                  "%s get upstream's compressed-tensors handling", METHOD_NAME, problem, prefix)
+        return None
+    _log_once("moe-hopper", logging.INFO,
+              "%s: W4AFP8 MoE layers run vLLM's CUTLASS W4A8 grouped GEMM; their experts are "
+              "prepared by w4a8_fastprep's grouped GPU ops", METHOD_NAME)
+    weight_quant, input_quant = scheme
+    return W4A8FastPrepMoEMethod(weight_quant, input_quant, layer.moe_config,
+                                 config.load_stats, prefix)
+
+
+# --------------------------------------------------------------------- method
+
+
+class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
+    """Upstream's W4AFP8 MoE method; ``process_weights_after_loading`` prepares
+    every expert of a tensor in one GPU pass (or the reference, for CPU tensors)."""
+
+    def __init__(self, weight_quant, input_quant, moe, stats: LoadStats,
+                 layer_name: str | None = None, kernel: bool = True):
+        if kernel:
+            super().__init__(weight_quant, input_quant, moe, layer_name)
+        else:
+            # Upstream's __init__ also selects the CUTLASS backend, which
+            # refuses any device but an SM90 GPU; without a kernel only the
+            # fields its weight creation and preparation read are needed.
+            CompressedTensorsMoEMethod.__init__(self, moe)
+            self.weight_quant, self.input_quant = weight_quant, input_quant
+            self.group_size = weight_quant.group_size
+            self.num_bits = weight_quant.num_bits
+            self.packed_factor = 32 // self.num_bits
+            self.w4a8_backend, self.experts_cls = None, None
+        self.stats = stats
+        self.layer_name = layer_name or "?"
+        self.build_kernel = kernel
+        self.b_strides1: torch.Tensor | None = None
+        self.b_strides2: torch.Tensor | None = None
+        # what the expert weight loader stored: (param, shard) -> expert ids
+        self._param_names: dict[int, str] = {}
+        self._loaded: dict[tuple[str, str], set[int]] = {}
+        self._load_problems: list[str] = []
+        self._check_loads = True
+
+    def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs):
+        problem = moe_shape_problem(hidden_size, intermediate_size_per_partition,
+                                    getattr(self.moe, "intermediate_size", None))
+        if problem is not None:
+            raise ValueError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be served: "
+                             f"{problem}")
+        if extra_weight_attrs.get("weight_loader") is not None:
+            extra_weight_attrs["weight_loader"] = self._recording_loader(
+                extra_weight_attrs["weight_loader"])
+        self._check_loads = not _dummy_weights()
+        if intermediate_size_per_partition % 256 == 0:
+            super().create_weights(layer, num_experts, hidden_size,
+                                   intermediate_size_per_partition, params_dtype,
+                                   **extra_weight_attrs)
+        else:  # K % 256 == 128, which upstream's create_weights refuses
+            _create_moe_weights(layer, num_experts, hidden_size,
+                                intermediate_size_per_partition, params_dtype,
+                                extra_weight_attrs)
+        self._param_names = {id(getattr(layer, n)): n for n in _CHECKPOINT_PARAMS}
+        self.stats.layer_created(experts=num_experts)
+
+    def _recording_loader(self, weight_loader):
+        """vLLM's expert weight loader, also recording which experts of which
+        tensor it stored (and checking each expert's ``weight_shape``)."""
+
+        def loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                   return_success=False):
+            ok = weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                               return_success=True)
+            name = self._param_names.get(id(param))
+            if ok and name is not None:
+                self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
+                if name.endswith("weight_shape"):
+                    self._check_weight_shape(loaded_weight, shard_id, expert_id)
+            return ok if return_success else None
+
+        return loader
+
+    def _check_weight_shape(self, loaded: torch.Tensor, shard_id: str, expert_id) -> None:
+        if loaded.device.type != "cpu" or loaded.numel() != 2:
+            return  # read only where it costs no device sync
+        got = [int(v) for v in loaded.reshape(-1).tolist()]
+        i, h = self.moe.intermediate_size, self.moe.hidden_dim_unpadded or self.moe.hidden_dim
+        want = [h, i] if shard_id == "w2" else [i, h]
+        if got != want:
+            proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.get(shard_id, shard_id)
+            self._load_problems.append(
+                f"expert {expert_id} {proj}.weight_shape is {got}, the layer's experts are "
+                f"{want} (the full tensor, before tensor-parallel sharding)")
+
+    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
+        """Why this layer's loaded tensors cannot be served (empty: they can):
+        a checkpoint tensor of some local expert never stored, or a
+        ``weight_shape`` that is not the layer's."""
+        problems = list(self._load_problems)
+        experts = layer.w13_weight_packed.shape[0]
+        for name, shards in (("w13_weight_packed", ("w1", "w3")),
+                             ("w13_weight_scale", ("w1", "w3")),
+                             ("w2_weight_packed", ("w2",)), ("w2_weight_scale", ("w2",))):
+            for shard in shards:
+                got = len(self._loaded.get((name, shard), ()))
+                if got != experts:
+                    proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[shard]
+                    tensor = name.split("_", 1)[1]
+                    problems.append(f"{proj}.{tensor} was loaded for {got} of this rank's "
+                                    f"{experts} experts")
+        return problems
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        name = self.layer_name
+        if self._check_loads:
+            problems = self.loading_problems(layer)
+            if problems:
+                self.stats.layer_failed(None, name)
+                raise ValueError(f"{METHOD_NAME}: MoE layer {name} cannot be served: "
+                                 + "; ".join(problems))
+        w13, w2 = layer.w13_weight_packed, layer.w2_weight_packed
+        s13, s2 = layer.w13_weight_scale, layer.w2_weight_scale
+        experts, device = w13.shape[0], w13.device
+        n13, k13 = w13.shape[1], w13.shape[2] * 8  # 2I, H
+        n2, k2 = w2.shape[1], w2.shape[2] * 8  # H, I
+        weight_bytes = (w13.numel() + w2.numel()) * w13.element_size()
+        scale_bytes = (s13.numel() + s2.numel()) * s13.element_size()
+        del w13, w2, s13, s2  # the layer holds them; each is freed once replaced
+        # the QuantFP8 that upstream's conversion builds at this point: its
+        # code path decides how the scales round
+        path = scale_path_of(QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN))
+
+        token = self.stats.begin_layer(device)
+        try:
+            for param in ("w13_weight_packed", "w2_weight_packed"):
+                replace_parameter(layer, param,
+                                  ops.prepare_weight_grouped(getattr(layer, param).data))
+            for w in ("w13", "w2"):
+                group_scales, chan_scales = ops.prepare_scales_grouped(
+                    getattr(layer, f"{w}_weight_scale").data, path)
+                replace_parameter(layer, f"{w}_weight_scale", group_scales)
+                replace_parameter(layer, f"{w}_weight_chan_scale", chan_scales)
+                del group_scales, chan_scales
+            self.b_strides1 = ops.b_strides_grouped(experts, n13, k13, device)
+            self.b_strides2 = ops.b_strides_grouped(experts, n2, k2, device)
+        except BaseException as e:
+            self.stats.layer_failed(token, name)
+            if type(e) in (ValueError, TypeError):  # our ops' checks: name the layer
+                raise type(e)(f"{METHOD_NAME}: MoE layer {name}: {e}") from e
+            raise
+        self.stats.end_layer(token, name, weight_bytes, scale_bytes, experts=experts)
+        self._loaded.clear()  # a reload records afresh
+        self._load_problems.clear()
+
+        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+        if self.build_kernel and self.moe_quant_config is not None:
+            assert self.experts_cls is not None
+            self.moe_kernel = make_w4a8_moe_kernel(
+                moe_quant_config=self.moe_quant_config,
+                moe_config=self.moe,
+                experts_cls=self.experts_cls,
+                b_strides1=self.b_strides1,
+                b_strides2=self.b_strides2,
+                group_size=self.group_size,
+                routing_tables=layer._expert_routing_tables(),
+            )
+
+
+# the parameters vLLM's expert weight loader fills from the checkpoint
+_CHECKPOINT_PARAMS = ("w13_weight_packed", "w2_weight_packed", "w13_weight_scale",
+                      "w2_weight_scale", "w13_weight_shape", "w2_weight_shape")
+
+
+def _create_moe_weights(layer: torch.nn.Module, num_experts: int, hidden: int,
+                        intermediate: int, params_dtype: torch.dtype, attrs: dict) -> None:
+    """The parameters of upstream's ``create_weights``, for shapes it refuses
+    (intermediate_size_per_partition % 256 == 128): the same names, shapes,
+    dtypes and loader attributes (a test compares the two on a shape both
+    accept)."""
+    layer.num_experts = num_experts
+    layer.orig_dtype = params_dtype
+    layer.weight_block_size = None
+    i32, pf = torch.int32, 32 // 4
+
+    def register(name: str, data: torch.Tensor, extra: dict) -> None:
+        param = torch.nn.Parameter(data, requires_grad=False)
+        layer.register_parameter(name, param)
+        set_weight_attrs(param, extra)
+
+    register("w13_weight_packed",
+             torch.empty(num_experts, 2 * intermediate, hidden // pf, dtype=i32), attrs)
+    register("w2_weight_packed",
+             torch.empty(num_experts, hidden, intermediate // pf, dtype=i32), attrs)
+    group_attrs = {**attrs, "quant_method": FusedMoeWeightScaleSupported.GROUP.value}
+    register("w13_weight_scale", torch.ones(num_experts, 2 * intermediate,
+                                            hidden // GROUP_SIZE, dtype=params_dtype),
+             group_attrs)
+    register("w2_weight_scale", torch.ones(num_experts, hidden, intermediate // GROUP_SIZE,
+                                           dtype=params_dtype), group_attrs)
+    register("w2_weight_shape", torch.empty(num_experts, 2), group_attrs)
+    register("w13_weight_shape", torch.empty(num_experts, 2), group_attrs)
+    # replaced by the preparation; no loader
+    layer.register_parameter("w13_weight_chan_scale", torch.nn.Parameter(
+        torch.ones(num_experts, 2 * intermediate, dtype=torch.float32), requires_grad=False))
+    layer.register_parameter("w2_weight_chan_scale", torch.nn.Parameter(
+        torch.ones(num_experts, hidden, dtype=torch.float32), requires_grad=False))
+    layer.w13_input_scale = None
+    layer.w2_input_scale = None
