@@ -18,6 +18,10 @@
 // cover 512 contiguous bytes per instruction. K is a multiple of 128, so a
 // row is a whole number of 64-byte slabs: no out-of-bounds access for any
 // K, N multiple of 128 (K % 256 == 128 included).
+//
+// Grouped (MoE) weights: blockIdx.y is the expert; expert e's input and
+// output both start at byte e * N * K / 2 (64-bit offsets), so every expert
+// is prepared exactly as the dense op prepares that matrix alone.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -69,20 +73,24 @@ struct EncodeReorderTile {
   static constexpr int kSmemBytes = kRows * kPitch + kWarps * 1024;
 };
 
-// Block b covers rows [rs*kRows, +kRows) and bytes
-// [first_col + cs*16*kChunks, +16*kChunks) of every row, rs = b % row_slabs.
+// Block (b, e) covers rows [rs*kRows, +kRows) and bytes
+// [first_col + cs*16*kChunks, +16*kChunks) of every row of expert e,
+// rs = b % row_slabs, cs = b / row_slabs.
 template <bool kFromUint4b8, int kRows, int kChunks>
 __global__ void __launch_bounds__(kEncodeThreads)
     encode_reorder_kernel(const uint8_t* __restrict__ in,
                           uint8_t* __restrict__ out, int64_t n_rows,
                           int64_t row_bytes, int64_t row_slabs,
-                          int64_t first_col) {
+                          int64_t first_col, int64_t expert_bytes) {
   using T = EncodeReorderTile<kRows, kChunks>;
   __shared__ __align__(16) uint8_t smem[T::kSmemBytes];
   uint8_t* slab = smem;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint8_t* stage = smem + kRows * T::kPitch + warp * 1024;
 
+  const int64_t expert_offset = static_cast<int64_t>(blockIdx.y) * expert_bytes;
+  in += expert_offset;
+  out += expert_offset;
   const int64_t block = blockIdx.x;
   const int64_t rs = block % row_slabs;
   const int64_t col0 = first_col + (block / row_slabs) * (16 * kChunks);
@@ -135,34 +143,43 @@ __global__ void __launch_bounds__(kEncodeThreads)
   }
 }
 
-// Launch geometry: a block stages kRows rows x 16*kChunks bytes; columns left
-// over when a row is not a multiple of that width (K % 256 == 128 for 128-byte
-// slabs) go to a second launch with 64-byte slabs.
+// Launch geometry: a block stages kRows rows x 16*kChunks bytes (256 bytes
+// of a row for the default 16 chunks). When K/2 is not a multiple of that
+// width (K % 512 != 0), the 64..192 bytes left at the end of every row go to
+// a second launch with 64-byte slabs (K is a multiple of 128, so a row is a
+// whole number of 64-byte slabs). grid.y is the expert (num_experts <=
+// 65535, checked by the caller).
 constexpr int kWeightRows = 64;
 constexpr int kWeightChunks = 16;
 
 template <bool kFromUint4b8, int kRows = kWeightRows, int kChunks = kWeightChunks>
 cudaError_t launch_encode_reorder_raw(const uint8_t* in, uint8_t* out,
                                       int64_t n_rows, int64_t k,
-                                      cudaStream_t stream) {
+                                      cudaStream_t stream,
+                                      int64_t num_experts = 1) {
   const int64_t row_bytes = k / 2;
+  const int64_t expert_bytes = n_rows * row_bytes;
   const int64_t row_slabs = n_rows / kRows;
   const int64_t width = 16 * kChunks;
   const int64_t main_cols = row_bytes / width;
   if (main_cols > 0) {
+    const dim3 grid(static_cast<unsigned>(row_slabs * main_cols),
+                    static_cast<unsigned>(num_experts));
     encode_reorder_kernel<kFromUint4b8, kRows, kChunks>
-        <<<static_cast<unsigned>(row_slabs * main_cols), kEncodeThreads, 0,
-           stream>>>(in, out, n_rows, row_bytes, row_slabs, 0);
+        <<<grid, kEncodeThreads, 0, stream>>>(in, out, n_rows, row_bytes,
+                                              row_slabs, 0, expert_bytes);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const int64_t tail_cols = (row_bytes - main_cols * width) / 64;
   if constexpr (kChunks > 4) {
     if (tail_cols > 0) {
+      const dim3 grid(static_cast<unsigned>(row_slabs * tail_cols),
+                      static_cast<unsigned>(num_experts));
       encode_reorder_kernel<kFromUint4b8, kRows, 4>
-          <<<static_cast<unsigned>(row_slabs * tail_cols), kEncodeThreads, 0,
-             stream>>>(in, out, n_rows, row_bytes, row_slabs,
-                       main_cols * width);
+          <<<grid, kEncodeThreads, 0, stream>>>(in, out, n_rows, row_bytes,
+                                                row_slabs, main_cols * width,
+                                                expert_bytes);
       return cudaGetLastError();
     }
   }

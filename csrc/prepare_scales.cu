@@ -7,6 +7,11 @@
 // A block owns 32 rows: its warps find each row's absolute maximum (coalesced
 // over the row), then all threads walk (g, n) with n fastest, so that every
 // warp writes 32 x 8 = 256 contiguous output bytes.
+//
+// Grouped (MoE) scales [E, N, G]: the E * N rows are numbered globally (N is
+// a multiple of 32, so a block never straddles two experts); expert e's
+// packed scales start at element e * G * N, its channel scales at e * N,
+// exactly the dense layout of each expert, concatenated.
 #include <cuda_bf16.h>
 
 #include "fp8_scales.cuh"
@@ -35,12 +40,18 @@ __global__ void __launch_bounds__(kScaleThreads)
                           float* __restrict__ chan, int64_t n_rows,
                           int64_t groups) {
   __shared__ float row_factor[kScaleRows];  // 1/scale (native) or scale
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kScaleRows;
+  // global row (over all experts), the expert, and the row inside it
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kScaleRows;
+  const int64_t expert = row0 / n_rows;
+  const int64_t n0 = row0 - expert * n_rows;
+  in += row0 * groups;
+  chan += row0;
+  packed += expert * groups * n_rows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int kWarps = kScaleThreads / 32;
 
   for (int r = warp; r < kScaleRows; r += kWarps) {
-    const __nv_bfloat16* row = in + (n0 + r) * groups;
+    const __nv_bfloat16* row = in + r * groups;
     float amax = 0.0f;
     for (int64_t g = lane; g < groups; g += 32) {
       amax = nan_max(amax, fabsf(__bfloat162float(row[g])));
@@ -56,7 +67,7 @@ __global__ void __launch_bounds__(kScaleThreads)
       // Inductor's 1/s is div.full.f32, eager's is correctly rounded: equal
       // for every s reachable from a bf16 amax (checked exhaustively).
       row_factor[r] = (kPath == kNativePath) ? __frcp_rn(s) : s;
-      chan[n0 + r] = __fmul_rn(s, 8.0f);
+      chan[r] = __fmul_rn(s, 8.0f);
     }
   }
   __syncthreads();
@@ -65,7 +76,7 @@ __global__ void __launch_bounds__(kScaleThreads)
   for (int64_t i = threadIdx.x; i < work; i += kScaleThreads) {
     const int r = static_cast<int>(i % kScaleRows);
     const int64_t g = i / kScaleRows;
-    const float x = __bfloat162float(in[(n0 + r) * groups + g]);
+    const float x = __bfloat162float(in[r * groups + g]);
     const float q = (kPath == kCudaPath) ? __fdiv_rn(x, row_factor[r])
                                      : __fmul_rn(x, row_factor[r]);
     // fp8 group scale, then "/ 8" re-rounded to fp8 (exact division by 8).
@@ -76,8 +87,10 @@ __global__ void __launch_bounds__(kScaleThreads)
 
 cudaError_t launch_prepare_scales(int path, const void* weight_scale,
                                   void* packed, void* chan, int64_t n_rows,
-                                  int64_t groups, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(n_rows / kScaleRows);
+                                  int64_t groups, int64_t num_experts,
+                                  cudaStream_t stream) {
+  const unsigned blocks =
+      static_cast<unsigned>(num_experts * n_rows / kScaleRows);
   const auto* in = static_cast<const __nv_bfloat16*>(weight_scale);
   auto* out = static_cast<uint64_t*>(packed);
   auto* ch = static_cast<float*>(chan);
