@@ -20,6 +20,11 @@ Layouts (one Linear layer, N outputs, K inputs, group size 128):
   ``s_i`` at position ``i = g*N + n`` of the ``(K/128, N)`` transpose, the
   bytes ``8*i + j`` hold ``fp8(s_i * (j - 8))``, j = 0..7; plus fp32
   per-channel scales ``[N, 1]``.
+
+Grouped (MoE) layers hold E experts' tensors stacked, ``(E, N, K/8)`` and
+``(E, N, K/128)``; prepared, each expert's bytes are the dense preparation of
+that expert, concatenated in expert order (the weight stays ``(E, N, K/8)``,
+the packed scales are 1-D, the channel scales ``(E, N, 1)``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 from .checkpoint_format import GROUP_SIZE  # noqa: F401 (re-exported)
 
 FP8 = torch.float8_e4m3fn
+INT4_PER_INT32 = 8  # checkpoint packing: 8 int4 values per int32
+SCALE_PACK_BYTES = 8  # packed fp8 bytes per group scale: s * (j - 8), j = 0..7
 FP8_MAX = 448.0
 # vLLM's QuantFP8: scales never go below 1 / (448 * 512).
 FP8_MIN_SCALING_FACTOR = 1.0 / (FP8_MAX * 512.0)
@@ -109,7 +116,7 @@ def prepare_weight(weight_packed: torch.Tensor) -> torch.Tensor:
     Equals upstream's whole chain: uint4b8 -> int4 (``v - 8`` per nibble),
     then ``cutlass_encode_and_reorder_int4b``.
     """
-    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * INT4_PER_INT32
     src = weight_packed.contiguous().view(torch.uint8).reshape(-1)
     out = _encode_and_reorder_bytes(src, n_rows, k, from_uint4b8=True)
     return _as_cutlass_weight(out, n_rows, k)
@@ -121,10 +128,59 @@ def encode_and_reorder_int4b(b: torch.Tensor) -> torch.Tensor:
     ``b`` is int32 ``(K/8, N)`` with strides ``(1, K/8)``: its memory is
     int4 ``[N][K]`` row-major. The result has the same shape and strides.
     """
-    k, n_rows = b.shape[0] * 8, b.shape[1]
+    k, n_rows = b.shape[0] * INT4_PER_INT32, b.shape[1]
     src = b.t().contiguous().view(torch.uint8).reshape(-1)
     out = _encode_and_reorder_bytes(src, n_rows, k, from_uint4b8=False)
     return _as_cutlass_weight(out, n_rows, k)
+
+
+def b_strides_row(n_rows: int, k: int) -> tuple[int, int, int]:
+    """CUTLASS's reordered layout of one ``(N, K)`` int4 weight, as the three
+    int32 that upstream's grouped op returns per expert: the number of 16-row
+    n-tiles, the number of 32-k k-tiles, and the k-tile stride in int4
+    elements (tiles run N-fastest, 512 elements each; see
+    ``reorder_byte_index``)."""
+    return n_rows // 16, k // 32, 512 * (n_rows // 16)
+
+
+def b_strides_grouped(num_experts: int, n_rows: int, k: int, device=None) -> torch.Tensor:
+    """int32 ``(E, 3)``, every row ``b_strides_row(N, K)`` (upstream's
+    ``b_strides`` of a MoE layer)."""
+    row = torch.tensor(b_strides_row(n_rows, k), dtype=torch.int32)
+    return row.repeat(num_experts, 1).to(device)
+
+
+def _grouped_byte_index(num_experts: int, n_rows: int, k: int, device) -> torch.Tensor:
+    """Destination byte of every source byte of E stacked int4 ``[N][K]``
+    buffers: expert e's bytes stay in its own ``N*K/2``-byte block."""
+    per_expert = reorder_byte_index(n_rows, k, device)
+    base = torch.arange(num_experts, dtype=torch.int64, device=device) * (n_rows * k // 2)
+    return (base.view(-1, 1) + per_expert.view(1, -1)).reshape(-1)
+
+
+def _encode_and_reorder_grouped(w: torch.Tensor, from_uint4b8: bool) -> torch.Tensor:
+    num_experts, n_rows, kp = w.shape
+    k = kp * INT4_PER_INT32
+    src = w.contiguous().view(torch.uint8).reshape(-1)
+    encoded = encode_table(from_uint4b8).to(src.device)[src.long()]
+    out = torch.empty_like(encoded)
+    out[_grouped_byte_index(num_experts, n_rows, k, src.device)] = encoded
+    return out.view(torch.int32).view(num_experts, n_rows, kp)
+
+
+def prepare_weight_grouped(weight_packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int32 ``(E, N, K/8)`` uint4b8 -> int32 ``(E, N, K/8)``:
+    upstream's uint4b8 -> int4 conversion and
+    ``cutlass_encode_and_reorder_int4b_grouped`` (its weights)."""
+    return _encode_and_reorder_grouped(weight_packed, from_uint4b8=True)
+
+
+def encode_and_reorder_int4b_grouped(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's ``cutlass_encode_and_reorder_int4b_grouped`` on signed int4
+    int32 ``(E, N, K/8)``: ``(weights (E, N, K/8), b_strides (E, 3))``."""
+    num_experts, n_rows, kp = b.shape
+    weights = _encode_and_reorder_grouped(b, from_uint4b8=False)
+    return weights, b_strides_grouped(num_experts, n_rows, kp * INT4_PER_INT32, b.device)
 
 
 # ----------------------------------------------------------------- scales
@@ -138,7 +194,7 @@ def to_fp8_saturating(x: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _pack_table_cpu() -> torch.Tensor:
     s = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
-    mult = torch.arange(8, dtype=torch.float32) - 8.0  # -8 .. -1
+    mult = torch.arange(SCALE_PACK_BYTES, dtype=torch.float32) - 8.0  # -8 .. -1
     table = to_fp8_saturating(s.view(-1, 1) * mult.view(1, -1)).view(torch.uint8)
     table[s.isnan()] = 0x7F  # a NaN scale packs to eight 0x7F bytes
     return table
@@ -219,6 +275,24 @@ def prepare_scales(
     return pack_scale_fp8(group_scales.t().contiguous()), chan_scales
 
 
+def prepare_scales_grouped(
+    weight_scale: torch.Tensor, path: str = "native"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint bf16 ``(E, N, K/128)`` -> (packed fp8 1-D of
+    ``8*E*(K/128)*N``, fp32 ``(E, N, 1)``).
+
+    Upstream's MoE chain: ``convert_bf16_scales_to_fp8`` on the
+    ``(E*N, K/128)`` view (one row per output channel of every expert),
+    ``permute(0, 2, 1)`` to ``(E, K/128, N)`` and ``cutlass_pack_scale_fp8``.
+    """
+    num_experts, n_rows, groups = weight_scale.shape
+    group_scales, chan_scales = quantize_scale_rows(
+        weight_scale.reshape(num_experts * n_rows, groups), path
+    )
+    packed = pack_scale_fp8(group_scales.view(num_experts, n_rows, groups).permute(0, 2, 1))
+    return packed, chan_scales.view(num_experts, n_rows, 1)
+
+
 # ------------------------------------------------------ dequantisation
 
 
@@ -226,7 +300,7 @@ def dequantize_weight(
     weight_packed: torch.Tensor, weight_scale: torch.Tensor, dtype=torch.float32
 ) -> torch.Tensor:
     """Checkpoint tensors -> dense ``[N, K]`` weight (signed int4 x scale)."""
-    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * INT4_PER_INT32
     b = weight_packed.contiguous().view(torch.uint8).reshape(n_rows, k // 2)
     q = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n_rows, k).to(torch.int16)
     w = (q - 8).to(torch.float32)

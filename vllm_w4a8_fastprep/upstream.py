@@ -46,3 +46,29 @@ def scales(vllm_ops, quant, weight_scale: torch.Tensor) -> tuple[torch.Tensor, t
     fp8_scales, chan = quant(weight_scale)
     fp8_scales = (fp8_scales.float() / 8.0).to(FP8)
     return vllm_ops.cutlass_pack_scale_fp8(fp8_scales.t().contiguous()), chan * 8.0
+
+
+# ------------------------------------------------------- grouped (MoE) chain
+# vllm/model_executor/layers/fused_moe/oracle/w4a8.py,
+# convert_to_w4a8_moe_kernel_format, per weight tensor of a MoE layer.
+
+
+def weight_grouped(vllm_ops, weight_packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint4b8 -> signed int4 (upstream converts the layer's tensor in place;
+    this works on a copy), then ``cutlass_encode_and_reorder_int4b_grouped``
+    on the (E, N, K/8) tensor: (weights (E, N, K/8), b_strides (E, 3)).
+    Upstream's op refuses K % 256 != 0 ("logical k must be divisible by 256")."""
+    return vllm_ops.cutlass_encode_and_reorder_int4b_grouped(weight_packed ^ UINT4B8_TO_INT4)
+
+
+def scales_grouped(vllm_ops, quant, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's own ``convert_bf16_scales_to_fp8`` with ``quant`` (``native_per_token``,
+    ``cuda_per_token(vllm_ops)`` or a ``QuantFP8`` instance) on the (E, N, K/128)
+    scales, ``permute(0, 2, 1)``, ``cutlass_pack_scale_fp8``: (packed fp8 1-D,
+    fp32 (E, N, 1) channel scales)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        convert_bf16_scales_to_fp8,
+    )
+
+    fp8_scales, chan = convert_bf16_scales_to_fp8(quant, weight_scale)
+    return vllm_ops.cutlass_pack_scale_fp8(fp8_scales.permute(0, 2, 1).contiguous()), chan
