@@ -4,10 +4,27 @@ weight preparation replaced by this package's fused GPU ops.
 On an SM90 GPU the layer runs vLLM's own ``CutlassW4A8LinearKernel``
 (``apply`` = vLLM's fp8 activation quantisation + ``cutlass_w4a8_mm``); only
 ``process_weights_after_loading`` differs: one fused pass for the weight and
-one for the scales, on the current stream, bit-identical to upstream. Where
-that kernel cannot run (CPU, other GPUs, shapes it refuses) the layer
-dequantises its weight to the activation dtype once and runs a plain matmul,
-logged once, so a checkpoint runs everywhere.
+one for the scales, on the current stream, bit-identical to upstream.
+
+Before preparing, a layer is checked against what was loaded into it (vLLM
+0.26.0 does not check that a quantized model's tensors were all loaded): every
+output partition of ``weight_packed`` and ``weight_scale`` must have come from
+the checkpoint, and the checkpoint tensors' shapes (and ``weight_shape``, the
+checkpoint's full ``[N, K]``) must be the layer's, allowing for
+tensor-parallel shards. Anything else is refused with an error naming the
+layer and the tensor (skipped for ``--load-format dummy``, which loads
+nothing by design).
+
+Where the CUTLASS kernel cannot run (CPU, other GPUs, shapes it refuses) the
+layer takes a fallback that computes the W4A8 math of the CUTLASS path with
+dense ops: activations quantised to fp8 per token by vLLM's own ``QuantFP8``
+(dynamic, symmetric), the weight as the exact fp8 products ``fp8(s_fp8 * q)``
+of the int4 values and the fp8 group scales the CUTLASS path prepares (its
+lookup-table entries), held in the activation dtype (exact), a GEMM with fp32
+accumulation, then the per-token and per-channel scales. It equals
+``cutlass_w4a8_mm`` up to the order of the fp32 accumulation. The packed
+tensors are freed; the dense weight costs 4x the int4 weight's memory (16-bit
+activations) and the dense GEMM is slower: logged at WARNING.
 """
 
 from __future__ import annotations
@@ -16,7 +33,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from vllm.distributed.utils import verify_group_size_divides_partition
 from vllm.model_executor.kernels.linear.mixed_precision.cutlass import (
     CutlassW4A8LinearKernel,
@@ -28,6 +44,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
     CompressedTensorsScheme,
 )
 from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     GroupQuantScaleParameter,
@@ -42,13 +59,15 @@ from .load_stats import LoadStats
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 PACK_FACTOR = 8  # int4 values per int32
+CHECKED = ("weight_packed", "weight_scale", "weight_shape")
+FALLBACK_CHUNK = 1 << 24  # weight elements per step when building the fallback's weight
 _logged: set[str] = set()
 
 
-def _log_once(key: str, msg: str, *args) -> None:
+def _log_once(level: int, key: str, msg: str, *args) -> None:
     if key not in _logged:
         _logged.add(key)
-        logger.info(msg, *args)
+        logger.log(level, msg, *args)
 
 
 def scale_path_of(quant_fp8: QuantFP8) -> str:
@@ -80,6 +99,62 @@ def hopper_kernel_problem(config: MPLinearLayerConfig) -> str | None:
     return None if ok else why
 
 
+def _load_format() -> str | None:
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    load_config = getattr(cfg, "load_config", None)
+    return str(getattr(load_config, "load_format", "") or "").lower() or None
+
+
+# ------------------------------------------------------ what was loaded
+
+
+def _shard_key(shard_id):
+    return tuple(shard_id) if isinstance(shard_id, list) else shard_id
+
+
+def checkpoint_rows(layer: torch.nn.Module) -> dict | None:
+    """Rows (N) of the checkpoint tensor that vLLM's weight loader receives
+    for each shard id of this layer (None: the whole layer at once), before
+    it cuts this rank's part; None for layer kinds whose loading we do not
+    know (their tensors are then only checked against each other)."""
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        ReplicatedLinear,
+        RowParallelLinear,
+    )
+
+    if isinstance(layer, QKVParallelLinear):
+        if len(getattr(layer, "output_sizes", ())) != 3:
+            return None  # q/k/v plus more (indexer heads): not this layout
+        q = layer.total_num_heads * layer.head_size
+        k = layer.total_num_kv_heads * layer.head_size
+        v = layer.total_num_kv_heads * layer.v_head_size
+        return {"q": q, "k": k, "v": v, None: q + k + v}
+    if isinstance(layer, (MergedColumnParallelLinear, ReplicatedLinear)) and isinstance(
+            getattr(layer, "output_sizes", None), list) and len(layer.output_sizes) > 1:
+        rows: dict = dict(enumerate(layer.output_sizes))
+        rows[None] = sum(layer.output_sizes)
+        return rows
+    if type(layer) in (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear,
+                       MergedColumnParallelLinear):
+        return {None: layer.output_size}
+    return None
+
+
+def _covered(keys: set, partitions: set) -> set:
+    """Which of ``partitions`` the loads with shard ``keys`` filled."""
+    done: set = set()
+    for key in keys:
+        if key is None:
+            return set(partitions)
+        done.update(key if isinstance(key, tuple) else (key,))
+    return done & partitions
+
+
 class W4A8FastPrepScheme(CompressedTensorsScheme):
     """W4AFP8 (int4 group-128 weights, dynamic per-token fp8 activations)."""
 
@@ -87,10 +162,13 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         self.stats = stats
         self.layer_name = layer_name or "?"
         self.kernel: CutlassW4A8LinearKernel | None = None
+        self.quant_fp8: QuantFP8 | None = None  # the fallback's activation quantisation
+        self._loads: dict[str, list[tuple]] = {}
+        self._check_loads = True
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 0  # the dequantised fallback runs anywhere
+        return 0  # the fallback runs anywhere
 
     def create_weights(
         self,
@@ -125,51 +203,213 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
                 w_zp_param_name="weight_zero_point",
                 w_gidx_param_name="weight_g_idx",
             )
-            _log_once("hopper", "%s: W4AFP8 layers run vLLM's CUTLASS W4A8 GEMM; "
+            _log_once(logging.INFO, "hopper", "%s: W4AFP8 layers run vLLM's CUTLASS W4A8 GEMM; "
                       "weights and scales are prepared by w4a8_fastprep's GPU ops", METHOD_NAME)
         else:
-            _log_once(f"fallback:{problem}",
-                      "%s: CUTLASS W4A8 cannot serve %s (%s); using the dequantised %s "
-                      "fallback (correct, slower, more memory)", METHOD_NAME,
-                      self.layer_name, problem, params_dtype)
+            # the same activation quantisation the CUTLASS kernel applies
+            self.quant_fp8 = QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN)
+            elem = torch.empty((), dtype=params_dtype).element_size()
+            dtype_name = str(params_dtype).removeprefix("torch.")
+            _log_once(
+                logging.WARNING, f"fallback:{problem}:{params_dtype}",
+                "%s: vLLM's CUTLASS W4A8 GEMM cannot serve %s (%s); such layers run the same "
+                "W4A8 math (per-token fp8 activations, fp8 group scales) as a dense %s GEMM: "
+                "the weight is held as a dense %s matrix, %dx the memory of the int4 weight, "
+                "and the forward is slower than the W4A8 kernel (memory-bound decoding reads "
+                "%dx the weight bytes)", METHOD_NAME, self.layer_name, problem, dtype_name,
+                dtype_name, 2 * elem, 2 * elem)
         self.params_dtype = params_dtype
+        self.output_partition_sizes = list(output_partition_sizes)
+        load_format = _load_format()
+        self._check_loads = load_format != "dummy"
 
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=PACK_FACTOR,
-            weight_loader=weight_loader,
+            weight_loader=self._tracked("weight_packed", weight_loader),
             data=torch.empty(n, k // PACK_FACTOR, dtype=torch.int32)))
         layer.register_parameter("weight_scale", GroupQuantScaleParameter(
-            output_dim=0, input_dim=1, weight_loader=weight_loader,
+            output_dim=0, input_dim=1, weight_loader=self._tracked("weight_scale", weight_loader),
             data=torch.empty(n, k // GROUP_SIZE, dtype=params_dtype)))
         layer.register_parameter("weight_shape", BasevLLMParameter(
-            weight_loader=weight_loader, data=torch.empty(2, dtype=torch.int64)))
+            weight_loader=self._tracked("weight_shape", weight_loader),
+            data=torch.empty(2, dtype=torch.int64)))
         self.stats.layer_created()
 
+    def _tracked(self, name: str, weight_loader: Callable) -> Callable:
+        """``weight_loader`` that also records what it was given: the shard
+        id and the checkpoint tensor's shape (and value, for weight_shape)."""
+        loads = self._loads.setdefault(name, [])
+
+        def loader(param, loaded_weight, *args, **kwargs):
+            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            value = None
+            if name == "weight_shape" and loaded_weight.numel() <= 8 \
+                    and loaded_weight.device.type != "meta":
+                value = [int(v) for v in loaded_weight.reshape(-1).tolist()]
+            out = weight_loader(param, loaded_weight, *args, **kwargs)
+            loads.append((_shard_key(shard), tuple(loaded_weight.shape), value))
+            return out
+
+        loader.w4a8_fastprep_tracks = name
+        return loader
+
+    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
+        """Why this layer's loaded tensors cannot be served (empty: they can)."""
+        rows = checkpoint_rows(layer)
+        k_full = getattr(layer, "input_size", None) if rows is not None else None
+        if rows is not None:
+            partitions = {key for key in rows if key is not None}
+            if not partitions:
+                partitions = {None}
+        else:
+            partitions = None
+        problems = []
+        for name in CHECKED:
+            loads = self._loads.get(name, [])
+            if not loads:
+                if name != "weight_shape":  # only informative; upstream never reads it
+                    problems.append(f"{name} was never loaded from the checkpoint")
+                continue
+            if partitions is not None and partitions != {None} and name != "weight_shape":
+                missing = partitions - _covered({key for key, _, _ in loads}, partitions)
+                if missing:
+                    problems.append(
+                        f"{name} was loaded for shards {sorted(map(str, partitions - missing))} "
+                        f"but not for {sorted(map(str, missing))}")
+            for key, shape, value in loads:
+                problems.extend(self._shape_problems(name, key, shape, value, rows, k_full))
+        # the three tensors of each shard must describe the same matrix
+        packed = {key: shape for key, shape, _ in self._loads.get("weight_packed", [])}
+        for key, shape, value in self._loads.get("weight_shape", []):
+            if key in packed and value is not None and len(value) == 2:
+                want = [packed[key][0], packed[key][1] * PACK_FACTOR] if len(packed[key]) == 2 \
+                    else None
+                if want is not None and value != want:
+                    problems.append(f"weight_shape{_of(key)} is {value} but weight_packed"
+                                    f"{_of(key)} holds [N, K] = {want}")
+        for key, shape, _ in self._loads.get("weight_scale", []):
+            if key in packed and len(shape) == 2 and len(packed[key]) == 2:
+                want = (packed[key][0], packed[key][1] * PACK_FACTOR // GROUP_SIZE)
+                if shape != want:
+                    problems.append(f"weight_scale{_of(key)} has shape {list(shape)} but "
+                                    f"weight_packed{_of(key)} needs {list(want)} (group size "
+                                    f"{GROUP_SIZE})")
+        return list(dict.fromkeys(problems))
+
+    def _shape_problems(self, name, key, shape, value, rows, k_full) -> list[str]:
+        if rows is None or key not in rows or k_full is None:
+            return []
+        if isinstance(key, tuple):
+            n = sum(rows.get(i, 0) for i in key)
+        else:
+            n = rows[key]
+        want = {"weight_packed": [n, k_full // PACK_FACTOR],
+                "weight_scale": [n, k_full // GROUP_SIZE],
+                "weight_shape": [2]}[name]
+        got = list(shape)
+        out = []
+        if got != want:
+            out.append(f"checkpoint {name}{_of(key)} has shape {got}, the layer needs {want} "
+                       f"(the full tensor: N={n}, K={k_full}, before tensor-parallel sharding)")
+        if name == "weight_shape" and value is not None and value != [n, k_full]:
+            out.append(f"weight_shape{_of(key)} is {value}, the layer is [N, K] = [{n}, {k_full}] "
+                       "(the checkpoint's full tensor, before tensor-parallel sharding)")
+        return out
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self._check_loads:
+            problems = self.loading_problems(layer)
+            if problems:
+                self.stats.layer_failed(None, self.layer_name)
+                raise ValueError(f"{METHOD_NAME}: layer {self.layer_name} cannot be served: "
+                                 + "; ".join(problems))
         packed_w = layer.weight_packed.data
         scales = layer.weight_scale.data
         token = self.stats.begin_layer(packed_w.device)
         weight_bytes, scale_bytes = packed_w.numel() * 4, scales.numel() * scales.element_size()
-        if self.kernel is not None:
-            path = scale_path_of(self.kernel.quant_fp8)  # CUTLASS path: bf16 scales
-            # each input is dropped as soon as its output exists
-            _replace(layer, "weight_packed", ops.prepare_weight(packed_w))
-            del packed_w
-            group_scales, chan_scales = ops.prepare_scales(scales, path)
-            del scales
-            _replace(layer, "weight_scale", group_scales)
-            _replace(layer, "weight_chan_scale", chan_scales)
-        else:
-            dense = reference.dequantize_weight(packed_w, scales, dtype=self.params_dtype)
-            _replace(layer, "weight_dequantized", dense)
+        try:
+            if self.kernel is not None:
+                path = scale_path_of(self.kernel.quant_fp8)  # CUTLASS path: bf16 scales
+                # each input is dropped as soon as its output exists
+                _replace(layer, "weight_packed", ops.prepare_weight(packed_w))
+                del packed_w
+                group_scales, chan_scales = ops.prepare_scales(scales, path)
+                del scales
+                _replace(layer, "weight_scale", group_scales)
+                _replace(layer, "weight_chan_scale", chan_scales)
+            else:
+                w8, chan = fallback_weight(packed_w, scales, scale_path_of(self.quant_fp8),
+                                           self.params_dtype)
+                del packed_w, scales
+                # the checkpoint tensors go; the dense weight stays
+                del layer.weight_packed, layer.weight_scale
+                _replace(layer, "weight_dequantized", w8)
+                _replace(layer, "weight_chan_scale", chan)
+        except BaseException:
+            self.stats.layer_failed(token, self.layer_name)
+            raise
         self.stats.end_layer(token, self.layer_name, weight_bytes, scale_bytes,
                              fallback=self.kernel is None)
+        for loads in self._loads.values():
+            loads.clear()  # a reload records afresh
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
-        return F.linear(x, layer.weight_dequantized, bias)
+        return fallback_apply(self.quant_fp8, layer.weight_dequantized, layer.weight_chan_scale,
+                              x, bias)
+
+
+def _of(key) -> str:
+    return "" if key is None else f" (shard {key})"
+
+
+def int4_values(weight_packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int32 ``[N, K/8]`` uint4b8 -> int8 ``[N, K]`` signed values."""
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * PACK_FACTOR
+    b = weight_packed.contiguous().view(torch.uint8).reshape(n_rows, k // 2)
+    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n_rows, k)
+    return nibbles.to(torch.int8) - 8
+
+
+def fallback_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor, path: str,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUTLASS path's effective weight as a dense ``[N, K]`` matrix of
+    ``dtype`` and its fp32 channel scales ``[N, 1]``.
+
+    Group scales are prepared as for ``cutlass_w4a8_mm`` (fp8 per row with an
+    fp32 channel scale, ``path`` as in ``ops.prepare_scales``); each weight
+    is ``fp8(s_fp8 * q)``, the entry of the kernel's lookup table for the
+    int4 value q (the packed ``fp8(s * (j - 8))``, positive values by
+    symmetry). fp8 values are exact in bf16/fp16/fp32."""
+    group_scales, chan = reference.quantize_scale_rows(weight_scale.contiguous(), path)
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * PACK_FACTOR
+    out = torch.empty(n_rows, k, dtype=dtype, device=weight_packed.device)
+    step = max(1, FALLBACK_CHUNK // k)  # bounded fp32 temporaries
+    for r in range(0, n_rows, step):
+        q = int4_values(weight_packed[r:r + step]).to(torch.float32)
+        s = group_scales[r:r + step].to(torch.float32).repeat_interleave(GROUP_SIZE, dim=1)
+        out[r:r + step] = reference.to_fp8_saturating(q * s).to(dtype)
+    return out, chan
+
+
+def fallback_apply(quant_fp8: QuantFP8, weight: torch.Tensor, chan_scale: torch.Tensor,
+                   x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``cutlass_w4a8_mm``'s math with dense ops: per-token fp8 activations
+    times the fp8-valued weight, fp32 accumulation, then the token and channel
+    scales, rounded once to the activation dtype."""
+    x_2d = x.reshape(-1, x.shape[-1])
+    x_q, act_scales = quant_fp8(x_2d)
+    a = x_q.to(weight.dtype)  # exact
+    if a.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        acc = torch.mm(a, weight.t(), out_dtype=torch.float32)
+    else:
+        acc = a.to(torch.float32) @ weight.to(torch.float32).t()
+    out = (acc * act_scales.to(torch.float32) * chan_scale.view(1, -1)).to(x.dtype)
+    if bias is not None:
+        out.add_(bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _replace(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:
