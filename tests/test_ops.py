@@ -1,5 +1,13 @@
-"""The ops API on the CPU: input validation, CPU path == reference, fake
-(meta) implementations, and torch.library.opcheck of the registered ops."""
+"""The ops API on the CPU: input validation, alignment handling, CPU path ==
+reference, fake (meta) implementations, and torch.library.opcheck of the
+registered ops; dense and grouped (MoE).
+
+Tests of the registered ops need the compiled extension: they skip when it is
+not built (a checkout without nvcc), and fail when it is built but does not
+load, or when CI (CI=true, where the set-up builds it) lacks it."""
+
+import os
+import pathlib
 
 import pytest
 import torch
@@ -7,25 +15,62 @@ import torch
 from vllm_w4a8_fastprep import ops, reference as ref, upstream
 
 FP8 = torch.float8_e4m3fn
+OP_NAMES = (
+    "prepare_weight",
+    "encode_and_reorder_int4b",
+    "pack_scale_fp8",
+    "prepare_scales",
+    "prepare_weight_grouped",
+    "encode_and_reorder_int4b_grouped",
+    "prepare_scales_grouped",
+    "constant",
+)
 
 
 def _packed(n, k, gen=None):
     return torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
 
 
+def _packed_grouped(e, n, k, gen=None):
+    return torch.randint(-(2**31), 2**31 - 1, (e, n, k // 8), dtype=torch.int32, generator=gen)
+
+
 def _scales(n, g, gen=None):
     return (torch.rand(n, g, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _loaded():
-    assert ops.extension_error() is None
+def _scales_grouped(e, n, g, gen=None):
+    return (torch.rand(e, n, g, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
 
 
-def test_extension_loads():
-    assert ops.extension_error() is None
-    for name in ("prepare_weight", "encode_and_reorder_int4b", "pack_scale_fp8", "prepare_scales"):
-        assert hasattr(torch.ops.w4a8_fastprep, name)
+def _misaligned(shape, dtype=torch.int32, gen=None):
+    """A contiguous view whose data pointer is 4 bytes past a 16-byte boundary."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    base = torch.randint(-(2**31), 2**31 - 1, (numel + 1,), dtype=torch.int32, generator=gen)
+    assert base.data_ptr() % 16 == 0
+    view = base[1:].view(dtype).view(shape)
+    assert view.is_contiguous() and view.data_ptr() % 16 == 4
+    return view
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The registered ops: skip when the extension is not built, fail when it
+    is built but does not load, or in CI."""
+    err = ops.extension_error()
+    if err is None:
+        return torch.ops.w4a8_fastprep
+    built = any(pathlib.Path(ops.__file__).parent.glob("_C*.so"))
+    if built or os.environ.get("CI") == "true":
+        pytest.fail(err)
+    pytest.skip(err)
+
+
+def test_extension_loads(extension):
+    for name in OP_NAMES:
+        assert hasattr(extension, name), name
 
 
 # ---------------------------------------------------------------- errors
@@ -104,7 +149,7 @@ def test_prepare_layer_checks_pair():
 
 
 @pytest.mark.parametrize("n,k", [(128, 128), (256, 384), (384, 640)])
-def test_cpu_ops_equal_reference(n, k, gen):
+def test_cpu_ops_equal_reference(n, k, gen, extension):
     w = _packed(n, k, gen)
     out = ops.prepare_weight(w)
     assert out.shape == (k // 8, n) and out.stride() == (1, k // 8)
@@ -134,7 +179,7 @@ def test_prepare_weight_xor_constant_is_uint4b8_to_int4():
 # ------------------------------------------------------------- fakes
 
 
-def test_fake_tensors_match_real_outputs():
+def test_fake_tensors_match_real_outputs(extension):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     w, ws = _packed(256, 384), _scales(256, 3)
@@ -161,7 +206,7 @@ def test_fake_tensors_match_real_outputs():
 NO_FP8_MUL = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def test_opcheck_cpu():
+def test_opcheck_cpu(extension):
     w, ws = _packed(128, 256), _scales(128, 2)
     opcheck = torch.library.opcheck
     opcheck(torch.ops.w4a8_fastprep.prepare_weight.default, (w,))
@@ -171,7 +216,215 @@ def test_opcheck_cpu():
         opcheck(torch.ops.w4a8_fastprep.prepare_scales.default, (ws, path), test_utils=NO_FP8_MUL)
 
 
-def test_prepare_weight_compiles_with_fullgraph():
+def test_prepare_weight_compiles_with_fullgraph(extension):
     w = _packed(128, 256)
     fn = torch.compile(ops.prepare_weight, fullgraph=True, backend="eager")
     assert torch.equal(fn(w), ref.prepare_weight(w))
+
+
+# ------------------------------------------------------------- alignment
+# The weight kernels load 16 bytes at a time; a misaligned CUDA input once
+# killed the CUDA context ("misaligned address"). The Python ops copy such
+# input to an aligned buffer before the registered op sees it.
+
+
+def test_aligned_returns_aligned_input_itself():
+    w = _packed(128, 256)
+    assert ops._aligned(w) is w
+    t = _packed(128, 256).t()  # (K/8, N) strides (1, K/8), aligned
+    assert ops._aligned(t) is t
+
+
+@pytest.mark.parametrize("shape", [(128, 32), (2, 128, 16)])
+def test_aligned_copies_misaligned_view(shape, gen):
+    v = _misaligned(shape, gen=gen)
+    c = ops._aligned(v)
+    assert c.data_ptr() % ops.INPUT_ALIGNMENT == 0
+    assert c.data_ptr() != v.data_ptr()
+    assert torch.equal(c, v) and c.stride() == v.stride()
+
+
+def test_aligned_keeps_strides_of_transposed_view(gen):
+    v = _misaligned((128, 32), gen=gen).t()  # (K/8, N) with strides (1, K/8)
+    c = ops._aligned(v)
+    assert c.data_ptr() % 16 == 0 and c.stride() == (1, 32) and torch.equal(c, v)
+
+
+REFERENCE_OF_OP = {
+    "prepare_weight": ref.prepare_weight,
+    "encode_and_reorder_int4b": ref.encode_and_reorder_int4b,
+    "prepare_weight_grouped": ref.prepare_weight_grouped,
+    "encode_and_reorder_int4b_grouped": lambda b: ref.encode_and_reorder_int4b_grouped(b)[0],
+}
+
+
+@pytest.mark.parametrize(
+    "fn,op_name,make",
+    [
+        (ops.prepare_weight, "prepare_weight", lambda g: _misaligned((128, 32), gen=g)),
+        (ops.encode_and_reorder_int4b, "encode_and_reorder_int4b", lambda g: _misaligned((128, 32), gen=g).t()),
+        (ops.prepare_weight_grouped, "prepare_weight_grouped", lambda g: _misaligned((3, 128, 16), gen=g)),
+        (
+            lambda b: ops.encode_and_reorder_int4b_grouped(b)[0],
+            "encode_and_reorder_int4b_grouped",
+            lambda g: _misaligned((3, 128, 16), gen=g),
+        ),
+    ],
+)
+def test_registered_op_gets_aligned_input(fn, op_name, make, gen, monkeypatch):
+    # What the registered op (the CUDA kernel on a GPU) receives, recorded.
+    seen = []
+
+    def recording_op(name):
+        def run(t, *args):
+            seen.append((name, t.data_ptr() % 16, t.clone()))
+            return REFERENCE_OF_OP[name](t)
+
+        return run
+
+    monkeypatch.setattr(ops, "_op", recording_op)
+    monkeypatch.setattr(ops, "_use_kernel", lambda t, name: True)
+    x = make(gen)
+    out = fn(x)
+    assert [(n, off) for n, off, _ in seen] == [(op_name, 0)]
+    assert torch.equal(seen[0][2], x)  # same values and layout, only moved
+    assert seen[0][2].stride() == x.stride()
+    assert torch.equal(out, REFERENCE_OF_OP[op_name](x))
+
+
+# ------------------------------------------------------ grouped (MoE) ops
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: _packed_grouped(2, 128, 256).to(torch.int64), TypeError, "must be torch.int32"),
+        (lambda: _packed(128, 256), ValueError, r"must be 3-D \(E, N, K/8\)"),
+        (lambda: _packed_grouped(2, 100, 256), ValueError, r"N \(output features, dim 1\) = 100 is not a multiple of 128"),
+        (lambda: _packed_grouped(2, 128, 200), ValueError, r"K \(input features, 8 x dim 2\) = 200 is not a multiple of 128"),
+        (lambda: _packed_grouped(0, 128, 256), ValueError, "is empty"),
+        (lambda: _packed_grouped(2, 128, 256).transpose(0, 1).contiguous().transpose(0, 1), ValueError, r"contiguous \(E, N, K/8\)"),
+        (lambda: _packed_grouped(2, 128, 256).to("meta"), RuntimeError, "CUDA device or the CPU"),
+        (lambda: torch.zeros(ops.MAX_EXPERTS + 1, 128, 16, dtype=torch.int32), ValueError, "at most 65535 per call"),
+    ],
+)
+@pytest.mark.parametrize("fn", [ops.prepare_weight_grouped, ops.encode_and_reorder_int4b_grouped])
+def test_grouped_weight_bad_input(fn, make, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(make())
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: _scales_grouped(2, 128, 4).float(), TypeError, "must be torch.bfloat16"),
+        (lambda: _scales(128, 4), ValueError, r"must be 3-D \(E, N, K/128\)"),
+        (lambda: _scales_grouped(2, 96, 4), ValueError, r"N \(output features, dim 1\) = 96 is not a multiple of 128"),
+        (lambda: _scales_grouped(2, 128, 4).transpose(1, 2).contiguous().transpose(1, 2), ValueError, "contiguous"),
+        (lambda: _scales_grouped(2, 128, 0), ValueError, "is empty"),
+    ],
+)
+def test_prepare_scales_grouped_bad_input(make, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.prepare_scales_grouped(make())
+
+
+def test_prepare_scales_grouped_bad_path():
+    with pytest.raises(ValueError, match="path must be one of"):
+        ops.prepare_scales_grouped(_scales_grouped(2, 128, 4), path="fast")
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((0, 128, 256), "num_experts must be a positive int"),
+        ((2, 100, 256), r"N \(output features\) = 100"),
+        ((2, 128, 200), r"K \(input features\) = 200"),
+        ((2, 128.0, 256), "n must be a positive int"),
+        ((ops.MAX_EXPERTS + 1, 128, 256), "at most 65535"),
+    ],
+)
+def test_b_strides_grouped_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.b_strides_grouped(*args, device="cpu")
+
+
+@pytest.mark.parametrize("e,n,k", [(1, 128, 256), (3, 256, 384), (2, 384, 1152)])
+def test_b_strides_grouped_rows(e, n, k):
+    b = ops.b_strides_grouped(e, n, k, "cpu")
+    assert b.dtype == torch.int32 and b.shape == (e, 3) and b.is_contiguous()
+    assert b.tolist() == [[n // 16, k // 32, 32 * n]] * e
+    assert torch.equal(b, ref.b_strides_grouped(e, n, k))
+
+
+def _scales_where_paths_differ(e, n, g):
+    # rows whose maximum gives a different fp32 row scale on the two QuantFP8
+    # paths (x * fp32(1/448) vs x / 448), so a swapped path id is caught
+    bits = torch.arange(0x3C00, 0x3E00, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    amax = bits.float()
+    differ = bits[(amax * torch.tensor(1 / 448.0)) != (amax / torch.tensor(448.0))]
+    assert differ.numel() >= 100
+    s = _scales_grouped(e, n, g) * 1e-3
+    s[..., 0] = differ.repeat(e * n // differ.numel() + 1)[: e * n].view(e, n)
+    return s
+
+
+@pytest.mark.parametrize("e,n,k", [(1, 128, 128), (3, 256, 384), (2, 128, 1024)])
+def test_cpu_grouped_ops_equal_dense_per_expert(e, n, k, gen, extension):
+    w = _packed_grouped(e, n, k, gen)
+    out = ops.prepare_weight_grouped(w)
+    assert out.shape == w.shape and out.is_contiguous() and out.dtype == torch.int32
+    assert torch.equal(extension.prepare_weight_grouped(w), out)
+    signed, strides = ops.encode_and_reorder_int4b_grouped(w ^ upstream.UINT4B8_TO_INT4)
+    assert torch.equal(signed, out)
+    assert torch.equal(strides, ref.b_strides_grouped(e, n, k))
+    for i in range(e):  # the dense op's bytes, expert by expert
+        assert torch.equal(out[i], ops.prepare_weight(w[i]).t())
+
+    s = _scales_where_paths_differ(e, n, k // 128)
+    for path in ops.SCALE_PATHS:
+        packed, chan = ops.prepare_scales_grouped(s, path)
+        assert packed.dtype == FP8 and packed.shape == (8 * e * (k // 128) * n,)
+        assert chan.dtype == torch.float32 and chan.shape == (e, n, 1) and chan.is_contiguous()
+        per = packed.view(torch.uint8).view(e, -1)
+        for i in range(e):
+            dp, dc = ops.prepare_scales(s[i], path)
+            assert torch.equal(per[i], dp.view(torch.uint8))
+            assert torch.equal(chan[i], dc)
+    native = ops.prepare_scales_grouped(s, "native")[1]
+    assert not torch.equal(native, ops.prepare_scales_grouped(s, "cuda")[1])
+
+
+def test_fake_tensors_match_real_grouped_outputs(extension):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w, ws = _packed_grouped(3, 256, 384), _scales_grouped(3, 256, 3)
+    real = [
+        extension.prepare_weight_grouped(w),
+        extension.encode_and_reorder_int4b_grouped(w),
+        *extension.prepare_scales_grouped(ws, 1),
+    ]
+    with FakeTensorMode() as mode:
+        fw, fws = mode.from_tensor(w), mode.from_tensor(ws)
+        fake = [
+            extension.prepare_weight_grouped(fw),
+            extension.encode_and_reorder_int4b_grouped(fw),
+            *extension.prepare_scales_grouped(fws, 1),
+        ]
+    for r, f in zip(real, fake):
+        assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
+
+
+def test_opcheck_grouped_cpu(extension):
+    w, ws = _packed_grouped(2, 128, 256), _scales_grouped(2, 128, 2)
+    opcheck = torch.library.opcheck
+    opcheck(extension.prepare_weight_grouped.default, (w,))
+    opcheck(extension.encode_and_reorder_int4b_grouped.default, (w,))
+    for path in range(2):
+        opcheck(extension.prepare_scales_grouped.default, (ws, path), test_utils=NO_FP8_MUL)
+
+
+def test_prepare_weight_grouped_compiles_with_fullgraph(extension):
+    w = _packed_grouped(2, 128, 256)
+    fn = torch.compile(ops.prepare_weight_grouped, fullgraph=True, backend="eager")
+    assert torch.equal(fn(w), ref.prepare_weight_grouped(w))

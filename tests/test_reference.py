@@ -161,3 +161,56 @@ def test_dequantize_weight_matches_signed_values():
     d = ref.dequantize_weight(w, s)
     assert d.shape == (128, 256)
     assert d[0, :16].tolist() == [(v - 8) * 0.5 for v in range(16)]
+
+
+# ------------------------------------------------------- grouped (MoE)
+
+
+@pytest.mark.parametrize("e,n,k", [(1, 128, 128), (3, 256, 384), (2, 128, 1024), (4, 384, 640)])
+def test_grouped_weight_is_dense_weight_per_expert(e, n, k, gen):
+    w = torch.randint(-(2**31), 2**31 - 1, (e, n, k // 8), dtype=torch.int32, generator=gen)
+    out = ref.prepare_weight_grouped(w)
+    assert out.shape == (e, n, k // 8) and out.dtype == torch.int32 and out.is_contiguous()
+    flat = out.view(torch.uint8).reshape(-1)
+    for i in range(e):  # expert i's bytes at byte offset i * N * K / 2
+        dense = ref.prepare_weight(w[i]).t().contiguous().view(torch.uint8).reshape(-1)
+        assert torch.equal(flat[i * n * k // 2 : (i + 1) * n * k // 2], dense), i
+
+
+def test_grouped_signed_input_equals_uint4b8_chain(gen):
+    w = torch.randint(-(2**31), 2**31 - 1, (3, 128, 48), dtype=torch.int32, generator=gen)
+    signed = w ^ -0x77777778  # uint4b8 -> int4: v ^ 8 per nibble
+    weights, strides = ref.encode_and_reorder_int4b_grouped(signed)
+    assert torch.equal(weights, ref.prepare_weight_grouped(w))
+    for i in range(3):
+        assert torch.equal(weights[i], ref.encode_and_reorder_int4b(signed[i].t()).t())
+    assert strides.dtype == torch.int32 and strides.shape == (3, 3)
+
+
+@pytest.mark.parametrize("n,k", [(128, 384), (256, 1024), (384, 256)])
+def test_b_strides_describe_the_reorder(n, k):
+    # b_strides = (n-tiles, k-tiles, k-tile stride in int4 elements) of the
+    # layout the weight is written in: tiles of 16 rows x 32 k, 512 elements.
+    n_tiles, k_tiles, k_tile_stride = ref.b_strides_row(n, k)
+    assert ref.b_strides_grouped(2, n, k).tolist() == [[n_tiles, k_tiles, k_tile_stride]] * 2
+    dst = ref.reorder_byte_index(n, k).view(n, k // 2)
+    row = torch.arange(n).view(-1, 1)
+    kb = torch.arange(k // 2).view(1, -1)
+    tile_base = (2 * dst) // 512 * 512  # nibble offset of each element's tile
+    want = (row // 16) * 512 + (2 * kb // 32) * k_tile_stride
+    assert torch.equal(tile_base, want)
+    assert n_tiles * 16 == n and k_tiles * 32 == k and k_tile_stride * k_tiles == n * k
+
+
+@pytest.mark.parametrize("path", ref.SCALE_PATHS)
+@pytest.mark.parametrize("e,n,g", [(1, 128, 1), (3, 256, 3), (2, 128, 56)])
+def test_grouped_scales_are_dense_scales_per_expert(path, e, n, g, gen):
+    s = (torch.rand(e, n, g, generator=gen) * 0.02 + 1e-5).to(torch.bfloat16)
+    packed, chan = ref.prepare_scales_grouped(s, path)
+    assert packed.dtype == ref.FP8 and packed.shape == (8 * e * g * n,)
+    assert chan.dtype == torch.float32 and chan.shape == (e, n, 1)
+    per = packed.view(torch.uint8).view(e, g * n * 8)
+    for i in range(e):
+        dp, dc = ref.prepare_scales(s[i], path)
+        assert torch.equal(per[i], dp.view(torch.uint8)), i
+        assert torch.equal(chan[i], dc), i
