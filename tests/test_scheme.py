@@ -322,3 +322,29 @@ def test_one_info_line_per_model_load(vllm_ctx, log_lines):
     assert len(lines) == 1 and lines[0].startswith("w4a8_fastprep: prepared 3 dense layers ("), lines
     assert qc.load_stats.last_summary["layers"] == 3
     assert qc.load_stats.last_summary["seconds"] > 0
+
+
+@pytest.mark.gpu
+def test_fallback_equals_the_cutlass_path_on_hopper(vllm_ctx, monkeypatch):
+    """The same layer through cutlass_w4a8_mm and through the fallback
+    (forced): equal up to the GEMM's accumulation."""
+    from vllm_w4a8_fastprep import scheme
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS W4A8 path needs SM90")
+    g = torch.Generator().manual_seed(13)
+    t = random_w4afp8_linear(1024, 2048, g)
+    qc = _quant_config()
+    cutlass = _col(vllm_ctx, n=1024, k=2048, name="l5.cutlass", qc=qc)
+    monkeypatch.setattr(scheme, "hopper_kernel_problem", lambda config: "forced by the test")
+    fallback = _col(vllm_ctx, n=1024, k=2048, name="l5.fallback", qc=qc)
+    assert cutlass.scheme.kernel is not None and fallback.scheme.kernel is None
+    for layer in (cutlass, fallback):
+        _load(layer, t)
+        _prepare(layer)
+    x = torch.randn(64, 2048, generator=g).to(torch.bfloat16).to(vllm_ctx)
+    a, b = cutlass(x)[0].double(), fallback(x)[0].double()
+    rel = ((a - b).norm() / a.norm()).item()
+    print(f"fallback vs cutlass_w4a8_mm: relative difference {rel:.3g}, "
+          f"{(a != b).float().mean().item():.3%} of outputs differ")
+    assert rel < 2e-3, rel
