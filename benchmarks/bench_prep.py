@@ -16,7 +16,8 @@ seconds: it is timed over a few repeats (``--upstream-reps``, default 3).
 GPU timing: CUDA events, warm-up, median of many repeats, inputs random (never
 zeros) and rotated over >= 512 MiB so that L2 does not serve them, the copy and
 upstream measured in the same run. The upstream columns need vLLM's compiled
-ops (``--upstream PATH`` to its ``_C`` library, or ``--upstream auto``). Where
+ops (``--upstream PATH`` to its ``_C`` library, or ``--upstream auto``: the
+repository's one lookup, tests/oracle.py). Where
 upstream runs, ours is also compared with it byte for byte ("same").
 
 ``--smoke`` runs the same code on tiny shapes with a few repeats, on CPU
@@ -31,6 +32,7 @@ check that the benchmark works, not a measurement.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -125,28 +127,40 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ------------------------------------------------- upstream's chains
 
 
+def find_upstream() -> str:
+    """The repository's one lookup of vLLM's ops library (tests/oracle.py:
+    $W4A8_FASTPREP_ORACLE, .oracle/, the installed vllm package)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "oracle.py"
+    spec = importlib.util.spec_from_file_location("w4a8_fastprep_oracle", path)
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    try:
+        found = oracle.find_oracle()
+    except oracle.OracleError as e:
+        raise UsageError(f"--upstream auto: {e}") from None
+    if found is None:
+        raise UsageError(f"--upstream auto: no vLLM ops library in: {oracle.searched()}")
+    return str(found)
+
+
 def load_upstream(spec: str | None, device: torch.device):
     """vLLM's compiled ops (``torch.ops._C``) from ``spec``: a path to its
-    ``_C`` library, or ``auto`` (vLLM's installed package, if its ops load)."""
+    ``_C`` library, or ``auto`` (found by ``find_upstream``)."""
     if spec is None:
         return None
     if device.type != "cuda":
         raise UsageError("--upstream needs --device cuda (vLLM's ops run on the GPU only)")
-    if spec == "auto":
+    path = find_upstream() if spec == "auto" else spec
+    if not Path(path).is_file():
+        raise UsageError(f"--upstream {path}: no such file")
+    if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
         try:
-            import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
-        except Exception as e:  # noqa: BLE001  (any import failure: say which)
-            raise UsageError(f"--upstream auto: vLLM's compiled ops do not load here ({e})")
-    else:
-        if not Path(spec).is_file():
-            raise UsageError(f"--upstream {spec}: no such file")
-        try:
-            torch.ops.load_library(spec)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"--upstream {spec}: cannot load it as a torch library ({e})")
+            torch.ops.load_library(path)
+        except Exception as e:  # noqa: BLE001  (any loader failure: say which)
+            raise UsageError(f"--upstream {path}: cannot load it as a torch library ({e})")
     c = torch.ops._C
     if not hasattr(c, "cutlass_encode_and_reorder_int4b"):
-        raise UsageError(f"--upstream {spec}: no cutlass_encode_and_reorder_int4b in torch.ops._C")
+        raise UsageError(f"--upstream {path}: no cutlass_encode_and_reorder_int4b in torch.ops._C")
     return c
 
 
@@ -349,6 +363,10 @@ def moe_layers(table: dict) -> dict[str, tuple[tuple, tuple]]:
 
 
 def bench_moe(args, device, up, quant) -> dict:
+    if up is not None and importlib.util.find_spec("vllm") is None:
+        print("upstream's MoE layer not run: its scale chain is vLLM's own Python "
+              "(convert_bf16_scales_to_fp8), and the vllm package is not installed here")
+        up = None
     table = SMOKE_MOE if args.smoke else model_shapes.MOE
     layers = pick(moe_layers(table), args.only)
     reps, up_reps = args.reps, max(1, args.upstream_reps)
@@ -482,8 +500,6 @@ def run(args) -> int:
     elif not args.smoke:
         raise UsageError("the CPU path is the PyTorch reference: use --smoke to check it runs "
                          "(CPU timings mean nothing here)")
-    if args.moe and not hasattr(ops, "prepare_weight_grouped"):
-        raise UsageError("--moe needs ops.prepare_weight_grouped (not in this version)")
     up = load_upstream(args.upstream, device)
     quant = quant_for(up, args.path) if up is not None else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

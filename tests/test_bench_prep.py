@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import model_shapes, ops
+from vllm_w4a8_fastprep import model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_prep.py"
@@ -50,8 +50,6 @@ def test_smoke_run_measures_every_dense_shape(tmp_path):
 
 
 def test_smoke_moe_measures_every_layer(tmp_path):
-    if not hasattr(ops, "prepare_weight_grouped"):
-        pytest.skip("ops.prepare_weight_grouped is not in this version")
     out = tmp_path / "bench.json"
     proc = _run("--smoke", "--moe", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,8 +144,6 @@ def test_gpu_smoke_with_upstream_is_byte_exact(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_smoke_moe_with_upstream_is_byte_exact(tmp_path):
-    if not hasattr(ops, "prepare_weight_grouped"):
-        pytest.skip("ops.prepare_weight_grouped is not in this version")
     out = tmp_path / "bench.json"
     proc = _run("--smoke", "--moe", "--device", "cuda", "--upstream", _oracle(), "--json",
                 str(out))

@@ -181,17 +181,18 @@ def plan_layers(wm: dict[str, str], qcfg: dict) -> Plan:
             layer.experts.setdefault(int(m["expert"]), {})[role] = p
         else:
             dense.append(Dense(p))
-    out_moe = []
-    for layer in moe.values():
-        incomplete = [e for e, roles in layer.experts.items() if len(roles) != 3]
+    for layer in moe.values():  # a W4AFP8 MoE layer must be whole
         ids = sorted(layer.experts)
-        if incomplete or ids != list(range(len(ids))):
-            why = (f"expert {incomplete[0]} lacks one of gate/up/down" if incomplete
-                   else f"experts {ids[0]}..{ids[-1]} are not numbered 0..{len(ids) - 1}")
-            skipped.append((layer.name, why))
-        else:
-            out_moe.append(layer)
-    return Plan(dense, out_moe, skipped)
+        for e in ids:
+            missing = [r for r in ("gate", "up", "down") if r not in layer.experts[e]]
+            if missing:
+                raise CliError(f"{layer.name}: expert {e} has no W4AFP8 {missing[0]} "
+                               f"projection (its weight_packed is missing or not W4AFP8)")
+        if ids != list(range(len(ids))):
+            gap = next(i for i, e in enumerate(ids) if i != e)
+            raise CliError(f"{layer.name}: expert {gap} is missing (experts "
+                           f"{ids[0]}..{ids[-1]})")
+    return Plan(dense, list(moe.values()), skipped)
 
 
 class Tensors:
@@ -401,21 +402,17 @@ def _prepare(ckpt: Path, device: torch.device, up, args) -> int:
     if not plan.dense and not plan.moe:
         first = f" (e.g. {plan.skipped[0][0]}: {plan.skipped[0][1]})" if plan.skipped else ""
         raise CliError(f"{ckpt} has no W4AFP8 layers{first}", 2)
-    grouped = hasattr(ops, "prepare_weight_grouped")
-    if plan.moe and not grouped:  # expert projections one by one, as dense layers
-        plan.dense += [Dense(p) for layer in plan.moe for roles in layer.experts.values()
-                       for p in roles.values()]
-        plan.dense.sort(key=lambda d: d.name)
-        plan.moe = []
     units = [d.name for d in plan.dense] + [m.name for m in plan.moe]
     rng = random.Random(args.seed)
     checker = Checker(device, up, args.path)
     sample: set[str] = set()
     if checker.active and args.check:
         sample = set(units[:1] + units[-1:] + rng.sample(units, min(args.check, len(units))))
-    experts = sum(len(m.experts) for m in plan.moe)
+    counts = sorted({len(m.experts) for m in plan.moe})
+    experts = (f"{counts[0]} experts each" if len(counts) == 1
+               else f"{sum(len(m.experts) for m in plan.moe)} experts in all")
     print(f"{len(plan.dense)} W4AFP8 layers"
-          + (f" and {len(plan.moe)} W4AFP8 MoE layers ({experts} experts)" if plan.moe else "")
+          + (f" and {len(plan.moe)} W4AFP8 MoE layers ({experts})" if plan.moe else "")
           + f" in {ckpt} on {device}")
     if plan.skipped:
         print(f"skipped {len(plan.skipped)} layer(s) that are not W4AFP8 "
