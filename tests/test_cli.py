@@ -400,3 +400,11 @@ def test_gpu_prepare_moe_checks_against_upstream(tmp_path):
     proc = _prepare_gpu(str(ckpt), "--upstream", _oracle(), "--check", "100")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "byte-exact: 10 sampled layers equal vLLM's own preparation" in proc.stdout
+
+
+def test_layer_scheme_group_with_output_activations_is_not_w4afp8():
+    q = quantization_config()
+    q["config_groups"]["group_0"]["output_activations"] = dict(
+        q["config_groups"]["group_0"]["input_activations"])
+    group, why = cli.layer_scheme("model.layers.0.mlp.up_proj", q)
+    assert group == "group_0" and "output activation" in why

@@ -36,7 +36,7 @@ import torch
 
 from . import ops, reference
 from . import upstream as upstream_chain
-from .checkpoint_format import checkpoint_problem, scheme_problem
+from .checkpoint_format import checkpoint_problem
 
 PROG = "vllm-w4a8-fastprep"
 # the per-expert projections of a MoE layer, as checkpoints name them
@@ -143,10 +143,9 @@ def layer_scheme(name: str, qcfg: dict) -> tuple[str | None, str | None]:
         (g for g, t in targets if _matches_class(t)), None)
     if hit is None:
         return None, "no config group targets it"
-    spec = groups[hit]
-    why = scheme_problem(spec.get("weights"), spec.get("input_activations"),
-                         spec.get("format") or qcfg.get("format"))
-    return hit, None if why is None else f"{hit}: {why}"
+    # the group judged alone, by the same rules as the whole checkpoint
+    why = checkpoint_problem({**qcfg, "config_groups": {hit: groups[hit]}})
+    return hit, why
 
 
 @dataclass
