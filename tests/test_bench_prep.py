@@ -6,7 +6,6 @@ vLLM's ops it reports ours equal to upstream."""
 import ast
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,10 +120,12 @@ def test_without_gpu_one_line_exit_2():
 
 
 def _oracle() -> str:
-    path = os.environ.get("W4A8_FASTPREP_ORACLE", str(ROOT / ".oracle" / "vllm-0.26.0-_C.so"))
-    if not Path(path).exists():
-        pytest.skip(f"upstream vLLM ops library not found at {path}")
-    return path
+    from oracle import find_oracle, searched
+
+    path = find_oracle()
+    if path is None:
+        pytest.skip(f"upstream vLLM ops library not found in: {searched()}")
+    return str(path)
 
 
 @pytest.mark.gpu
@@ -144,6 +145,8 @@ def test_gpu_smoke_with_upstream_is_byte_exact(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_smoke_moe_with_upstream_is_byte_exact(tmp_path):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("upstream's MoE scale chain calls the vllm package, not installed here")
     out = tmp_path / "bench.json"
     proc = _run("--smoke", "--moe", "--device", "cuda", "--upstream", _oracle(), "--json",
                 str(out))
