@@ -67,3 +67,20 @@ def test_build_targets_the_pinned_torch():
     assert len(pins) == 1, pins
     major, minor = map(int, pins.pop())
     assert int(_setup_constant("TORCH_TARGET_VERSION"), 16) == (major << 56) | (minor << 48)
+
+
+def test_loaded_library_is_checked_against_the_package(compiled):
+    # ops.extension_error() refuses a library built from other sources
+    assert ops.extension_error() is None
+    assert ops.compiled_mismatch(compiled, ops.CONSTANTS) is None
+    changed = {**ops.CONSTANTS, "scale_path.cuda": 2}
+    assert "has scale_path.cuda = 1 but this package has 2" in ops.compiled_mismatch(compiled, changed)
+
+    class OldLibrary:  # a build from before the grouped ops
+        def __getattr__(self, name):
+            if "grouped" in name or name == "constant":
+                raise AttributeError(name)
+            return getattr(compiled, name)
+
+    msg = ops.compiled_mismatch(OldLibrary(), ops.CONSTANTS)
+    assert "lacks the ops ['prepare_weight_grouped'" in msg and "rebuild it" in msg

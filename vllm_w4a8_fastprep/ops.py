@@ -64,9 +64,42 @@ def extension_error() -> str | None:
                 f"the CUDA extension vllm_w4a8_fastprep._C is not built ({e})"
             )
         else:
-            _register_python_impls()
-            _extension_state = None
+            _extension_state = compiled_mismatch(getattr(torch.ops, NAMESPACE), CONSTANTS)
+            if _extension_state is None:
+                _register_python_impls()
     return _extension_state
+
+
+OP_NAMES = (
+    "prepare_weight",
+    "encode_and_reorder_int4b",
+    "pack_scale_fp8",
+    "prepare_scales",
+    "prepare_weight_grouped",
+    "encode_and_reorder_int4b_grouped",
+    "prepare_scales_grouped",
+    "constant",
+)
+
+
+def compiled_mismatch(library, constants: dict) -> str | None:
+    """None when the loaded library has every op of this package and agrees
+    with it on every shared constant, else why not (a build from other
+    sources: an old ``_C`` left in place, say)."""
+    missing = [name for name in OP_NAMES if not hasattr(library, name)]
+    if missing:
+        return (
+            f"the CUDA extension vllm_w4a8_fastprep._C lacks the ops {missing}: it was built "
+            "from other sources; rebuild it (pip install --no-build-isolation --no-deps -e .)"
+        )
+    for name, value in constants.items():
+        compiled = library.constant(name)
+        if compiled != value:
+            return (
+                f"the CUDA extension vllm_w4a8_fastprep._C has {name} = {compiled} but this "
+                f"package has {value}: it was built from other sources; rebuild it"
+            )
+    return None
 
 
 def _register_python_impls() -> None:
