@@ -15,6 +15,8 @@ import torch
 from vllm_w4a8_fastprep import ops, reference as ref, upstream
 
 FP8 = torch.float8_e4m3fn
+
+
 def _packed(n, k, gen=None):
     return torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
 
