@@ -115,6 +115,15 @@ def _checkpoint_experts(ckpt, layer: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _router(ckpt, layer: int) -> torch.Tensor:
+    from safetensors import safe_open
+
+    name = f"model.layers.{layer}.mlp.gate.weight"
+    weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(ckpt / weight_map[name]), "pt") as f:
+        return f.get_tensor(name)
+
+
 def _per_expert(tensors: dict, experts: int, hidden: int, intermediate: int) -> dict:
     """Random per-expert checkpoint tensors named as stored: ``E.proj.tensor``."""
     g = torch.Generator().manual_seed(experts * 1000 + intermediate)
@@ -218,6 +227,35 @@ def test_experts_loaded_by_vllm_are_prepared_as_the_dense_reference_per_expert(
     assert (s["dense_layers"], s["moe_layers"], s["experts"], s["failed"]) == (0, 1, e, [])
     assert s["moe_weight_bytes"] == e * 3 * i * h // 2  # int4: gate, up, down
     assert s["moe_scale_bytes"] == e * 3 * i * h // 128 * 2  # bf16 group scales
+
+
+def test_vllms_qwen3_moe_block_loads_the_checkpoint_into_our_method(vllm_ctx, tiny_moe):
+    """vLLM's own Qwen3-MoE block (router + FusedMoE) and its weight loading:
+    the router stays unquantized (the checkpoint's ignore list), the experts
+    take our method, every checkpoint tensor of the layer lands somewhere."""
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeSparseMoeBlock
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    mc = ModelConfig(model=str(tiny_moe), tokenizer=str(tiny_moe), quantization="w4a8_fastprep")
+    qc = _prepare_only_config()
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device=vllm_ctx.type),
+                    quant_config=qc)
+    with set_current_vllm_config(vc), set_default_torch_dtype(mc.dtype):  # as vLLM builds it
+        block = Qwen3MoeSparseMoeBlock(vllm_config=vc, prefix="model.layers.1.mlp").to(vllm_ctx)
+    assert isinstance(block.gate.quant_method, UnquantizedLinearMethod)
+    layer = block.experts.routed_experts
+    assert type(layer.quant_method) is moe.W4A8FastPrepMoEMethod
+    stored = {f"experts.{k}": t for k, t in _checkpoint_experts(tiny_moe, 1).items()}
+    stored["gate.weight"] = _router(tiny_moe, 1)
+    loaded = AutoWeightsLoader(block).load_weights(list(stored.items()))
+    assert loaded == {"gate.weight"} | {f"experts.w{i}_weight_{t}" for i in (13, 2)
+                                         for t in ("packed", "scale", "shape")}
+    layer.quant_method.process_weights_after_loading(layer)  # every expert was loaded
+    _check_prepared(layer, _expected(_checkpoint_experts(tiny_moe, 1), list(range(TINY.experts))),
+                    TINY.hidden, TINY.moe_intermediate)
 
 
 def test_preparation_errors_name_the_layer(vllm_ctx, tiny_moe):
