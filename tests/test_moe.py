@@ -314,8 +314,10 @@ def test_dummy_weights_are_prepared_without_a_loading_check(vllm_ctx):
     assert layer.w13_weight_packed.shape == (4, 512, 32) and layer.w13_weight_scale.dim() == 1
 
 
-def test_odd_multiple_of_128_intermediate_is_refused_naming_shape_and_way_out(vllm_ctx):
-    assert moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 is False
+def test_odd_multiple_of_128_intermediate_is_refused_naming_shape_and_way_out(
+        vllm_ctx, monkeypatch):
+    # while vLLM's grouped GEMM is not known to be right there
+    monkeypatch.setattr(moe, "_GEMM_SUPPORTS_K_MOD_256_EQ_128", False)
     # Qwen3-30B-A3B at tensor-parallel size 2: 768 / 2 = 384 per GPU
     why = moe.moe_shape_problem(2048, 384, 768)
     assert "intermediate_size_per_partition=384" in why and "--enable-expert-parallel" in why
@@ -459,6 +461,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
         with set_current_vllm_config(tp):
             # tensor parallelism: every expert, this rank's half of the
             # intermediate size (128: an odd multiple of 128)
+            moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = False
             try:
                 _fused_moe(_prepare_only_config(), "tp.refused.experts", TINY.experts,
                            TINY.hidden, TINY.moe_intermediate, "cpu")
