@@ -701,8 +701,8 @@ def convert(args, argv: list[str]) -> int:
     if missing:
         if not args.python:
             raise CheckpointError(
-                f"{', '.join(missing)} not importable here. llm-compressor cannot share a venv "
-                f"with vLLM 0.26: make one ({VENV_HINT}) and add --python V/bin/python")
+                f"{', '.join(missing)} not importable here: make a venv for it ({VENV_HINT}; "
+                "llm-compressor cannot share one with vLLM 0.26) and add --python V/bin/python")
         rest = [a for i, a in enumerate(argv)
                 if a != "--python" and not a.startswith("--python=")
                 and (i == 0 or argv[i - 1] != "--python")]
@@ -776,10 +776,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.source == "synthetic":
+            if args.layers is not None and args.layers <= 0:
+                ap.error(f"--layers must be a positive number of decoder layers, not "
+                         f"{args.layers}")
+            import torch
+
             from vllm_w4a8_fastprep.synthetic import write_checkpoint
 
-            path = write_checkpoint(args.out, args.preset, layers=args.layers, seed=args.seed,
-                                    device=args.device, progress=True)
+            try:
+                device = torch.device(args.device)
+            except RuntimeError:
+                raise CheckpointError(f"--device {args.device}: not a device (cpu, cuda, "
+                                      "cuda:1, ...)") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise CheckpointError(f"--device {args.device}: no CUDA GPU here")
+            try:
+                path = write_checkpoint(args.out, args.preset, layers=args.layers,
+                                        seed=args.seed, device=args.device, progress=True)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
             print(f"wrote {path}")
             return 0
         if args.source == "assemble":

@@ -424,6 +424,25 @@ def test_make_checkpoint_synthetic(tmp_path):
     assert "W4AFP8 pack-quantized, 7 quantized linear layers" in mc.check_checkpoint(tmp_path / "m")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "-3"], "--layers must be a positive number"),
+    (["--layers", "0"], "--layers must be a positive number"),
+    (["--preset", "bogus"], "unknown preset 'bogus'"),
+    (["--device", "nope"], "--device nope: not a device"),
+])
+def test_synthetic_bad_arguments_give_one_error(tmp_path, args, message):
+    p = _run_cli("synthetic", tmp_path / "m", *args, timeout=120)
+    assert p.returncode in (1, 2) and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_synthetic_on_cuda_without_a_gpu_gives_one_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    p = _run_cli("synthetic", tmp_path / "m", "--device", "cuda", timeout=120)
+    assert p.returncode == 1 and "--device cuda: no CUDA GPU here" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def _edit_config(folder: Path, fn):
     cfg = json.loads((folder / "config.json").read_text())
     fn(cfg)
