@@ -100,11 +100,12 @@ def _check_forward(layer, parts, device):
     out = (out[0] if isinstance(out, tuple) else out).double().cpu()
     want = w4a8_math.w4a8_linear(x, parts)
     dense = w4a8_math.dense_linear(x, parts)
-    if layer.scheme.kernel is None:
+    if layer.scheme.kernel is None and device.type == "cpu":
         # the fallback: W4A8's math exactly, rounded once to bf16 (2^-8 relative)
         tol = 2.0 ** -8 * want.abs() + 1e-6 * want.abs().max()
         assert ((out - want).abs() <= tol).all(), (out - want).abs().max()
-    else:  # CUTLASS: fp8 tensor-core accumulation
+    else:  # CUTLASS: fp8 tensor-core accumulation; on a GPU vLLM's activation
+        # quantisation may round a scale differently from w4a8_math's CPU formula
         rel = ((out - want).norm() / want.norm()).item()
         assert rel < 5e-3, rel
     # and W4A8 is not the dense bf16 model (fp8 activations and scales)
@@ -281,11 +282,13 @@ def test_dummy_load_format_loads_nothing_and_is_served(vllm_ctx):
 # ------------------------------------------------------- the fallback layer
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU takes the fallback")
-def test_fallback_frees_the_packed_tensors_and_warns_what_it_costs(vllm_ctx, log_lines):
+def test_fallback_frees_the_packed_tensors_and_warns_what_it_costs(vllm_ctx, log_lines,
+                                                                   monkeypatch):
     from vllm_w4a8_fastprep import scheme
 
     scheme._logged.clear()
+    if vllm_ctx.type == "cuda":  # the GPU would take the CUTLASS path: force the fallback
+        monkeypatch.setattr(scheme, "hopper_kernel_problem", lambda config: "forced by the test")
     layer = _col(vllm_ctx)
     warnings = [r for r in log_lines if r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in log_lines]
@@ -301,8 +304,9 @@ def test_fallback_frees_the_packed_tensors_and_warns_what_it_costs(vllm_ctx, log
     assert torch.equal(w.to(torch.float8_e4m3fn).to(torch.bfloat16), w)  # fp8 values, exact
     assert w.numel() * w.element_size() == 4 * t["weight_packed"].numel() * 4
     want_w, want_c = w4a8_math.weight_w4a8(t["weight_packed"], t["weight_scale"])
-    assert torch.equal(w.double(), want_w)
-    assert torch.equal(layer.weight_chan_scale.double(), want_c)
+    assert torch.equal(w.double().cpu(), want_w)
+    assert torch.equal(layer.weight_chan_scale.double().cpu(), want_c)
+    _check_forward(layer, _parts(t), vllm_ctx)
 
 
 def test_one_info_line_per_model_load(vllm_ctx, log_lines):
