@@ -30,8 +30,12 @@ def _free_port() -> int:
 
 
 def _rel(out: torch.Tensor, want: torch.Tensor, fallback: bool) -> float:
+    """0/1 for the fallback on the CPU (W4A8 exactly, rounded once to bf16),
+    else the relative error (CUTLASS: fp8 accumulation; a GPU's activation
+    quantisation may round a scale differently from w4a8_math's CPU formula)."""
+    exact = fallback and out.device.type == "cpu"
     out = out.double().cpu()
-    if fallback:  # W4A8 exactly, rounded once to bf16
+    if exact:
         tol = 2.0 ** -8 * want.abs() + 1e-6 * want.abs().max()
         return 0.0 if ((out - want).abs() <= tol).all() else 1.0
     return ((out - want).norm() / want.norm()).item()
@@ -154,7 +158,7 @@ def _check(got, want_fallback: bool | None):
         if want_fallback is not None:
             assert fallback == want_fallback, (rank, fallback)
         assert out_n == [[N // 2], [K], [HEADS * HEAD // 2, HEAD, HEAD]], out_n
-        assert max(rel) < (1e-9 if fallback else 5e-3), (rank, rel)
+        assert max(rel) < 5e-3, (rank, rel)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
