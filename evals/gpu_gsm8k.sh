@@ -7,10 +7,11 @@
 #   pieces   carry [".chunks/NAME/partK"]:  bash .chunks/NAME/partK/receive.sh   (each K; the
 #            checkpoint split by ../shared/tools/device-chunks, unpacked to $CHUNKS_HOME/NAME/out)
 #   bundle   carry [".vllm-bundle/part1"]:  bash .vllm-bundle/part1/unpack.sh
-#   setup    carry [".vllm-bundle/part2", ".whl", ".gsm8k-data"]:  bash evals/gpu_gsm8k.sh setup
-#            builds and installs the plugin (evals/gpu_e2e.sh setup), installs the wheels of
-#            .whl (lm-eval and what it needs beyond the machine and the bundle) into $SITE,
-#            copies the gsm8k data to $DATA, checks the checkpoint (config, sha256)
+#   plugin   carry [".vllm-bundle/part2"]:  bash evals/gpu_e2e.sh setup   (vLLM, build, install)
+#   setup    carry [".whl", ".gsm8k-data"]:  bash evals/gpu_gsm8k.sh setup
+#            installs the wheels of .whl (lm-eval and what it needs beyond the machine and the
+#            bundle) into $SITE, copies the gsm8k data to $DATA, checks the checkpoint (config,
+#            sha256). Part 2 of the bundle and these two do not fit one call's 64 MiB together.
 #   gsm8k    bash evals/gpu_gsm8k.sh gsm8k MODE...    (MODE: upstream or ours, in order)
 #            one lm-eval run per MODE, each a fresh process, into $RES/$TAG (runs of earlier
 #            calls with the same TAG are kept and compared: upstream, ours, upstream-2, ...);
@@ -43,22 +44,21 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 left() { echo $(( BUDGET_S - (SECONDS - T0) )); }
 quiet() { grep -vE "it/s\]|s/it\]|^\s*$" "$@"; }
 
-[[ ${1:-} ]] || { sed -n '2,29p' "$0"; exit 2; }
+[[ ${1:-} ]] || { sed -n '2,30p' "$0"; exit 2; }
 step=$1; shift
 echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})"
 case $step in
   setup)
-    bash evals/gpu_e2e.sh setup || exit 1
-    source "$VB/activate.sh"; export PYTHONPATH=$SITE:$PYTHONPATH
+    [[ -f $VB/activate.sh ]] || { echo "no vLLM bundle in $VB: run the bundle and plugin steps" >&2; exit 1; }
     ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: carry .whl" >&2; exit 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" .whl/*.whl || exit 1
     [[ -f .gsm8k-data/test.jsonl ]] || { echo "no .gsm8k-data/test.jsonl: carry .gsm8k-data" >&2; exit 1; }
     mkdir -p "$DATA" && cp .gsm8k-data/test.jsonl .gsm8k-data/train.jsonl "$DATA"/ || exit 1
     (cd /tmp && python3 -c "
-import lm_eval, datasets, lm_eval.models.vllm_causallms, vllm, torch
+import lm_eval, datasets, lm_eval.models.vllm_causallms, vllm, torch, vllm_w4a8_fastprep.ops
 print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vllm', vllm.__version__,
-      '| torch', torch.__version__, '|', torch.cuda.get_device_name())") || exit 1
+      '| torch', torch.__version__, '|', torch.cuda.get_device_name(), '| plugin ops loaded')") || exit 1
     python3 -m evals.make_checkpoint check "$MODEL" || exit 1
     if [[ -n $MODEL_SHA256 ]]; then
       echo "$MODEL_SHA256  $MODEL/model.safetensors" | sha256sum -c - || exit 1
