@@ -491,7 +491,7 @@ def run(args) -> int:
             raise UsageError("needs a CUDA GPU (none found); --smoke runs on the CPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else 0)
         err = ops.extension_error()
         if err is not None:
             raise UsageError(err)
