@@ -35,7 +35,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 
 from vllm_w4a8_fastprep import model_shapes, ops, reference
 from vllm_w4a8_fastprep import upstream as upstream_chain
+from vllm_w4a8_fastprep.provenance import source_commit
 
 ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2 (50 MiB on H100)
 GROUP = reference.GROUP_SIZE
@@ -246,19 +246,6 @@ def ratio(a, b, digits=1) -> str:
 
 def extra(nbytes, ref) -> str:
     return "-" if nbytes is None else f"{nbytes / ref:.2f}x"
-
-
-def commit() -> str | None:
-    """The measured commit (with ``+dirty`` when the tree has changes)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
 
 
 def pick(table: dict, only: list[str] | None) -> dict:
@@ -503,7 +490,7 @@ def run(args) -> int:
     up = load_upstream(args.upstream, device)
     quant = quant_for(up, args.path) if up is not None else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rev = commit()
+    rev = source_commit()
     print(f"{'MoE' if args.moe else 'dense'} preparation on {name}; torch {torch.__version__}; "
           f"commit {rev or 'unknown'}; median of {args.reps} (upstream: {args.upstream_reps}); "
           f"upstream: {args.upstream or 'not run'}" + ("; SMOKE RUN, not a measurement"

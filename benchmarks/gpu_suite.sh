@@ -14,7 +14,7 @@ if [[ -f $found ]]; then export W4A8_FASTPREP_ORACLE=$found; echo "oracle: $foun
 else echo "oracle: $found (GPU comparisons with upstream will skip)"; fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv; date -u; \
   python3 -c 'import torch; print("torch", torch.__version__)'; \
-  echo "commit $(git rev-parse HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"; } \
+  python3 -c 'from vllm_w4a8_fastprep.provenance import source_commit; print("commit", source_commit())'; } \
   2>&1 | tee "$OUT/env.log"
 t0=$(date +%s)
 W4A8_FASTPREP_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \

@@ -50,7 +50,7 @@ done_with() {  # remove a synthetic checkpoint unless KEEP=1
 }
 
 for step in "$@"; do
-  echo "=== $step ($(date -u +%T)) commit $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "=== $step ($(date -u +%T)) commit ${W4A8_FASTPREP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   case $step in
     setup)
       [[ -f $VB/vllm/__init__.py ]] || bash .vllm-bundle/part2/unpack.sh || exit 1

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vllm_w4a8_fastprep.cli import OneLineParser, positive_int
 from vllm_w4a8_fastprep.load_stats import parse_summary
+from vllm_w4a8_fastprep.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: make ``evals`` importable
@@ -184,7 +185,7 @@ def run(args) -> int:
         print(f"greedy tokens and logprobs, ours vs upstream ({len(diffs)} run pairs, "
               f"{len(results['ours'][0]['outputs'])} prompts): {same}")
     print(table(summary))
-    (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": commit(),
+    (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": source_commit(),
                                                   "enforce_eager": args.enforce_eager,
                                                   "runs": runs, "summary": summary,
                                                   "outputs_identical": verdict is None},
@@ -220,18 +221,6 @@ def check_mode(name: str, mode: str, parsed: dict) -> None:
     if mode == "upstream" and "ours_layers" in parsed:
         raise EvalError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
                         "plugin claimed the model")
-
-
-def commit() -> str | None:
-    """The commit measured (``+dirty`` when tracked files have changes)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty.strip() else "")) or None
 
 
 def parse_logs(paths: list[str]) -> int:
