@@ -9,6 +9,7 @@ Upstream's grouped reorder refuses K % 256 == 128 (its K % 256 check), so
 there the grouped result is compared with upstream's dense reorder of each
 expert, run in a child process (tests/upstream_child.py)."""
 
+import functools
 import os
 
 import pytest
@@ -155,12 +156,18 @@ def test_upstream_grouped_reorder_refuses_k_odd_multiple_of_128(oracle_path):
     assert "REFUSED:" in proc.stdout and "divisible by 256" in proc.stdout, proc.stdout
 
 
+@functools.cache
+def _quant(label):
+    """vLLM's own QuantFP8 on ``label``'s forward, built once per label (a
+    fresh compiled one per call would recompile until dynamo gives up)."""
+    return up_chain.quant_fp8(label)
+
+
 def _quant_paths(upstream):
-    # vllm serve's default: forward_native compiled by Inductor; eager too;
-    # enforce_eager: vLLM's CUDA kernel.
-    compiled = torch.compile(up_chain.native_per_token, dynamic=True, backend="inductor")
-    return [("native", compiled, "compiled native"), ("native", up_chain.native_per_token, "eager native"),
-            ("cuda", up_chain.cuda_per_token(upstream), "cuda")]
+    # (our path, vLLM's QuantFP8, label): vllm serve's default is forward_native
+    # compiled by vLLM (Inductor); eager forward_native; enforce_eager: forward_cuda.
+    return [("native", _quant("compiled native"), "compiled native"),
+            ("native", _quant("native"), "eager native"), ("cuda", _quant("cuda"), "cuda")]
 
 
 def _check_scales_grouped(ws, upstream, what):
@@ -206,11 +213,10 @@ def test_upstream_moe_mm_on_our_output_equals_upstream(name, per_expert, path, u
     our_s, our_c = ops.prepare_scales_grouped(ws, path)
     our_strides = ops.b_strides_grouped(e, n, k, w.device)
     up_w, up_strides = up_chain.weight_grouped(upstream, w)
-    quant = up_chain.native_per_token if path == "native" else up_chain.cuda_per_token(upstream)
-    up_s, up_c = up_chain.scales_grouped(upstream, quant, ws)
+    up_s, up_c = up_chain.scales_grouped(upstream, _quant(path), ws)
     counts = route(e, per_expert, gen)
     a = torch.randn(int(counts.sum()), k, generator=gen).to(torch.bfloat16).cuda()
-    a8, a_scale = up_chain.cuda_per_token(upstream)(a)
+    a8, a_scale = _quant("cuda")(a)
     ours = moe_mm(upstream, a8, a_scale, counts, our_w, our_s, our_c, our_strides)
     theirs = moe_mm(upstream, a8, a_scale, counts, up_w, up_s, up_c, up_strides)
     assert_same(ours, theirs, f"{name} ({path}): moe_mm output, fed ours vs fed upstream's")

@@ -122,14 +122,13 @@ def _rank_main(rank: int, port: int, device: str, oracle_path, results):
 def _same_as_upstream(layer, parts) -> bool:
     """The rank's prepared weight and scales == vLLM's chain on its shard."""
     from vllm_w4a8_fastprep import upstream
-    from vllm_w4a8_fastprep.scheme import scale_path_of
 
     vllm_ops = torch.ops._C
     dev = layer.weight_packed.device
     packed = torch.cat([p for p, _ in parts]).to(dev)
     scale = torch.cat([s for _, s in parts]).to(dev)
-    quant = (upstream.cuda_per_token(vllm_ops) if scale_path_of(layer.scheme.kernel.quant_fp8)
-             == "cuda" else upstream.native_per_token)
+    # vLLM's own QuantFP8, on the forward the layer's own QuantFP8 took
+    quant = upstream.quant_fp8(upstream.forward_path(layer.scheme.kernel.quant_fp8))
     w = upstream.weight(vllm_ops, packed)
     s, c = upstream.scales(vllm_ops, quant, scale)
     return (torch.equal(layer.weight_packed.view(torch.uint8), w.view(torch.uint8))
