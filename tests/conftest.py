@@ -1,9 +1,21 @@
+"""Shared fixtures.
+
+Tests marked ``gpu`` skip without a CUDA GPU. On a GPU of compute capability
+9.x every test must run: a missing oracle library (``W4A8_FASTPREP_ORACLE``),
+vLLM package or MoE ops, compiled extension or compute-sanitizer FAILS there,
+naming what to provide; set ``W4A8_FASTPREP_ALLOW_SKIP=1`` to let such tests
+skip instead (tests/must_run.py). Elsewhere they skip, saying why (``-rs``)."""
+
+import logging
 import os
+import pathlib
+import socket
 
 import pytest
 import torch
 
-from oracle import OracleError, find_oracle, load, searched
+from must_run import skip_or_fail
+from oracle import ENV, OracleError, find_oracle, load, searched
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,13 +31,15 @@ def pytest_collection_modifyitems(config, items):
 def oracle_path():
     """Path of vLLM 0.26.0's compiled ops library (tests/oracle.py says where
     it is looked for); child processes get this path. Skips when there is
-    none; a W4A8_FASTPREP_ORACLE naming a missing file is an error."""
+    none (fails on compute capability 9.x); a W4A8_FASTPREP_ORACLE naming a
+    missing file is an error."""
     try:
         path = find_oracle()
     except OracleError as e:
         pytest.fail(str(e))
     if path is None:
-        pytest.skip(f"upstream vLLM ops library not found ({searched()})")
+        skip_or_fail(f"upstream vLLM ops library not found ({searched()})",
+                     f"set {ENV} to vLLM 0.26.0's _C library, or install the vllm 0.26.0 wheel")
     return path
 
 
@@ -45,3 +59,72 @@ def gen():
     g = torch.Generator().manual_seed(seed)
     print(f"seed={seed}")
     return g
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The registered ops (``torch.ops.w4a8_fastprep``): skip when the
+    extension is not built (a checkout without nvcc); fail when it is built
+    but does not load, in CI (CI=true, where the set-up builds it), or on
+    compute capability 9.x."""
+    from vllm_w4a8_fastprep import ops
+
+    err = ops.extension_error()
+    if err is None:
+        return torch.ops.w4a8_fastprep
+    built = any(pathlib.Path(ops.__file__).parent.glob("_C*.so"))
+    if built or os.environ.get("CI") == "true":
+        pytest.fail(err)
+    skip_or_fail(err, "build the extension (pip install -e . with nvcc, see README)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_ctx():
+    """A current vLLM config with a one-rank distributed environment (gloo on
+    the CPU, NCCL on a GPU), the package's plugin registered; yields the
+    device. vLLM's layers can be built inside it."""
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vc = VllmConfig(device_config=DeviceConfig(device=device))
+    with set_current_vllm_config(vc):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                     backend="gloo" if device == "cpu" else "nccl")
+        initialize_model_parallel(1, 1)
+        yield torch.device(device)
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
+@pytest.fixture
+def log_lines():
+    """Records of the package's logger (``vllm.w4a8_fastprep``) from INFO up."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("vllm.w4a8_fastprep")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+

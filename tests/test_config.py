@@ -208,31 +208,13 @@ def test_nvfp4_format_checkpoint_is_left_to_upstream(configs, tiny_ckpt, tmp_pat
 # ----------------------------------------------------------- MoE routing
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moe_layer():
+def moe_layer(vllm_ctx):
     """A vLLM RoutedExperts layer; routing is then asked of the configs
     directly. Built with the package's MoE method in preparation-only mode
     (vLLM's unquantized MoE layer needs a GPU backend)."""
-    import vllm_w4a8_fastprep
-
-    vllm_w4a8_fastprep.register()
     moe = pytest.importorskip("vllm_w4a8_fastprep.moe")
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-    from vllm.model_executor.layers.fused_moe import FusedMoE
+    from vllm.model_executor.layers.fused_moe import FusedMoE, RoutedExperts
 
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
@@ -242,21 +224,11 @@ def moe_layer():
                 return moe.make_moe_method(self, layer, prefix, kernel=False)
             return super().get_quant_method(layer, prefix)
 
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device=device))):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                     backend="gloo" if device == "cpu" else "nccl")
-        initialize_model_parallel(1, 1)
-        runner = FusedMoE(num_experts=4, top_k=2, hidden_size=256, intermediate_size=256,
-                          params_dtype=torch.bfloat16,
-                          quant_config=Build.from_config(quantization_config(moe=True)),
-                          prefix="model.layers.0.mlp.experts")
-        yield runner.routed_experts, "model.layers.0.mlp.experts"
-        destroy_model_parallel()
-        destroy_distributed_environment()
+    runner = FusedMoE(num_experts=4, top_k=2, hidden_size=256, intermediate_size=256,
+                      params_dtype=torch.bfloat16,
+                      quant_config=Build.from_config(quantization_config(moe=True)),
+                      prefix="model.layers.0.mlp.experts")
+    return runner.routed_experts, "model.layers.0.mlp.experts"
 
 
 def _moe_config(cls_name: str):

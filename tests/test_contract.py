@@ -5,7 +5,6 @@ reports them (``torch.ops.w4a8_fastprep.constant``, which runs on CPU-only
 machines too), and the build targets the oldest torch supported."""
 
 import ast
-import os
 import pathlib
 import re
 
@@ -17,25 +16,15 @@ from vllm_w4a8_fastprep import checkpoint_format, ops, reference
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    err = ops.extension_error()
-    if err is None:
-        return torch.ops.w4a8_fastprep
-    built = any(pathlib.Path(ops.__file__).parent.glob("_C*.so"))
-    if built or os.environ.get("CI") == "true":
-        pytest.fail(err)
-    pytest.skip(err)
-
 
 @pytest.mark.parametrize("name", sorted(ops.CONSTANTS))
-def test_compiled_constant_equals_python(compiled, name):
-    assert compiled.constant(name) == ops.CONSTANTS[name]
+def test_compiled_constant_equals_python(extension, name):
+    assert extension.constant(name) == ops.CONSTANTS[name]
 
 
-def test_compiled_library_refuses_unknown_constant(compiled):
+def test_compiled_library_refuses_unknown_constant(extension):
     with pytest.raises(RuntimeError, match="unknown constant 'group-size'"):
-        compiled.constant("group-size")
+        extension.constant("group-size")
 
 
 def test_python_constants_are_the_ones_python_uses():
@@ -69,18 +58,18 @@ def test_build_targets_the_pinned_torch():
     assert int(_setup_constant("TORCH_TARGET_VERSION"), 16) == (major << 56) | (minor << 48)
 
 
-def test_loaded_library_is_checked_against_the_package(compiled):
+def test_loaded_library_is_checked_against_the_package(extension):
     # ops.extension_error() refuses a library built from other sources
     assert ops.extension_error() is None
-    assert ops.compiled_mismatch(compiled, ops.CONSTANTS) is None
+    assert ops.compiled_mismatch(extension, ops.CONSTANTS) is None
     changed = {**ops.CONSTANTS, "scale_path.cuda": 2}
-    assert "has scale_path.cuda = 1 but this package has 2" in ops.compiled_mismatch(compiled, changed)
+    assert "has scale_path.cuda = 1 but this package has 2" in ops.compiled_mismatch(extension, changed)
 
     class OldLibrary:  # a build from before the grouped ops
         def __getattr__(self, name):
             if "grouped" in name or name == "constant":
                 raise AttributeError(name)
-            return getattr(compiled, name)
+            return getattr(extension, name)
 
     msg = ops.compiled_mismatch(OldLibrary(), ops.CONSTANTS)
     assert "lacks the ops ['prepare_weight_grouped'" in msg and "rebuild it" in msg

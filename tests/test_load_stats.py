@@ -2,7 +2,6 @@
 layer still reported, dense and MoE layers apart, and the time of this
 package's own preparation (per layer, not the wall span of the load)."""
 
-import logging
 import time
 
 import pytest
@@ -14,20 +13,9 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def lines():
+def lines(log_lines):
     """Messages of the package logger, as the summary writes them."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("vllm.w4a8_fastprep")
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield lambda: [r.getMessage() for r in records if "prepared" in r.getMessage()]
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
+    return lambda: [r.getMessage() for r in log_lines if "prepared" in r.getMessage()]
 
 
 def _layer(stats, name, device="cpu", seconds=0.0, experts=0, fallback=False,

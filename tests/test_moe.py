@@ -42,30 +42,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def vllm_ctx():
-    import vllm_w4a8_fastprep
-
-    vllm_w4a8_fastprep.register()
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    vc = VllmConfig(device_config=DeviceConfig(device=device))
-    with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                     backend="gloo" if device == "cpu" else "nccl")
-        initialize_model_parallel(1, 1)
-        yield torch.device(device)
-        destroy_model_parallel()
-        destroy_distributed_environment()
-
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
@@ -373,48 +349,32 @@ def test_own_registration_for_k_mod_256_eq_128_matches_upstreams_create_weights(
 # ---------------------------------------------------------------- routing
 
 
-def _log_records():
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    return records, handler
-
-
-def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx):
+def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_lines):
     runner = _fused_moe(_prepare_only_config(), "model.layers.10.mlp.experts", 4, 256, 256,
                         vllm_ctx)
     layer, prefix = runner.routed_experts, "model.layers.10.mlp.experts"
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
-    records, handler = _log_records()
-    log = logging.getLogger("vllm.w4a8_fastprep")
-    log.addHandler(handler)
-    old_level = log.level
-    log.setLevel(logging.INFO)
     moe._logged.clear()
-    try:
-        w4afp8 = W4A8FastPrepConfig.from_config(quantization_config(moe=True))
-        method = moe.get_moe_method(w4afp8, layer, prefix)
-        if moe.moe_kernel_problem(layer.moe_config) is None:  # an SM90 GPU with vLLM's ops
-            assert type(method) is moe.W4A8FastPrepMoEMethod and method.build_kernel
-        else:
-            assert method is None
-            assert any("cannot run here" in r.getMessage() and prefix in r.getMessage()
-                       for r in records if r.levelno == logging.WARNING)
-        # not W4AFP8: int8 activations (W4A8-int) -> upstream, logged
-        cfg = quantization_config(moe=True)
-        cfg["config_groups"]["group_0"]["input_activations"]["type"] = "int"
-        assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
-        assert any(f"{prefix} is not W4AFP8 (input_activations: type=int" in r.getMessage()
-                   for r in records)
-        # experts left unquantized -> upstream (its unquantized method)
-        cfg = quantization_config(moe=True)
-        cfg["ignore"].append("re:.*mlp.experts.*")
-        assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
-        assert any("not quantized" in r.getMessage() for r in records)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
+    w4afp8 = W4A8FastPrepConfig.from_config(quantization_config(moe=True))
+    method = moe.get_moe_method(w4afp8, layer, prefix)
+    if moe.moe_kernel_problem(layer.moe_config) is None:  # an SM90 GPU with vLLM's ops
+        assert type(method) is moe.W4A8FastPrepMoEMethod and method.build_kernel
+    else:
+        assert method is None
+        assert any("cannot run here" in r.getMessage() and prefix in r.getMessage()
+                   for r in log_lines if r.levelno == logging.WARNING)
+    # not W4AFP8: int8 activations (W4A8-int) -> upstream, logged
+    cfg = quantization_config(moe=True)
+    cfg["config_groups"]["group_0"]["input_activations"]["type"] = "int"
+    assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
+    assert any(f"{prefix} is not W4AFP8 (input_activations: type=int" in r.getMessage()
+               for r in log_lines)
+    # experts left unquantized -> upstream (its unquantized method)
+    cfg = quantization_config(moe=True)
+    cfg["ignore"].append("re:.*mlp.experts.*")
+    assert moe.get_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix) is None
+    assert any("not quantized" in r.getMessage() for r in log_lines)
     with pytest.raises(ValueError, match="is not W4AFP8"):
         moe.make_moe_method(W4A8FastPrepConfig.from_config(cfg), layer, prefix)
 

@@ -6,15 +6,15 @@ forward equals a dequantised float MoE within fp8 error (also for
 ``intermediate_size_per_partition % 256 == 128`` when that is enabled); the
 preparation holds at most one extra copy of the layer and does not synchronise.
 
-Run: ``.venv/bin/python -m pytest -q tests/test_moe_gpu.py -rs`` (skips,
-saying why, where the CUTLASS MoE path cannot run)."""
-
-import socket
+Run: ``.venv/bin/python -m pytest -q tests/test_moe_gpu.py -rs``. Where the
+CUTLASS MoE path cannot run it skips, saying why; on compute capability 9.x
+that is a failure (tests/must_run.py)."""
 
 import pytest
 import torch
+from must_run import VLLM, import_or_skip, skip_or_fail
 
-pytest.importorskip("vllm")
+import_or_skip("vllm")
 
 from bitexact import (  # noqa: E402
     assert_channel_scales_equal,
@@ -38,43 +38,21 @@ SHAPES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def gpu_ctx():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    import vllm_w4a8_fastprep
-
-    vllm_w4a8_fastprep.register()
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
+def gpu_ctx(vllm_ctx):
+    """The current vLLM config (on the GPU) with vLLM's workspace manager;
+    where upstream's CUTLASS MoE path cannot run, neither can ours: skip
+    (fail on compute capability 9.x, where it must run)."""
+    from vllm.config import get_current_vllm_config
     from vllm.v1.worker.workspace import init_workspace_manager
 
-    vc = VllmConfig(device_config=DeviceConfig(device="cuda"))
-    with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                     backend="nccl")
-        initialize_model_parallel(1, 1)
-        init_workspace_manager(torch.device("cuda"))
-        # where upstream's CUTLASS MoE path cannot run, neither can ours
-        probe = _runner(_prepare_only_config(), "probe.experts", *SHAPES["tiny"])
-        problem = moe.moe_kernel_problem(probe.routed_experts.moe_config)
-        if problem is not None:
-            pytest.skip(f"vLLM's CUTLASS W4A8 MoE path cannot run here: {problem}")
-        yield vc
-        destroy_model_parallel()
-        destroy_distributed_environment()
+    init_workspace_manager(vllm_ctx)
+    probe = _runner(_prepare_only_config(), "probe.experts", *SHAPES["tiny"])
+    problem = moe.moe_kernel_problem(probe.routed_experts.moe_config)
+    if problem is not None:
+        skip_or_fail(f"vLLM's CUTLASS W4A8 MoE path cannot run here: {problem}",
+                     f"{VLLM}, importable here")
+    return get_current_vllm_config()
 
 
 def _runner(qc, prefix: str, experts: int, hidden: int, intermediate: int):

@@ -18,12 +18,11 @@ from bitexact import (
     assert_same,
     assert_weight_equal,
 )
+from gpu_inputs import FP8, U8, is_k128, rand_scales, randint32
 from upstream_child import expect_output, run_batch, run_python
 from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
-FP8 = torch.float8_e4m3fn
-U8 = torch.uint8
 
 
 def _unique(table: dict) -> dict:
@@ -46,21 +45,6 @@ GEMM_CASES = [("llama3-8b/o@tp1", 64), ("edge/5504x384", 7), ("edge/384x5504", 3
               ("llama3-70b/gate_up@tp8", 128), ("qwen2.5-0.5b/gate_up@tp1", 16)]
 
 
-def _k128(k: int) -> bool:
-    return k % 256 == 128
-
-
-def _randint32(shape, device="cuda", generator=None):
-    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device,
-                         generator=generator)
-
-
-def _rand_scales(n, g, device="cuda"):
-    # Realistic magnitudes plus a spread of exponents, never all equal.
-    x = torch.rand(n, g, device=device) * torch.exp2(torch.randint(-14, 2, (n, 1), device=device).float())
-    return (x + 1e-6).to(torch.bfloat16)
-
-
 @pytest.fixture(scope="module")
 def k128(oracle_path, tmp_path_factory):
     """Inputs of every K % 256 == 128 case here, and upstream's outputs for
@@ -71,8 +55,8 @@ def k128(oracle_path, tmp_path_factory):
     jobs = {}
     for mode, table in (("weight", SHAPES), ("encode", ENCODE_SHAPES)):
         for n, k in table.values():
-            if _k128(k):
-                jobs[(mode, n, k)] = (mode, _randint32((n, k // 8), "cpu", g))
+            if is_k128(k):
+                jobs[(mode, n, k)] = (mode, randint32((n, k // 8), "cpu", g))
     results = run_batch(oracle_path, jobs, tmp_path_factory.mktemp("upstream_k128"))
     return {key: (jobs[key][1], results[key]) for key in jobs}
 
@@ -80,11 +64,11 @@ def k128(oracle_path, tmp_path_factory):
 def _weight_input_and_upstream(upstream, k128, n, k):
     """Checkpoint weights and upstream's chain on them (from a child process
     where K % 256 == 128)."""
-    if _k128(k):
+    if is_k128(k):
         w, result = k128[("weight", n, k)]
         w = w.cuda()
         return w, lambda: expect_output(result, w.device)
-    w = _randint32((n, k // 8))
+    w = randint32((n, k // 8))
     return w, lambda: up_chain.weight(upstream, w)
 
 
@@ -105,11 +89,11 @@ def test_prepare_weight_bit_exact(name, upstream, k128):
 @pytest.mark.parametrize("name", list(ENCODE_SHAPES))
 def test_encode_and_reorder_int4b_bit_exact(name, upstream, k128):
     n, k = ENCODE_SHAPES[name]
-    rows = k128[("encode", n, k)][0].cuda() if _k128(k) else _randint32((n, k // 8))
+    rows = k128[("encode", n, k)][0].cuda() if is_k128(k) else randint32((n, k // 8))
     b = rows.t()  # signed int4, (K/8, N), strides (1, K/8)
     ours = ops.encode_and_reorder_int4b(b)
     assert_weight_equal(ours, ref.encode_and_reorder_int4b(b), f"{name}: kernel vs reference")
-    if _k128(k):
+    if is_k128(k):
         up = expect_output(k128[("encode", n, k)][1], b.device)
     else:
         up = upstream.cutlass_encode_and_reorder_int4b(b)
@@ -171,7 +155,7 @@ def _check_all_paths(ws, upstream, what):
 @pytest.mark.parametrize("name", SCALE_SHAPES)
 def test_prepare_scales_bit_exact_all_paths(name, upstream):
     n, k = ALL[name]
-    _check_all_paths(_rand_scales(n, k // 128), upstream, name)
+    _check_all_paths(rand_scales(n, k // 128), upstream, name)
 
 
 @pytest.mark.parametrize("g", [1, 7, 64])
@@ -194,7 +178,7 @@ def test_scale_paths_disagree_somewhere():
 def test_upstream_gemm_on_our_output_equals_upstream(name, m, upstream, k128):
     n, k = ALL[name]
     w, upstream_of_w = _weight_input_and_upstream(upstream, k128, n, k)
-    ws = _rand_scales(n, k // 128)
+    ws = rand_scales(n, k // 128)
     our_w, our_s, our_c = ops.prepare_layer(w, ws, "cuda")
     up_w = upstream_of_w()
     up_s, up_c = up_chain.scales(upstream, _quant("cuda"), ws)
@@ -218,14 +202,14 @@ def test_upstream_gemm_on_our_output_equals_upstream(name, m, upstream, k128):
 
 
 def test_cuda_graph_capture_of_prepare_weight():
-    w = _randint32((4096, 512))
+    w = randint32((4096, 512))
     ops.prepare_weight(w)  # warm up (loads the module) outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         out = ops.prepare_weight(w)
-    w.copy_(_randint32(w.shape))  # new contents: the replay must read them
+    w.copy_(randint32(w.shape))  # new contents: the replay must read them
     want = ref.prepare_weight(w)
     graph.replay()
     torch.cuda.synchronize()
@@ -233,8 +217,8 @@ def test_cuda_graph_capture_of_prepare_weight():
 
 
 def test_runs_on_the_current_side_stream():
-    w = _randint32((8192, 4096))
-    ws = _rand_scales(8192, 32)
+    w = randint32((8192, 4096))
+    ws = rand_scales(8192, 32)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -252,7 +236,7 @@ def test_runs_on_the_current_side_stream():
 
 def test_peak_extra_memory_is_one_weight():
     n, k = model_shapes.DENSE["llama3-70b/down@tp1"]
-    w = _randint32((n, k // 8))
+    w = randint32((n, k // 8))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -264,7 +248,7 @@ def test_peak_extra_memory_is_one_weight():
 
 
 def test_opcheck_cuda():
-    w, ws = _randint32((256, 64)), _rand_scales(256, 4)
+    w, ws = randint32((256, 64)), rand_scales(256, 4)
     no_fp8_mul = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.w4a8_fastprep.prepare_weight.default, (w,))
     torch.library.opcheck(torch.ops.w4a8_fastprep.encode_and_reorder_int4b.default, (w.t(),))
@@ -308,7 +292,7 @@ def test_cuda_errors_from_the_op_itself():
 
 def test_mismatched_devices():
     with pytest.raises(RuntimeError, match="same device"):
-        ops.prepare_layer(_randint32((128, 16)), _rand_scales(128, 1, device="cpu"))
+        ops.prepare_layer(randint32((128, 16)), rand_scales(128, 1, device="cpu"))
 
 
 MISALIGNED_SCRIPT = r"""

@@ -21,12 +21,12 @@ from bitexact import (
     assert_same,
     assert_weight_equal,
 )
+from gpu_inputs import is_k128, rand_scales, randint32
 from moe_gemm_probe import MAX_REL_ELEM, MAX_REL_FRO, dequantized_product, errors, moe_mm, route
 from upstream_child import expect_output, run_batch, run_python
 from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
-FP8 = torch.float8_e4m3fn
 MiB = 1 << 20
 REF_LIMIT = 512 * MiB  # the reference's index tensors are 16x the weight: only below this
 E257_LIMIT = 256 * MiB  # 257 experts only where that layer stays this small
@@ -57,26 +57,10 @@ GEMM_CASES = [("qwen3-30b-a3b/w13@tp1", 16), ("qwen3-30b-a3b/w2@tp1", 100),
               ("deepseek-v3/w2@tp8", 4), ("deepseek-v3/w13@ep8", 48), ("qwen3-30b-a3b/w13@tp2", 200)]
 
 
-def _k128(k: int) -> bool:
-    return k % 256 == 128
-
-
-def _randint32(shape, device="cuda", generator=None):
-    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device,
-                         generator=generator)
-
-
 def _layout_rows(e, n, k, device="cuda"):
     """What upstream's grouped reorder returns as b_strides, written out from
     the layout facts (issue 9): every row (N/16, K/32, 32*N)."""
     return torch.tensor([[n // 16, k // 32, 32 * n]] * e, dtype=torch.int32, device=device)
-
-
-def _rand_scales(e, n, g, device="cuda"):
-    # Realistic magnitudes plus a spread of exponents per row, never all equal.
-    x = torch.rand(e, n, g, device=device) * torch.exp2(
-        torch.randint(-14, 2, (e, n, 1), device=device).float())
-    return (x + 1e-6).to(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +71,8 @@ def k128(oracle_path, tmp_path_factory):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"k128 grouped inputs: seed={seed}")
     g = torch.Generator().manual_seed(seed)
-    jobs = {(e, n, k): ("weight", _randint32((e, n, k // 8), "cpu", g))
-            for e, n, k in CASES.values() if _k128(k) and e <= 3}
+    jobs = {(e, n, k): ("weight", randint32((e, n, k // 8), "cpu", g))
+            for e, n, k in CASES.values() if is_k128(k) and e <= 3}
     results = run_batch(oracle_path, jobs, tmp_path_factory.mktemp("upstream_k128_grouped"))
     return {key: (jobs[key][1], results[key]) for key in jobs}
 
@@ -101,7 +85,7 @@ def test_prepare_weight_grouped_bit_exact(case, upstream, k128):
         w, result = k128[(e, n, k)]
         w = w.cuda()
     else:
-        w = _randint32((e, n, k // 8))
+        w = randint32((e, n, k // 8))
     ours = ops.prepare_weight_grouped(w)
     assert ours.shape == w.shape and ours.is_contiguous() and ours.dtype == torch.int32
     if e * n * k // 2 <= REF_LIMIT:
@@ -109,7 +93,7 @@ def test_prepare_weight_grouped_bit_exact(case, upstream, k128):
     if e <= 3:  # expert e's bytes are the dense op's bytes of that expert
         dense = torch.stack([ops.prepare_weight(w[i]).t() for i in range(e)])
         assert_weight_equal(ours, dense, f"{case}: grouped vs dense kernel per expert")
-    if not _k128(k):
+    if not is_k128(k):
         up_w, up_strides = up_chain.weight_grouped(upstream, w)
         assert_weight_equal(ours, up_w, f"{case}: kernel vs upstream's grouped chain")
         assert_same(ops.b_strides_grouped(e, n, k, w.device), up_strides, f"{case}: b_strides vs upstream")
@@ -122,11 +106,11 @@ def test_prepare_weight_grouped_bit_exact(case, upstream, k128):
 def test_encode_and_reorder_int4b_grouped_bit_exact(case, upstream):
     e, n, k = CASES[case]
     torch.cuda.empty_cache()
-    b = _randint32((e, n, k // 8))  # signed int4
+    b = randint32((e, n, k // 8))  # signed int4
     ours_w, ours_s = ops.encode_and_reorder_int4b_grouped(b)
     assert_weight_equal(ours_w, ref.encode_and_reorder_int4b_grouped(b)[0], f"{case}: kernel vs reference")
     assert_same(ours_s, _layout_rows(e, n, k), f"{case}: b_strides vs the layout")
-    if not _k128(k):
+    if not is_k128(k):
         up_w, up_s = upstream.cutlass_encode_and_reorder_int4b_grouped(b)
         assert_weight_equal(ours_w, up_w, f"{case}: kernel vs upstream")
         assert_same(ours_s, up_s, f"{case}: b_strides vs upstream")
@@ -186,7 +170,7 @@ def _check_scales_grouped(ws, upstream, what):
 @pytest.mark.parametrize("case", list(SCALE_CASES))
 def test_prepare_scales_grouped_bit_exact_both_paths(case, upstream):
     e, n, k = SCALE_CASES[case]
-    _check_scales_grouped(_rand_scales(e, n, k // 128), upstream, case)
+    _check_scales_grouped(rand_scales(e, n, k // 128), upstream, case)
 
 
 def test_prepare_scales_grouped_every_bf16_amax(upstream):
@@ -207,8 +191,8 @@ def test_prepare_scales_grouped_every_bf16_amax(upstream):
 def test_upstream_moe_mm_on_our_output_equals_upstream(name, per_expert, path, upstream, gen):
     e, n, k = model_shapes.MOE[name]
     torch.cuda.empty_cache()
-    w = _randint32((e, n, k // 8))
-    ws = _rand_scales(e, n, k // 128)
+    w = randint32((e, n, k // 8))
+    ws = rand_scales(e, n, k // 128)
     our_w = ops.prepare_weight_grouped(w)
     our_s, our_c = ops.prepare_scales_grouped(ws, path)
     our_strides = ops.b_strides_grouped(e, n, k, w.device)
@@ -227,8 +211,8 @@ def test_upstream_moe_mm_on_our_output_equals_upstream(name, per_expert, path, u
 
 def test_cuda_graph_capture_of_grouped_ops():
     e, (_, n, k) = 3, model_shapes.MOE["qwen3-30b-a3b/w2@tp2"]  # K % 256 == 128 too
-    w, b = _randint32((e, n, k // 8)), _randint32((e, n, k // 8))
-    ws = _rand_scales(e, n, k // 128)
+    w, b = randint32((e, n, k // 8)), randint32((e, n, k // 8))
+    ws = rand_scales(e, n, k // 128)
     for path in ops.SCALE_PATHS:  # warm up (loads the module) outside the capture
         ops.prepare_scales_grouped(ws, path)
     ops.prepare_weight_grouped(w)
@@ -241,9 +225,9 @@ def test_cuda_graph_capture_of_grouped_ops():
         enc_w, enc_s = ops.encode_and_reorder_int4b_grouped(b)
         packed, chan = ops.prepare_scales_grouped(ws, "cuda")
     # new contents: the replay must read them
-    w.copy_(_randint32(w.shape))
-    b.copy_(_randint32(b.shape))
-    ws.copy_(_rand_scales(e, n, k // 128))
+    w.copy_(randint32(w.shape))
+    b.copy_(randint32(b.shape))
+    ws.copy_(rand_scales(e, n, k // 128))
     graph.replay()
     torch.cuda.synchronize()
     assert_weight_equal(out_w, ref.prepare_weight_grouped(w), "graph replay: prepare_weight_grouped")
@@ -256,7 +240,7 @@ def test_cuda_graph_capture_of_grouped_ops():
 
 
 def test_opcheck_grouped_cuda():
-    w, ws = _randint32((3, 256, 48)), _rand_scales(3, 256, 3)
+    w, ws = randint32((3, 256, 48)), rand_scales(3, 256, 3)
     no_fp8_mul = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.w4a8_fastprep.prepare_weight_grouped.default, (w,))
     torch.library.opcheck(torch.ops.w4a8_fastprep.encode_and_reorder_int4b_grouped.default, (w,))

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from must_run import skip_or_fail
 from upstream_child import child_env
 
 SCRIPT = pathlib.Path(__file__).with_name("sanitize_kernels.py")
@@ -55,7 +56,8 @@ def runs(tmp_path_factory):
     """The three tools, run side by side (each is slow): {tool: (rc, output)}."""
     exe = _sanitizer()
     if exe is None:
-        pytest.skip("compute-sanitizer not found")
+        skip_or_fail("compute-sanitizer not found (on PATH or in /usr/local/cuda/bin)",
+                     "install the CUDA toolkit's compute-sanitizer and put it on PATH")
     env = child_env()
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # one allocation per tensor: exact bounds
     logs = tmp_path_factory.mktemp("sanitizer")

@@ -27,45 +27,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def vllm_ctx():
-    import vllm_w4a8_fastprep
-
-    vllm_w4a8_fastprep.register()
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    vc = VllmConfig(device_config=DeviceConfig(device=device))
-    with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                     backend="gloo" if device == "cpu" else "nccl")
-        initialize_model_parallel(1, 1)
-        yield torch.device(device)
-        destroy_model_parallel()
-        destroy_distributed_environment()
-
-
-@pytest.fixture
-def log_lines():
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("vllm.w4a8_fastprep")
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
 
 
 def _quant_config():
