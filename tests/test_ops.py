@@ -121,29 +121,92 @@ def test_prepare_layer_checks_pair():
         ops.prepare_layer(_packed(128, 256), _scales(128, 2).to("meta"))
 
 
-# ------------------------------------------------------- CPU == reference
+# ------------------------------------------- CPU path == the format, written out
+# Expected bytes computed here nibble by nibble, scale by scale, from the
+# format's definition (the checkpoint layout, CUTLASS's encoding and reorder,
+# vLLM's per-row fp8 quantisation, the scale packing), not with reference.py.
 
 
-@pytest.mark.parametrize("n,k", [(128, 128), (256, 384), (384, 640)])
-def test_cpu_ops_equal_reference(n, k, gen, extension):
+def _f32(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _fp8(x) -> int:
+    """fp32 -> the byte of fp8 e4m3 (round to nearest even, saturating)."""
+    x = max(-448.0, min(448.0, float(x)))
+    return int(torch.tensor(x, dtype=torch.float32).to(FP8).view(torch.uint8))
+
+
+def _weight_bytes_from_format(packed: torch.Tensor, uint4b8: bool) -> list[int]:
+    n_rows, k = packed.shape[0], packed.shape[1] * 8
+    src = packed.contiguous().view(torch.uint8).reshape(-1).tolist()  # byte kb of row n: k = 2kb, 2kb+1
+    out = [None] * len(src)
+    for n in range(n_rows):
+        for kb in range(k // 2):
+            byte = src[n * (k // 2) + kb]
+            enc = 0
+            for shift in (0, 4):
+                v = (byte >> shift) & 0xF
+                if uint4b8:
+                    v = (v - 8) & 0xF  # stored = signed + 8
+                enc |= (8 - v if 1 <= v <= 7 else v) << shift
+            dst = (256 * (n // 16 + (n_rows // 16) * (kb // 16)) + 32 * (n % 8) + 8 * ((kb // 2) % 4)
+                   + 4 * ((kb % 16) // 8) + 2 * ((n % 16) // 8) + kb % 2)
+            out[dst] = enc
+    return out
+
+
+def _row_scales_from_format(ws: torch.Tensor, path: str):
+    """vLLM's convert_bf16_scales_to_fp8, one row at a time: fp8 bytes
+    [N][K/128] and fp32 channel scales."""
+    groups, chans = [], []
+    for row in ws.float().tolist():
+        amax = _f32(max(abs(v) for v in row))
+        if path == "native":  # forward_native: x_max * fp32(1/448), values times 1/scale
+            scale = torch.clamp(amax * _f32(1.0 / 448.0), min=1.0 / (448.0 * 512.0))
+            q = [_f32(v) * (_f32(1.0) / scale) for v in row]
+        else:  # dynamic_per_token_scaled_fp8_quant: x_max / 448, values divided by it
+            scale = torch.clamp(amax / _f32(448.0), min=1.0 / (448.0 * 512.0))
+            q = [_f32(v) / scale for v in row]
+        fp8 = [torch.tensor([_fp8(x)], dtype=torch.uint8).view(FP8).float().item() for x in q]
+        groups.append([_fp8(_f32(x) / 8.0) for x in fp8])
+        chans.append((scale * 8.0).item())
+    return groups, chans
+
+
+def _packed_scales_from_format(group_bytes_t: list[int]) -> list[int]:
+    """cutlass_pack_scale_fp8: out[8i + j] = fp8(s_i * (j - 8))."""
+    out = []
+    for b in group_bytes_t:
+        s_i = torch.tensor([b], dtype=torch.uint8).view(FP8).float().item()
+        out += [0x7F] * 8 if s_i != s_i else [_fp8(_f32(s_i) * (j - 8)) for j in range(8)]
+    return out
+
+
+def _bytes(t: torch.Tensor) -> list[int]:
+    return t.contiguous().view(torch.uint8).reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("n,k", [(128, 128), (256, 384), (128, 640)])
+def test_cpu_ops_follow_the_format_definition(n, k, gen, extension):
     w = _packed(n, k, gen)
-    out = ops.prepare_weight(w)
-    assert out.shape == (k // 8, n) and out.stride() == (1, k // 8)
-    assert torch.equal(out, ref.prepare_weight(w))
-    assert torch.equal(torch.ops.w4a8_fastprep.prepare_weight(w), out)
+    want = _weight_bytes_from_format(w, uint4b8=True)
+    for out in (ops.prepare_weight(w), torch.ops.w4a8_fastprep.prepare_weight(w)):
+        assert out.shape == (k // 8, n) and out.stride() == (1, k // 8)
+        assert _bytes(out.t()) == want  # the memory of an [N, K/8] buffer
+    signed = w.t()  # read as signed int4 this time: (K/8, N), strides (1, K/8)
+    assert _bytes(ops.encode_and_reorder_int4b(signed).t()) == _weight_bytes_from_format(w, False)
 
-    signed = (w ^ upstream.UINT4B8_TO_INT4).t()  # uint4b8 -> int4, (K/8, N) strides (1, K/8)
-    assert torch.equal(ops.encode_and_reorder_int4b(signed), out)
-
-    ws = _scales(n, k // 128, gen)
+    ws = _scales(n, k // 128, gen) * torch.exp2(torch.randint(-6, 3, (n, 1), generator=gen)).to(
+        torch.bfloat16)
     for path in ops.SCALE_PATHS:
+        groups, chans = _row_scales_from_format(ws, path)
+        transposed = [groups[r][g] for g in range(k // 128) for r in range(n)]  # (K/128, N)
         p, c = ops.prepare_scales(ws, path)
-        rp, rc = ref.prepare_scales(ws, path)
-        assert torch.equal(p.view(torch.uint8), rp.view(torch.uint8))
-        assert torch.equal(c, rc)
-    g, _ = ref.quantize_scale_rows(ws)
-    st = g.t().contiguous()
-    assert torch.equal(ops.pack_scale_fp8(st).view(torch.uint8), ref.pack_scale_fp8(st).view(torch.uint8))
+        assert _bytes(p) == _packed_scales_from_format(transposed), path
+        assert c.shape == (n, 1) and c.dtype == torch.float32 and c.view(-1).tolist() == chans, path
+    st = torch.tensor(transposed, dtype=torch.uint8).view(FP8).view(k // 128, n)
+    assert _bytes(ops.pack_scale_fp8(st)) == _packed_scales_from_format(transposed)
 
 
 def test_prepare_weight_xor_constant_is_uint4b8_to_int4():

@@ -142,16 +142,19 @@ def test_quantize_scale_rows_follows_vllm_formula(path, gen):
 
 
 def test_scale_paths_differ_only_in_last_bit_of_row_scale():
-    # Every positive bf16 amax: x * fp32(1/448) is within one ulp of x / 448.
+    # Every positive normal bf16 value as a row's maximum (one group per row):
+    # the cuda path's row scale is amax / 448 correctly rounded to fp32, the
+    # native path's (amax * fp32(1/448)) within one fp32 ulp of it, and the two
+    # differ for some rows, so the path matters.
     bits = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16)
-    amax = bits.view(torch.bfloat16).float()
-    exact = (amax / torch.tensor(448.0)).clamp(min=ref.FP8_MIN_SCALING_FACTOR)
-    native = (amax * torch.tensor(1 / 448.0, dtype=torch.float32)).clamp(
-        min=ref.FP8_MIN_SCALING_FACTOR
-    )
-    ulp = torch.nextafter(exact, torch.tensor(math.inf)) - exact
-    assert torch.all((exact - native).abs() <= ulp)
-    assert (exact != native).any()  # they do differ, so the path matters
+    ws = bits.view(torch.bfloat16).view(-1, 1)
+    exact = (ws.double() / 448.0).clamp(min=ref.FP8_MIN_SCALING_FACTOR).view(-1)
+    rounded = exact.float()
+    scale = {path: ref.quantize_scale_rows(ws, path)[1].view(-1) / 8.0 for path in ref.SCALE_PATHS}
+    assert torch.equal(scale["cuda"], rounded)
+    ulp = torch.nextafter(rounded, torch.tensor(math.inf)) - rounded
+    assert torch.all((scale["native"] - rounded).abs() <= ulp)
+    assert (scale["native"] != scale["cuda"]).any()
 
 
 def test_dequantize_weight_matches_signed_values():
