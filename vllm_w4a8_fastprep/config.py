@@ -105,9 +105,10 @@ class W4A8FastPrepConfig(CompressedTensorsConfig):
                           "checkpoint automatically: %s (pass --quantization %s to use it)",
                           METHOD_NAME, gated, METHOD_NAME)
                 return None
+            # where a layer cannot take the GPU path, the scheme's fallback warning says so
             _log_once(logging.INFO, "claimed", "%s: serving this W4AFP8 compressed-tensors "
-                      "checkpoint with GPU weight preparation (set %s=0 to use vLLM's own path)",
-                      METHOD_NAME, AUTO_ENV)
+                      "checkpoint with this package's weight preparation (set %s=0 to use "
+                      "vLLM's own path)", METHOD_NAME, AUTO_ENV)
             return METHOD_NAME
         return None
 
