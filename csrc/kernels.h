@@ -24,7 +24,7 @@ enum ScalePath : int { kNativePath = 0, kCudaPath = 1 };
 
 // num_experts int4 [N][K] row-major matrices, one after the other (uint4b8
 // when from_uint4b8) -> the CUTLASS W4A8 layout of each, nibbles encoded,
-// expert e at byte offset e * N * K / 2. One launch (two when K % 256 == 128).
+// expert e at byte offset e * N * K / 2. One launch (two when K % 512 != 0).
 // N, K multiples of 128; `in` and `out` 16-byte aligned.
 cudaError_t launch_encode_reorder(bool from_uint4b8, const void* in, void* out,
                                   int64_t n_rows, int64_t k,

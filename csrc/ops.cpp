@@ -18,8 +18,8 @@ namespace {
 using torch::headeronly::ScalarType;
 
 // Every error of this file goes through fail(): our own check instead of
-// STD_TORCH_CHECK / TORCH_ERROR_CODE_CHECK. On the lent H100 machine (Ubuntu
-// 24.04, GCC 13.3, PyPI torch 2.11) a failing STD_TORCH_CHECK inside an
+// STD_TORCH_CHECK / TORCH_ERROR_CODE_CHECK. On an H100 machine with PyPI torch
+// 2.11 (Ubuntu 24.04, GCC 13.3) a failing STD_TORCH_CHECK inside an
 // extension op segfaulted the process, even when caught in the same function
 // (a minimal extension reproduced it; a plain throw, and std::ostringstream in
 // a plain library, work there). Both torch macros build their message with a
