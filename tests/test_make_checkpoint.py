@@ -182,20 +182,20 @@ def test_read_gguf_reads_metadata_and_tensor_table(tiny_gguf):
 
 
 def test_read_gguf_errors(tmp_path, tiny_gguf):
-    with pytest.raises(mc.CheckpointError, match="no such file"):
+    with pytest.raises(mc.OneLineError, match="no such file"):
         mc.read_gguf(tmp_path / "nope.gguf")
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a gguf")
-    with pytest.raises(mc.CheckpointError, match="not a GGUF file"):
+    with pytest.raises(mc.OneLineError, match="not a GGUF file"):
         mc.read_gguf(tmp_path / "x.gguf")
     raw = tiny_gguf.read_bytes()
     (tmp_path / "cut.gguf").write_bytes(raw[:-1000])
-    with pytest.raises(mc.CheckpointError, match=r"truncated: tensor .* \(a part missing\?\)"):
+    with pytest.raises(mc.OneLineError, match=r"truncated: tensor .* \(a part missing\?\)"):
         mc.read_gguf(tmp_path / "cut.gguf")
     (tmp_path / "head.gguf").write_bytes(raw[:200])
-    with pytest.raises(mc.CheckpointError, match="truncated GGUF header"):
+    with pytest.raises(mc.OneLineError, match="truncated GGUF header"):
         mc.read_gguf(tmp_path / "head.gguf")
     (tmp_path / "long.gguf").write_bytes(raw + raw[:5000])
-    with pytest.raises(mc.CheckpointError, match="after the last tensor"):
+    with pytest.raises(mc.OneLineError, match="after the last tensor"):
         mc.read_gguf(tmp_path / "long.gguf")
 
 
@@ -267,7 +267,7 @@ def test_assemble_refuses_bad_parts(tmp_path, tiny_gguf, damage, message):
     elif damage == "empty":
         for w in wheels:
             w.unlink()
-    with pytest.raises(mc.CheckpointError, match=message):
+    with pytest.raises(mc.OneLineError, match=message):
         mc.assemble(parts, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob("m.gguf*"))
 
@@ -281,7 +281,7 @@ def test_assemble_cli_prints_one_line_errors(tmp_path, tiny_gguf, capsys):
     assert mc.main(["assemble", str(tmp_path / "parts"), str(tmp_path / "n.gguf"),
                     "--expect-size", "7"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("make_checkpoint: assembled ") and "expected 7" in err
+    assert err.startswith("make_checkpoint: error: assembled ") and "expected 7" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert mc.main(["assemble", str(tmp_path / "nothing"), str(tmp_path / "n.gguf")]) == 1
     assert "not a folder" in capsys.readouterr().err
@@ -355,7 +355,7 @@ def test_drop_gguf_quantizer_unblocks_save_pretrained(tmp_path):
 
 def test_drop_gguf_quantizer_refuses_layers_that_are_not_dense_bf16():
     m = _tiny_qwen2().float()
-    with pytest.raises(mc.CheckpointError, match="not bf16"):
+    with pytest.raises(mc.OneLineError, match="not bf16"):
         mc.drop_gguf_quantizer(m)
 
     class PackedLinear(torch.nn.Linear):
@@ -363,7 +363,7 @@ def test_drop_gguf_quantizer_refuses_layers_that_are_not_dense_bf16():
 
     m = _tiny_qwen2()
     m.model.layers[0].mlp.up_proj.__class__ = PackedLinear
-    with pytest.raises(mc.CheckpointError, match="not dense nn.Linear .*up_proj: PackedLinear"):
+    with pytest.raises(mc.OneLineError, match="not dense nn.Linear .*up_proj: PackedLinear"):
         mc.drop_gguf_quantizer(m)
 
 
@@ -408,9 +408,9 @@ def test_restore_special_tokens_refuses_ids_that_do_not_match():
     types = [1] * 257 + [3] * len(CONTROL) + [4] * len(USER)
     meta = {"tokenizer.ggml.tokens": shifted, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.eos_token_id": shifted.index("<|im_end|>")}
-    with pytest.raises(mc.CheckpointError, match="other ids than in the GGUF"):
+    with pytest.raises(mc.OneLineError, match="other ids than in the GGUF"):
         mc.restore_special_tokens(tok, _tiny_qwen2(vocab=len(shifted)), meta)
-    with pytest.raises(mc.CheckpointError, match="no tokenizer.ggml.tokens"):
+    with pytest.raises(mc.OneLineError, match="no tokenizer.ggml.tokens"):
         mc.restore_special_tokens(tok, _tiny_qwen2(), {})
 
 
@@ -425,21 +425,22 @@ def test_make_checkpoint_synthetic(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "-3"], "--layers must be a positive number"),
-    (["--layers", "0"], "--layers must be a positive number"),
+    (["--layers", "-3"], "argument --layers: must be >= 1, got -3"),
+    (["--layers", "0"], "argument --layers: must be >= 1, got 0"),
     (["--preset", "bogus"], "unknown preset 'bogus'"),
     (["--device", "nope"], "--device nope: not a device"),
 ])
 def test_synthetic_bad_arguments_give_one_error(tmp_path, args, message):
     p = _run_cli("synthetic", tmp_path / "m", *args, timeout=120)
-    assert p.returncode in (1, 2) and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_synthetic_on_cuda_without_a_gpu_gives_one_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     p = _run_cli("synthetic", tmp_path / "m", "--device", "cuda", timeout=120)
-    assert p.returncode == 1 and "--device cuda: no CUDA GPU here" in p.stderr
+    assert p.returncode == 2 and "--device cuda: no CUDA GPU here" in p.stderr
     assert "Traceback" not in p.stderr
 
 
@@ -463,7 +464,7 @@ def _edit_config(folder: Path, fn):
 def test_check_checkpoint_refuses_what_vllm_would_not_serve_as_w4afp8(tmp_path, edit, message):
     mc.main(["synthetic", str(tmp_path / "m"), "--layers", "1"])
     _edit_config(tmp_path / "m", edit)
-    with pytest.raises(mc.CheckpointError, match=message):
+    with pytest.raises(mc.OneLineError, match=message):
         mc.check_checkpoint(tmp_path / "m")
 
 
@@ -478,7 +479,8 @@ def test_check_checkpoint_refuses_bad_tensors(tmp_path, capsys):
     name = next(n for n in tensors if n.endswith("up_proj.weight_scale"))
     tensors[name] = tensors[name][:, :1].contiguous()
     save_file(tensors, f)
-    with pytest.raises(mc.CheckpointError, match="up_proj: weight_packed I32.*need int32"):
+    with pytest.raises(mc.OneLineError, match=r"up_proj: weight_scale has shape \(512, 1\) but "
+                                               r"weight_packed .* needs \[N, K/128\]"):
         mc.check_checkpoint(tmp_path / "m")
     f.write_bytes(f.read_bytes()[:-100])
     assert mc.main(["check", str(tmp_path / "m")]) == 1
@@ -565,3 +567,132 @@ def test_hf_to_w4afp8_with_llm_compressor(tmp_path):
     p = _run_cli("hf", tmp_path / "hf", tmp_path / "q", *py)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "check: W4AFP8 pack-quantized, 7 quantized linear layers, tied embeddings" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# One validator: `check` and `vllm-w4a8-fastprep prepare` refuse the same damage the same way
+# ----------------------------------------------------------------------------------------------
+LAYER = "model.layers.0.self_attn.q_proj"
+EXPERT = "model.layers.0.mlp.experts.3.down_proj"
+
+
+def _rewrite(folder: Path, fn):
+    """Apply ``fn(tensors)`` to every safetensors file; the index follows."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    wm = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        t = load_file(f)
+        fn(t)
+        save_file(t, f, metadata={"format": "pt"})
+        wm.update(dict.fromkeys(t, f.name))
+    index["weight_map"] = wm
+    index_path.write_text(json.dumps(index))
+
+
+def _set(name, make):
+    def fn(t):
+        if name in t:
+            t[name] = make(t[name])
+    return fn
+
+
+def _drop(prefix):
+    def fn(t):
+        for k in [k for k in t if k.startswith(prefix)]:
+            del t[k]
+    return fn
+
+
+def _dir_named_safetensors(folder: Path):
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "zz.safetensors").mkdir()
+
+
+DAMAGE = {
+    "n200": ("tiny", lambda d: _rewrite(d, lambda t: t.update({
+        LAYER + ".weight_packed": t[LAYER + ".weight_packed"][:200].clone(),
+        LAYER + ".weight_scale": t[LAYER + ".weight_scale"][:200].clone(),
+        LAYER + ".weight_shape": torch.tensor([200, 256])}) if LAYER + ".weight_packed" in t
+        else None), "N (output features, dim 0) = 200 is not a multiple of 128"),
+    "weight-shape": ("tiny", lambda d: _rewrite(d, _set(LAYER + ".weight_shape",
+                                                        lambda x: torch.tensor([999, 7]))),
+                     "weight_shape [999, 7] does not match"),
+    "empty-weight": ("tiny", lambda d: _rewrite(d, _set(LAYER + ".weight_packed",
+                                                        lambda x: x[:0].clone())),
+                     "weight_packed is empty"),
+    "1d-weight": ("tiny", lambda d: _rewrite(d, _set(LAYER + ".weight_packed",
+                                                     lambda x: x.flatten().clone())),
+                  "weight_packed must be 2-D [N, K/8]"),
+    "dir-named-safetensors": ("tiny", _dir_named_safetensors,
+                              "zz.safetensors: not a file"),
+    "missing-expert": ("tiny-moe", lambda d: _rewrite(d, _drop(
+        "model.layers.0.mlp.experts.7.")), "expert 7 is missing (the config says 8"),
+    "expert-scale-fp16": ("tiny-moe", lambda d: _rewrite(d, _set(EXPERT + ".weight_scale",
+                                                                 lambda x: x.half())),
+                          EXPERT + ": weight_scale must be torch.bfloat16"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_check_and_prepare_share_one_validator(tmp_path, capsys, damage):
+    from vllm_w4a8_fastprep import cli
+
+    preset, breaker, phrase = DAMAGE[damage]
+    folder = tmp_path / "m"
+    assert mc.main(["synthetic", str(folder), "--preset", preset, "--layers", "1"]) == 0
+    breaker(folder)
+    capsys.readouterr()
+    status = mc.main(["check", str(folder)])
+    check_err = capsys.readouterr().err.strip()
+    assert cli.main(["prepare", str(folder), "--device", "cpu"]) == status == 1
+    prepare_err = capsys.readouterr().err.strip()
+    assert len(check_err.splitlines()) == 1 and phrase in check_err, check_err
+    # the same line after each tool's prefix
+    assert check_err.split(": error: ", 1)[1] == prepare_err.split(": error: ", 1)[1]
+
+
+def test_check_refuses_non_finite_scales(tmp_path, capsys):
+    folder = tmp_path / "m"
+    mc.main(["synthetic", str(folder), "--layers", "1"])
+
+    def nan(x):
+        x = x.clone()
+        x[1, 1] = float("nan")
+        return x
+
+    _rewrite(folder, _set(LAYER + ".weight_scale", nan))
+    capsys.readouterr()
+    assert mc.main(["check", str(folder)]) == 1
+    assert (LAYER + ": weight_scale has 1 non-finite value (NaN or inf)"
+            in capsys.readouterr().err)
+
+
+def test_check_counts_moe_experts(tmp_path):
+    mc.main(["synthetic", str(tmp_path / "m"), "--preset", "tiny-moe", "--layers", "1"])
+    assert ("W4AFP8 pack-quantized, 28 quantized linear layers (1 MoE layers, 8 experts)"
+            in mc.check_checkpoint(tmp_path / "m"))
+
+
+def test_synthetic_refuses_an_existing_file_or_a_non_empty_folder(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    p = _run_cli("synthetic", f, timeout=120)
+    assert p.returncode == 2 and "file: exists and is not a folder" in p.stderr
+    assert "Traceback" not in p.stderr and f.read_text() == "x"
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    p = _run_cli("synthetic", d, timeout=120)
+    assert p.returncode == 2 and "d: exists and is not empty" in p.stderr
+    assert [x.name for x in d.iterdir()] == ["keep.txt"]
+
+
+def test_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        mc.main(["synthetic"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the following arguments are required: out" in err[0]

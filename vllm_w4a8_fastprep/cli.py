@@ -9,56 +9,41 @@
         the ops are the reference, so no independent check is available.
         Which layers are W4AFP8 is decided per layer from the checkpoint's
         config groups (targets, ignore); the others are skipped and counted.
-        Without CKPT_DIR a small synthetic checkpoint is written to a
-        temporary folder first (removed afterwards unless --keep).
-    vllm-w4a8-fastprep synth OUT_DIR         write a synthetic checkpoint.
+        The checkpoint is validated first (checkpoint_check.inspect, the
+        same validator as ``evals.make_checkpoint check``); layers whose
+        group scales hold NaN or inf are prepared and compared, then
+        reported as an error. Without CKPT_DIR a small synthetic checkpoint
+        is written to a temporary folder first (removed afterwards unless
+        --keep, also on SIGTERM or Ctrl-C).
+    vllm-w4a8-fastprep synth OUT_DIR         write a synthetic checkpoint
+        (refuses a non-empty OUT_DIR unless --force).
 
-Exit status: 0 done (and every check equal), 1 a check differed or a layer
-could not be prepared, 2 bad arguments or a folder that is not a W4AFP8
-checkpoint. Errors are one line on stderr.
+Exit status: 0 done (and every check equal), 1 a check differed, a layer
+could not be prepared, a damaged checkpoint or non-finite scales, 2 bad
+arguments or a folder that is not a W4AFP8 checkpoint, 128 + N on signal N.
+Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import ops, reference
 from . import upstream as upstream_chain
-from .checkpoint_format import checkpoint_problem
+from .checkpoint_check import Checkpoint, MoE, inspect, scale_problem
+from .errors import USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals
+from .synthetic import PRESETS
 
 PROG = "vllm-w4a8-fastprep"
-# the per-expert projections of a MoE layer, as checkpoints name them
-# (Qwen/DeepSeek style; Mixtral style w1/w3/w2)
-EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\."
-                    r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
-GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
-
-
-class CliError(Exception):
-    """One line for stderr and an exit status."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2)."""
-
-    def error(self, message):  # noqa: D102  (argparse's hook)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -85,122 +70,13 @@ def _int(text: str) -> int:
 # ------------------------------------------------------- the checkpoint
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise CliError(f"{path}: cannot read it ({e.strerror or e})", 2) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CliError(f"{path}: not valid JSON ({e})", 2) from None
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: not a JSON object", 2)
-    return data
-
-
-def weight_map(ckpt: Path) -> dict[str, str]:
-    """tensor name -> file name (from the index, else every *.safetensors)."""
-    index = ckpt / "model.safetensors.index.json"
-    if index.exists():
-        wm = read_json(index).get("weight_map")
-        if not isinstance(wm, dict):
-            raise CliError(f"{index}: no 'weight_map' object", 2)
-        return wm
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), "pt") as h:
-                out.update(dict.fromkeys(h.keys(), f.name))
-        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-            raise CliError(f"{f}: not a readable safetensors file ({e})") from None
-    return out
-
-
-def _matches_name(name: str, target: str) -> bool:
-    """A layer name against one target: exact, or a ``re:`` regex."""
-    from compressed_tensors.utils.match import match_name
-
-    return match_name(name, target)
-
-
-def _matches_class(target: str) -> bool:
-    """A class target: every tensor with a ``weight_packed`` belongs to a
-    Linear (experts included), and vLLM matches a target against its layer
-    classes (``*Linear``) by substring."""
-    return not target.startswith("re:") and target.lower() in ("linear", "linearbase")
-
-
-def layer_scheme(name: str, qcfg: dict) -> tuple[str | None, str | None]:
-    """(config group, None) if layer ``name`` is W4AFP8, else (group or
-    None, why not). The ignore list first, then name targets, then class
-    targets, as vLLM's compressed-tensors config decides."""
-    if any(_matches_name(name, t) for t in qcfg.get("ignore") or []):
-        return None, "in the config's ignore list"
-    groups = qcfg.get("config_groups") or {}
-    targets = [(g, t) for g, spec in groups.items() for t in spec.get("targets") or []]
-    hit = next((g for g, t in targets if _matches_name(name, t)), None) or next(
-        (g for g, t in targets if _matches_class(t)), None)
-    if hit is None:
-        return None, "no config group targets it"
-    # the group judged alone, by the same rules as the whole checkpoint
-    why = checkpoint_problem({**qcfg, "config_groups": {hit: groups[hit]}})
-    return hit, why
-
-
-@dataclass
-class Dense:
-    name: str
-
-
-@dataclass
-class MoE:
-    name: str  # ...mlp.experts
-    experts: dict[int, dict[str, str]] = field(default_factory=dict)  # e -> role -> prefix
-
-
-@dataclass
-class Plan:
-    dense: list[Dense]
-    moe: list[MoE]
-    skipped: list[tuple[str, str]]  # (layer, why)
-
-
-def plan_layers(wm: dict[str, str], qcfg: dict) -> Plan:
-    prefixes = sorted(n[: -len(".weight_packed")] for n in wm if n.endswith(".weight_packed"))
-    dense, moe, skipped = [], {}, []
-    for p in prefixes:
-        _, why = layer_scheme(p, qcfg)
-        m = EXPERT.match(p)
-        if why is not None:
-            skipped.append((p, why))
-        elif m:
-            role = ("gate" if m["proj"] in GATE else "up" if m["proj"] in UP else "down")
-            layer = moe.setdefault(m["layer"], MoE(m["layer"]))
-            layer.experts.setdefault(int(m["expert"]), {})[role] = p
-        else:
-            dense.append(Dense(p))
-    for layer in moe.values():  # a W4AFP8 MoE layer must be whole
-        ids = sorted(layer.experts)
-        for e in ids:
-            missing = [r for r in ("gate", "up", "down") if r not in layer.experts[e]]
-            if missing:
-                raise CliError(f"{layer.name}: expert {e} has no W4AFP8 {missing[0]} "
-                               f"projection (its weight_packed is missing or not W4AFP8)")
-        if ids != list(range(len(ids))):
-            gap = next(i for i, e in enumerate(ids) if i != e)
-            raise CliError(f"{layer.name}: expert {gap} is missing (experts "
-                           f"{ids[0]}..{ids[-1]})")
-    return Plan(dense, list(moe.values()), skipped)
-
-
 class Tensors:
     """Reads checkpoint tensors by name, keeping each file open once."""
 
-    def __init__(self, ckpt: Path, wm: dict[str, str], device: torch.device):
-        self.ckpt, self.wm, self.device = ckpt, wm, device
+    def __init__(self, ck: Checkpoint, device: torch.device):
+        self.ck, self.device = ck, device
         self.stack = contextlib.ExitStack()
-        self.files: dict[str, tuple[object, set[str]]] = {}  # name -> (handle, its keys)
+        self.files: dict[Path, object] = {}
 
     def __enter__(self):
         return self
@@ -208,30 +84,19 @@ class Tensors:
     def __exit__(self, *exc):
         self.stack.close()
 
-    def has(self, name: str) -> bool:
-        return name in self.wm
-
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        fname = self.wm.get(name)
-        if fname is None:
-            raise CliError(f"{self.ckpt}: no tensor {name} in the checkpoint's index")
-        path = self.ckpt / fname
+        path = self.ck.tensors[name].file
         try:
-            if fname not in self.files:
-                h = self.stack.enter_context(safe_open(str(path), "pt", device=str(self.device)))
-                self.files[fname] = (h, set(h.keys()))
-            h, keys = self.files[fname]
-            if name not in keys:
-                raise CliError(f"{path}: has no tensor {name} (the index says it does)")
-            return h.get_tensor(name)
-        except CliError:
-            raise
+            if path not in self.files:
+                self.files[path] = self.stack.enter_context(
+                    safe_open(str(path), "pt", device=str(self.device)))
+            return self.files[path].get_tensor(name)
         except FileNotFoundError:
-            raise CliError(f"{path}: no such file (named in the index for {name})") from None
+            raise OneLineError(f"{path}: no such file (named in the index for {name})") from None
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-            raise CliError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
+            raise OneLineError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------- the comparisons
@@ -249,11 +114,11 @@ def upstream_ops(path: str | None):
     package when its ops load here (a CUDA machine); None otherwise."""
     if path is not None:
         if not Path(path).is_file():
-            raise CliError(f"--upstream {path}: no such file", 2)
+            raise OneLineError(f"--upstream {path}: no such file", USAGE)
         try:
             torch.ops.load_library(path)
         except Exception as e:  # noqa: BLE001
-            raise CliError(f"--upstream {path}: cannot load it ({e})", 2) from None
+            raise OneLineError(f"--upstream {path}: cannot load it ({e})", USAGE) from None
     else:
         try:
             import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
@@ -262,7 +127,7 @@ def upstream_ops(path: str | None):
     c = torch.ops._C
     if not hasattr(c, "cutlass_encode_and_reorder_int4b"):
         if path is not None:
-            raise CliError(f"--upstream {path}: has no cutlass_encode_and_reorder_int4b", 2)
+            raise OneLineError(f"--upstream {path}: has no cutlass_encode_and_reorder_int4b", USAGE)
         return None
     return c
 
@@ -327,46 +192,35 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _check_shape(t: Tensors, prefix: str, w: torch.Tensor) -> None:
-    """The checkpoint's ``weight_shape`` (when present) must be [N, K] of
-    ``weight_packed``."""
-    if not t.has(prefix + ".weight_shape"):
-        return
-    shape = t.get(prefix + ".weight_shape").tolist()
-    want = [w.shape[0], w.shape[1] * 8] if w.dim() == 2 else None
-    if shape != want:
-        raise CliError(f"{prefix}: weight_shape {shape} does not match weight_packed "
-                       f"{list(w.shape)} (needs [N, K] = {want})")
+def _layer_error(name: str, e: Exception) -> OneLineError:
+    return OneLineError(f"{name}: {e}")
 
 
-def _layer_error(name: str, e: Exception) -> CliError:
-    return CliError(f"{name}: {e}")
+def sample_layers(units: list[str], count: int, rng: random.Random) -> set[str]:
+    """``count`` layers (all if fewer): the first, the last, then random ones."""
+    if count >= len(units):
+        return set(units)
+    ends = (units[:1] + units[-1:])[:count]
+    middle = [u for u in units if u not in ends]
+    return set(ends + rng.sample(middle, count - len(ends)))
 
 
-def _stack(t: Tensors, layer: MoE, roles, suffix: str) -> torch.Tensor:
-    """(E, N, ...) from the experts' tensors; gate and up concatenated along
-    N (w13: gate rows first, as vLLM loads them)."""
-    per_expert = []
-    for e in sorted(layer.experts):
-        parts = [t.get(layer.experts[e][r] + suffix) for r in roles]
-        for r, p in zip(roles, parts):
-            if suffix == ".weight_packed":
-                _check_shape(t, layer.experts[e][r], p)
-        shapes = {tuple(p.shape[1:]) for p in parts}
-        if len(shapes) != 1 or any(p.dim() != 2 for p in parts):
-            raise CliError(f"{layer.name}.{e}: {'/'.join(roles)}{suffix} have shapes "
-                           f"{[tuple(p.shape) for p in parts]} (need 2-D, same K)")
-        per_expert.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
-    if len({tuple(p.shape) for p in per_expert}) != 1:
-        raise CliError(f"{layer.name}: experts' {suffix[1:]} differ in shape")
-    return torch.stack(per_expert)
+def rate(nbytes: int, seconds: float) -> str:
+    """Bytes per second in a unit that shows digits ("-" without a time)."""
+    if seconds <= 0:
+        return "-"
+    r = nbytes / seconds
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if r >= scale:
+            return f"{r / scale:.1f} {unit}"
+    return f"{r:.0f} B/s"
 
 
 def cmd_prepare(args) -> int:
     device = _device(args.device)
     up = upstream_ops(args.upstream) if device.type == "cuda" else None
     if args.upstream and device.type != "cuda":
-        raise CliError("--upstream needs a CUDA device (vLLM's ops run on the GPU)", 2)
+        raise OneLineError("--upstream needs a CUDA device (vLLM's ops run on the GPU)", USAGE)
     with contextlib.ExitStack() as cleanup:
         if args.checkpoint is None:
             from .synthetic import preset, write_checkpoint
@@ -374,39 +228,30 @@ def cmd_prepare(args) -> int:
             try:
                 preset(args.preset)
             except ValueError as e:
-                raise CliError(str(e), 2) from None
+                raise OneLineError(str(e), USAGE) from None
             tmp = Path(tempfile.mkdtemp(prefix="w4a8_fastprep_"))
             if not args.keep:
                 cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
             print(f"no checkpoint given: writing a synthetic '{args.preset}' W4AFP8 checkpoint "
-                  f"to {tmp}{'' if args.keep else ' (removed afterwards; --keep keeps it)'}")
+                  f"to {tmp}{'' if args.keep else ' (removed afterwards; --keep keeps it)'}",
+                  flush=True)
             try:
                 ckpt = write_checkpoint(tmp, args.preset, progress=args.progress)
             except ValueError as e:
-                raise CliError(str(e), 2) from None
+                raise OneLineError(str(e), USAGE) from None
         else:
             ckpt = Path(args.checkpoint)
         return _prepare(ckpt, device, up, args)
 
 
 def _prepare(ckpt: Path, device: torch.device, up, args) -> int:
-    if not (ckpt / "config.json").is_file():
-        raise CliError(f"{ckpt} is not a model folder (no config.json)", 2)
-    qcfg = read_json(ckpt / "config.json").get("quantization_config")
-    problem = checkpoint_problem(qcfg)
-    if problem is not None:
-        raise CliError(f"{ckpt} is not a W4AFP8 compressed-tensors checkpoint: {problem}", 2)
-    wm = weight_map(ckpt)
-    plan = plan_layers(wm, qcfg)
-    if not plan.dense and not plan.moe:
-        first = f" (e.g. {plan.skipped[0][0]}: {plan.skipped[0][1]})" if plan.skipped else ""
-        raise CliError(f"{ckpt} has no W4AFP8 layers{first}", 2)
-    units = [d.name for d in plan.dense] + [m.name for m in plan.moe]
-    rng = random.Random(args.seed)
+    ck = inspect(ckpt)
+    plan = ck.plan
+    units = ck.units
     checker = Checker(device, up, args.path)
     sample: set[str] = set()
     if checker.active and args.check:
-        sample = set(units[:1] + units[-1:] + rng.sample(units, min(args.check, len(units))))
+        sample = sample_layers(units, args.check, random.Random(args.seed))
     counts = sorted({len(m.experts) for m in plan.moe})
     experts = (f"{counts[0]} experts each" if len(counts) == 1
                else f"{sum(len(m.experts) for m in plan.moe)} experts in all")
@@ -423,39 +268,39 @@ def _prepare(ckpt: Path, device: torch.device, up, args) -> int:
 
     total_s = 0.0
     total_w = total_sc = 0
-    mismatches = []
+    mismatches, bad_scales = [], []
     show = args.progress or sys.stderr.isatty()
-    with Tensors(ckpt, wm, device) as t:
+    with Tensors(ck, device) as t:
         bar = tqdm(units, unit="layer", disable=not show)
         moe_by_name = {m.name: m for m in plan.moe}
         for name in bar:
             if name in moe_by_name:
-                dt, nw, ns, ok = _prepare_moe(t, moe_by_name[name], checker,
-                                              name in sample, args.path, device)
+                dt, nw, ns, ok, bad = _prepare_moe(t, moe_by_name[name], checker,
+                                                   name in sample, args.path, device)
                 shape = f"E={len(moe_by_name[name].experts)}"
             else:
-                dt, nw, ns, ok, shape = _prepare_dense(t, name, checker, name in sample,
-                                                       args.path, device)
+                dt, nw, ns, ok, bad, shape = _prepare_dense(t, name, checker, name in sample,
+                                                            args.path, device)
             total_s += dt
             total_w += nw
             total_sc += ns
+            bad_scales += bad
             if ok is False:
                 mismatches.append(name)
             if args.verbose:
                 tqdm.write(f"  {name}: {shape}: {dt * 1e3:.3f} ms")
-    gb = (total_w + total_sc) / 1e9
     print(f"prepared {len(units)} layers: {total_w / 2**30:.3f} GiB int4 + "
           f"{total_sc / 2**30:.4f} GiB scales in {total_s:.3f} s "
-          f"({2 * gb / max(total_s, 1e-9):.1f} GB/s read+write, synchronised per layer)")
+          f"({rate(2 * (total_w + total_sc), total_s)} read+write, synchronised per layer)")
+    status = 0
     if mismatches:
         print(f"{PROG}: MISMATCH in {len(mismatches)} of {len(sample)} checked layers: "
               f"{mismatches[:5]}", file=sys.stderr)
-        return 1
-    if not sample:
+        status = 1
+    elif not sample:
         print("not checked byte for byte: " + ("--check 0" if checker.active else
               "no independent check is available on the CPU"))
-        return 0
-    if up is not None:
+    elif up is not None:
         ref_only = sorted(set(checker.reference_only) & sample)
         print(f"byte-exact: {len(sample) - len(ref_only)} sampled layers equal vLLM's own "
               f"preparation (weights and scales)"
@@ -464,15 +309,18 @@ def _prepare(ckpt: Path, device: torch.device, up, args) -> int:
     else:
         print(f"byte-exact: {len(sample)} sampled layers equal this package's PyTorch reference "
               f"(not compared with vLLM: its compiled ops do not load here)")
-    return 0
+    if bad_scales:
+        more = f" (and {len(bad_scales) - 1} more)" if len(bad_scales) > 1 else ""
+        print(f"{PROG}: error: non-finite group scales, the layer serves NaN outputs: "
+              f"{bad_scales[0]}{more}", file=sys.stderr)
+        status = 1
+    return status
 
 
 def _prepare_dense(t: Tensors, name, checker, check, path, device):
     w = t.get(name + ".weight_packed")
-    s = t.get(name + ".weight_scale") if t.has(name + ".weight_scale") else None
-    if s is None:
-        raise CliError(f"{name}: has weight_packed but no weight_scale")
-    _check_shape(t, name, w)
+    s = t.get(name + ".weight_scale")
+    bad = [p for p in [scale_problem(name, s)] if p]
     _sync(device)
     t0 = time.perf_counter()
     try:
@@ -482,14 +330,33 @@ def _prepare_dense(t: Tensors, name, checker, check, path, device):
     _sync(device)
     dt = time.perf_counter() - t0
     ok = checker.dense(name, w, s, got) if check else None
-    return dt, w.numel() * 4, s.numel() * 2, ok, f"N={w.shape[0]} K={w.shape[1] * 8}"
+    return dt, w.numel() * 4, s.numel() * 2, ok, bad, f"N={w.shape[0]} K={w.shape[1] * 8}"
+
+
+def _stack(t: Tensors, layer: MoE, roles, suffix: str, bad: list[str]) -> torch.Tensor:
+    """(E, N, ...) from the experts' tensors (validated by inspect); gate and
+    up concatenated along N (w13: gate rows first, as vLLM loads them). The
+    scales of each expert are judged before stacking."""
+    per_expert = []
+    for e in sorted(layer.experts):
+        parts = []
+        for r in roles:
+            p = t.get(layer.experts[e][r] + suffix)
+            if suffix == ".weight_scale":
+                why = scale_problem(layer.experts[e][r], p)
+                if why:
+                    bad.append(why)
+            parts.append(p)
+        per_expert.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
+    return torch.stack(per_expert)
 
 
 def _prepare_moe(t: Tensors, layer: MoE, checker, check, path, device):
-    w13 = _stack(t, layer, ("gate", "up"), ".weight_packed")
-    w2 = _stack(t, layer, ("down",), ".weight_packed")
-    s13 = _stack(t, layer, ("gate", "up"), ".weight_scale")
-    s2 = _stack(t, layer, ("down",), ".weight_scale")
+    bad: list[str] = []
+    w13 = _stack(t, layer, ("gate", "up"), ".weight_packed", bad)
+    w2 = _stack(t, layer, ("down",), ".weight_packed", bad)
+    s13 = _stack(t, layer, ("gate", "up"), ".weight_scale", bad)
+    s2 = _stack(t, layer, ("down",), ".weight_scale", bad)
     _sync(device)
     t0 = time.perf_counter()
     try:
@@ -501,7 +368,7 @@ def _prepare_moe(t: Tensors, layer: MoE, checker, check, path, device):
     dt = time.perf_counter() - t0
     ok = checker.moe(layer.name, w13, w2, s13, s2, got) if check else None
     nw = (w13.numel() + w2.numel()) * 4
-    return dt, nw, (s13.numel() + s2.numel()) * 2, ok
+    return dt, nw, (s13.numel() + s2.numel()) * 2, ok, bad
 
 
 def _device(spec: str | None) -> torch.device:
@@ -510,23 +377,23 @@ def _device(spec: str | None) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise CliError(f"--device {spec}: not a device (use cpu, cuda or cuda:N)", 2) from None
+        raise OneLineError(f"--device {spec}: not a device (use cpu, cuda or cuda:N)", USAGE) from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise CliError(f"--device {spec}: use cpu, cuda or cuda:N", 2)
+        raise OneLineError(f"--device {spec}: use cpu, cuda or cuda:N", USAGE)
     if not torch.cuda.is_available():
-        raise CliError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)", 2)
+        raise OneLineError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)", USAGE)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise CliError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs", 2)
+        raise OneLineError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs", USAGE)
     err = ops.extension_error()
     if err is not None:
-        raise CliError(f"--device {spec}: {err}", 2)
+        raise OneLineError(f"--device {spec}: {err}", USAGE)
     major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
-        raise CliError(f"--device {spec} is sm_{major}{minor}; the preparation kernels need "
-                       "Hopper (sm_90) or newer (use --device cpu for the reference)", 2)
+        raise OneLineError(f"--device {spec} is sm_{major}{minor}; the preparation kernels need "
+                       "Hopper (sm_90) or newer (use --device cpu for the reference)", USAGE)
     return torch.device("cuda", index)
 
 
@@ -536,11 +403,11 @@ def cmd_synth(args) -> int:
     device = _device(args.device or "cpu")
     try:
         out = write_checkpoint(args.out_dir, args.preset, layers=args.layers, seed=args.seed,
-                               device=str(device), progress=True)
+                               device=str(device), progress=True, force=args.force)
     except ValueError as e:
-        raise CliError(str(e), 2) from None
+        raise OneLineError(str(e), USAGE) from None
     except OSError as e:
-        raise CliError(f"{args.out_dir}: cannot write ({e.strerror or e})", 2) from None
+        raise OneLineError(f"{args.out_dir}: cannot write ({e.strerror or e})", USAGE) from None
     print(f"wrote {out}")
     return 0
 
@@ -553,13 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--path", choices=ops.SCALE_PATHS, default="native",
                    help="upstream QuantFP8 path to reproduce (native: vllm serve's default)")
-    p.add_argument("--check", type=non_negative_int, default=4,
-                   help="layers to check byte for byte: the first, the last and random ones "
-                        "(0: none)")
+    p.add_argument("--check", type=non_negative_int, default=4, metavar="N",
+                   help="how many layers (a MoE layer counts once) to check byte for byte: the "
+                        "first, the last, then random ones; 0: none (default: 4)")
     p.add_argument("--upstream", metavar="PATH",
                    help="vLLM's compiled _C library to check against (default: the installed "
                         "vllm package's, when it loads)")
-    p.add_argument("--preset", default="tiny", help="synthetic preset when no checkpoint")
+    p.add_argument("--preset", default="tiny",
+                   help=f"synthetic preset when no checkpoint: {', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--keep", action="store_true",
                    help="keep the synthetic checkpoint written when none is given")
     p.add_argument("--seed", type=int, default=0)
@@ -568,10 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     s = sub.add_parser("synth", help="write a synthetic W4AFP8 checkpoint")
     s.add_argument("out_dir")
-    s.add_argument("--preset", default="tiny", help="tiny, 1b, 8b, 70b, tiny-moe, qwen3-30b-a3b")
+    s.add_argument("--preset", default="tiny",
+                   help=f"{', '.join(PRESETS)} (default: tiny)")
     s.add_argument("--layers", type=positive_int, help="override the preset's layer count")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", help="where to draw the random tensors (cuda is faster)")
+    s.add_argument("--force", action="store_true",
+                   help="write into OUT_DIR even if it is not empty (files of the same names "
+                        "are replaced)")
     s.set_defaults(func=cmd_synth)
     return ap
 
@@ -579,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except CliError as e:
+        with exit_on_signals():
+            return args.func(args)
+    except OneLineError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.status
     except torch.OutOfMemoryError as e:
@@ -589,6 +462,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":

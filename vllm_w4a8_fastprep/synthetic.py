@@ -253,15 +253,24 @@ def hf_config(p: Preset, vocab: int) -> dict:
 
 def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int | None = None,
                      seed: int = 0, device: str = "cpu", shard_bytes: int = 4 << 30,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, force: bool = False) -> Path:
     """Write a synthetic W4AFP8 checkpoint; returns its folder.
 
     Dense presets give a ``LlamaForCausalLM``; MoE presets a
     ``Qwen3MoeForCausalLM`` whose experts are stored one by one
     (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.{weight_packed,
-    weight_scale, weight_shape}``) beside a bf16 router ``mlp.gate``."""
+    weight_scale, weight_shape}``) beside a bf16 router ``mlp.gate``.
+
+    ``out_dir`` must not exist or be an empty folder (``force``: write into a
+    non-empty one, replacing files of the same names); ``ValueError``
+    otherwise, naming it."""
     p = preset(preset_name, layers)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise ValueError(f"{out}: exists and is not empty (choose a new folder, or --force "
+                         "to write into it)")
     out.mkdir(parents=True, exist_ok=True)
     tok_vocab = write_tokenizer(out, p.vocab)
     vocab = max(p.vocab, tok_vocab)

@@ -1,0 +1,66 @@
+"""One-line errors for this package's command-line tools.
+
+Every tool (``vllm-w4a8-fastprep``, ``evals.*``, ``benchmarks.bench_prep``)
+reports a problem as ONE line on stderr and an exit status: ``USAGE`` (2) for
+bad arguments, ``FAILED`` (1) for a problem met while running (a bad
+checkpoint, a failed check, a missing GPU). ``OneLineError`` carries the line
+and the status; ``OneLineParser`` makes argparse's usage errors one line too;
+``exit_on_signals`` turns SIGTERM (and SIGHUP) into an exception, so cleanup
+code (``finally``, ``ExitStack``) runs before the process ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+
+USAGE = 2
+FAILED = 1
+
+
+class OneLineError(Exception):
+    """A problem for the user: one line on stderr, exit status ``status``."""
+
+    def __init__(self, message: str, status: int = FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2)."""
+
+    def error(self, message):  # noqa: D102  (argparse's hook)
+        self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM/SIGHUP; ``status`` is 128 + the signal number.
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` blocks
+    do not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.status = 128 + signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def exit_on_signals():
+    """While inside: SIGTERM and SIGHUP raise ``Terminated`` in the main
+    thread (SIGINT already raises KeyboardInterrupt). Outside the main thread
+    this does nothing (Python allows handlers only there)."""
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, _raise_terminated)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
