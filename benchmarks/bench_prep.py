@@ -31,7 +31,6 @@ check that the benchmark works, not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import statistics
@@ -43,6 +42,8 @@ import torch
 
 from vllm_w4a8_fastprep import model_shapes, ops, reference
 from vllm_w4a8_fastprep import upstream as upstream_chain
+from vllm_w4a8_fastprep.cli import non_negative_int, positive_int
+from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser
 from vllm_w4a8_fastprep.provenance import source_commit
 
 ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2 (50 MiB on H100)
@@ -52,8 +53,22 @@ SMOKE_DENSE = {"smoke/128x256": (128, 256), "smoke/256x384": (256, 384)}
 SMOKE_MOE = {"smoke/w13@e3": (3, 256, 256), "smoke/w2@e3": (3, 256, 128)}
 
 
-class UsageError(Exception):
+def UsageError(message: str) -> OneLineError:  # noqa: N802  (reads as the error it makes)
     """Bad arguments or environment: one line on stderr, exit 2."""
+    return OneLineError(message, USAGE)
+
+
+def check_writable(path: str) -> None:
+    """Fail now, not after the whole run, when ``path`` cannot be written."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--json {path}: cannot write it ({e.strerror or e})") from None
+    if not existed:
+        p.unlink()
 
 
 # ------------------------------------------------------------- timing
@@ -438,7 +453,7 @@ def bench_moe(args, device, up, quant) -> dict:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="bench_prep", description=__doc__.splitlines()[0])
     ap.add_argument("--moe", action="store_true", help="MoE layers (model_shapes.MOE)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, few repeats, CPU tensors unless --device: checks the "
@@ -450,18 +465,14 @@ def parse_args(argv):
                     help="QuantFP8 path of the scale chain (native: vllm serve's default)")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="only shapes/layers whose name contains one of these")
-    ap.add_argument("--reps", type=int, help="repeats per measurement (default 30; smoke 2)")
-    ap.add_argument("--upstream-reps", type=int,
+    ap.add_argument("--reps", type=positive_int,
+                    help="repeats per measurement (default 30; smoke 2)")
+    ap.add_argument("--upstream-reps", type=positive_int,
                     help="repeats of upstream's chains (default: dense 10, MoE layer 3)")
-    ap.add_argument("--warmup", type=int, help="warm-up calls (default 5; smoke 1)")
-    ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--warmup", type=non_negative_int,
+                    help="warm-up calls (default 5; smoke 1)")
+    ap.add_argument("--json", help="write all numbers here (checked writable first)")
     args = ap.parse_args(argv)
-    for name in ("reps", "upstream_reps"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.warmup is not None and args.warmup < 0:
-        ap.error(f"--warmup must be >= 0, got {args.warmup}")
     args.reps = args.reps or (2 if args.smoke else 30)
     args.upstream_reps = args.upstream_reps or (1 if args.smoke else 3 if args.moe else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
@@ -469,6 +480,8 @@ def parse_args(argv):
 
 
 def run(args) -> int:
+    if args.json:
+        check_writable(args.json)
     try:
         device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     except RuntimeError as e:
@@ -500,7 +513,11 @@ def run(args) -> int:
                "upstream_reps": args.upstream_reps}
     results.update((bench_moe if args.moe else bench_dense)(args, device, up, quant))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        try:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        except OSError as e:
+            raise OneLineError(f"--json {args.json}: cannot write it ({e.strerror or e})") \
+                from None
     same = [r.get("same_as_upstream") for part in ("weights", "scales", "layers")
             for r in results.get(part, [])]
     if False in same:
@@ -513,9 +530,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except UsageError as e:
+    except OneLineError as e:
         print(f"bench_prep: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     except torch.OutOfMemoryError as e:
         print(f"bench_prep: error: out of GPU memory ({str(e).splitlines()[0]}); "
               "use --only to pick fewer shapes", file=sys.stderr)

@@ -98,7 +98,10 @@ def test_no_function_shadows_a_module_import():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--smoke", "--reps", "0"], "--reps must be >= 1"),
+    (["--smoke", "--reps", "0"], "argument --reps: must be >= 1, got 0"),
+    (["--smoke", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["--smoke", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--smoke", "--json", "/proc/no/such.json"], "--json /proc/no/such.json: cannot write it"),
     (["--smoke", "--only", "nothing-like-this"], "matches none of"),
     (["--smoke", "--device", "cpu", "--upstream", "auto"], "needs --device cuda"),
     (["--smoke", "--device", "tpu"], "--device"),
@@ -107,6 +110,9 @@ def test_bad_arguments_one_line_exit_2(args, message):
     proc = _run(*args)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    if "--json" in args:
+        assert proc.stdout == ""  # refused before any measurement
 
 
 def test_without_gpu_one_line_exit_2():
