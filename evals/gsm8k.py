@@ -37,6 +37,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/gsm8k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vllm_w4a8_fastprep.errors import OneLineError, OneLineParser  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "evals" / "tasks" / "gsm8k_local"
 DEFAULT_DATA = ROOT / ".gsm8k-data"
@@ -51,21 +53,18 @@ LOG_LINES = re.compile(r"(Model loading took .*|Loading weights took .*|"
                        r"w4a8_fastprep: (?:prepared|serving) .*)$", re.MULTILINE)
 
 
-class Gsm8kError(Exception):
-    """A bad input: one line for the user."""
-
-
 # ------------------------------------------------------------------------------------ data
 def check_data_dir(data_dir: str | Path) -> dict:
     """test.jsonl and train.jsonl with gsm8k rows; their row counts and sha256."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise Gsm8kError(f"--data-dir {d}: no such folder (it needs test.jsonl and train.jsonl)")
+        raise OneLineError(f"--data-dir {d}: no such folder (it needs test.jsonl and "
+                           "train.jsonl)")
     out = {}
     for name in ("test.jsonl", "train.jsonl"):
         f = d / name
         if not f.is_file():
-            raise Gsm8kError(f"{d}: no {name}")
+            raise OneLineError(f"{d}: no {name}")
         raw = f.read_bytes()
         rows = 0
         for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
@@ -74,14 +73,14 @@ def check_data_dir(data_dir: str | Path) -> dict:
             try:
                 row = json.loads(line)
             except ValueError:
-                raise Gsm8kError(f"{f}:{i}: not JSON") from None
+                raise OneLineError(f"{f}:{i}: not JSON") from None
             if not (isinstance(row, dict) and isinstance(row.get("question"), str)
                     and isinstance(row.get("answer"), str) and "####" in row["answer"]):
-                raise Gsm8kError(f"{f}:{i}: not a gsm8k row (need 'question' and an 'answer' "
-                                 "ending in '#### N')")
+                raise OneLineError(f"{f}:{i}: not a gsm8k row (need 'question' and an 'answer' "
+                                   "ending in '#### N')")
             rows += 1
         if not rows:
-            raise Gsm8kError(f"{f}: empty")
+            raise OneLineError(f"{f}: empty")
         sha = hashlib.sha256(raw).hexdigest()
         out[name] = {"path": str(f.resolve()), "rows": rows, "sha256": sha,
                      "real_gsm8k": sha == REAL_SHA256[name]}
@@ -296,7 +295,7 @@ def report(runs: dict[str, dict]) -> tuple[str, dict]:
 def write_report(out: Path) -> int:
     runs = load_runs(out)
     if not runs:
-        raise Gsm8kError(f"{out}: no gsm8k runs to report")
+        raise OneLineError(f"{out}: no gsm8k runs to report")
     text, comparisons = report(runs)
     print(text)
     data = json.loads((out / "data.json").read_text()) if (out / "data.json").exists() else None
@@ -320,10 +319,9 @@ def next_label(mode: str, taken: set[str]) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m evals.gsm8k",
-                                 description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap = OneLineParser(prog="python -m evals.gsm8k", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--model", help="checkpoint folder")
     ap.add_argument("--data-dir", help="folder with gsm8k test.jsonl and train.jsonl (default: "
                                        "the repository's .gsm8k-data/)")
@@ -409,8 +407,8 @@ def main(argv=None) -> int:
         if data is not None:
             old = out / "data.json"
             if old.exists() and json.loads(old.read_text()) != data:
-                raise Gsm8kError(f"{out} holds runs on other data ({old}); use another "
-                                 "--out-dir")
+                raise OneLineError(f"{out} holds runs on other data ({old}); use another "
+                                   "--out-dir")
             old.write_text(json.dumps(data, indent=1))
             real = all(v["real_gsm8k"] for v in data.values())
             print(f"gsm8k data: test {data['test.jsonl']['rows']} rows, train "
@@ -449,9 +447,9 @@ def main(argv=None) -> int:
                 return 1
             print(f"gsm8k: {label} done in {time.perf_counter() - t0:.0f} s", flush=True)
         return write_report(out)
-    except Gsm8kError as e:
-        print(f"gsm8k: {e}", file=sys.stderr)
-        return 1
+    except OneLineError as e:
+        print(f"gsm8k: error: {e}", file=sys.stderr)
+        return e.status
 
 
 def _worker_args(args, model: Path) -> list[str]:

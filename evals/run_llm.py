@@ -16,7 +16,8 @@ if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.modes import MODES, use_mode  # noqa: E402
-from vllm_w4a8_fastprep.cli import OneLineParser, positive_int  # noqa: E402
+from vllm_w4a8_fastprep.cli import positive_int  # noqa: E402
+from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -44,6 +45,21 @@ def main(argv=None) -> int:
     if not 0 < args.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
 
+    try:
+        return run(args)
+    except OneLineError as e:
+        print(f"run_llm: error: {e}", file=sys.stderr)
+        return e.status
+
+
+def run(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OneLineError("needs a CUDA GPU to run vLLM (none found)", USAGE)
+    if torch.cuda.device_count() < args.tensor_parallel_size:
+        raise OneLineError(f"--tensor-parallel-size {args.tensor_parallel_size} needs that many "
+                           f"GPUs, found {torch.cuda.device_count()}", USAGE)
     quantization = use_mode(args.mode)
     from vllm import LLM, SamplingParams
 

@@ -27,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_w4a8_fastprep.cli import OneLineParser, positive_int
+from vllm_w4a8_fastprep.cli import positive_int
+from vllm_w4a8_fastprep.errors import OneLineError, OneLineParser
 from vllm_w4a8_fastprep.load_stats import parse_summary
 from vllm_w4a8_fastprep.provenance import source_commit
 
@@ -39,14 +40,6 @@ if not __package__:  # run as a script: make ``evals`` importable
 # weights took %.2f seconds")
 LOADING = re.compile(r"Model loading took ([\d.]+) GiB(?: memory)? and ([\d.]+) seconds")
 WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
-
-
-class EvalError(Exception):
-    """One line for stderr and an exit status."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
 
 
 def parse_log(text: str) -> dict:
@@ -72,8 +65,8 @@ def check_log(name: str, parsed: dict) -> None:
                                        ("weights_s", "Loading weights took"))
                if key not in parsed]
     if missing:
-        raise EvalError(f"{name}: no '{missing[0]}' line (not a vLLM log, or vLLM did not "
-                        f"finish loading the model)")
+        raise OneLineError(f"{name}: no '{missing[0]}' line (not a vLLM log, or vLLM did not "
+                           f"finish loading the model)")
 
 
 def _stat(values):
@@ -164,13 +157,13 @@ def run(args) -> int:
                 proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
                                       timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
-            raise EvalError(f"{mode} run {i} took over {args.timeout} s (--timeout); "
-                            f"its log: {log}") from None
+            raise OneLineError(f"{mode} run {i} took over {args.timeout} s (--timeout); "
+                               f"its log: {log}") from None
         text = log.read_text()
         if proc.returncode != 0:
             print("\n".join(text.splitlines()[-25:]), file=sys.stderr)
-            raise EvalError(f"{mode} run {i} failed (rc={proc.returncode}); its last lines "
-                            f"are above, the whole log is {log}")
+            raise OneLineError(f"{mode} run {i} failed (rc={proc.returncode}); its last lines "
+                               f"are above, the whole log is {log}")
         parsed = parse_log(text)
         check_log(str(log), parsed)
         check_mode(str(log), mode, parsed)
@@ -216,23 +209,36 @@ def check_mode(name: str, mode: str, parsed: dict) -> None:
     not prepare anything and the comparison would be upstream with itself);
     an ``upstream`` run must not."""
     if mode == "ours" and "ours_layers" not in parsed:
-        raise EvalError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
-                        "layer in the 'ours' run")
+        raise OneLineError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
+                           "layer in the 'ours' run")
     if mode == "upstream" and "ours_layers" in parsed:
-        raise EvalError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
-                        "plugin claimed the model")
+        raise OneLineError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
+                           "plugin claimed the model")
+
+
+def log_names(paths: list[str]) -> list[str]:
+    """A row name per log: its file stem (``ours.log`` -> ``ours``), or the path
+    as given where two logs share a stem; a log given twice is an error."""
+    seen = set()
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise OneLineError(f"--parse-logs: {p} is given twice", 2)
+        seen.add(real)
+    stems = [Path(p).stem for p in paths]
+    return [stem if stems.count(stem) == 1 else p for p, stem in zip(paths, stems)]
 
 
 def parse_logs(paths: list[str]) -> int:
     runs = {}
-    for p in paths:
+    for p, name in zip(paths, log_names(paths)):
         try:
             text = Path(p).read_text(errors="replace")
         except OSError as e:
-            raise EvalError(f"{p}: cannot read it ({e.strerror or e})", 2) from None
+            raise OneLineError(f"{p}: cannot read it ({e.strerror or e})", 2) from None
         parsed = parse_log(text)
         check_log(p, parsed)
-        runs[Path(p).stem] = [parsed]
+        runs[name] = [parsed]
     print(table(summarize(runs)))
     return 0
 
@@ -242,10 +248,10 @@ def check_gpus(tp: int) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise EvalError("needs a CUDA GPU to run vLLM (none found); --parse-logs reads "
-                        "existing logs without one", 2)
+        raise OneLineError("needs a CUDA GPU to run vLLM (none found); --parse-logs reads "
+                           "existing logs without one", 2)
     if torch.cuda.device_count() < tp:
-        raise EvalError(f"--tp {tp} needs {tp} GPUs, found {torch.cuda.device_count()}", 2)
+        raise OneLineError(f"--tp {tp} needs {tp} GPUs, found {torch.cuda.device_count()}", 2)
 
 
 def main(argv=None) -> int:
@@ -275,7 +281,7 @@ def main(argv=None) -> int:
             ap.error(f"--modes: unknown mode {bad[0]!r} (choose from {', '.join(MODES)})")
         check_gpus(args.tp)
         return run(args)
-    except EvalError as e:
+    except OneLineError as e:
         print(f"startup_time: error: {e}", file=sys.stderr)
         return e.status
 

@@ -112,6 +112,20 @@ def test_table_and_parse_logs_cli(tmp_path, capsys):
     assert "preparation: upstream 8.36 s -> ours 2.47 s" in out
 
 
+def test_parse_logs_with_one_file_name_twice_keeps_both(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "ours.log").write_text(_upstream_log())
+    (tmp_path / "b" / "ours.log").write_text(_ours_log())
+    a, b = str(tmp_path / "a" / "ours.log"), str(tmp_path / "b" / "ours.log")
+    assert startup_time.main(["--parse-logs", a, b]) == 0
+    out = capsys.readouterr().out
+    assert f"| {a} | 9.05 | 0.69 | 8.36 | - | 4.20 |" in out
+    assert f"| {b} | 3.11 | 0.64 | 2.47 | 0.151 | 4.24 |" in out
+    assert startup_time.main(["--parse-logs", a, a]) == 2
+    _one_line(capsys, f"--parse-logs: {a} is given twice")
+
+
 def _one_line(capsys, *phrases):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -134,9 +148,9 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
     ours, up = startup_time.parse_log(_ours_log()), startup_time.parse_log(_upstream_log())
     startup_time.check_mode("o.log", "ours", ours)
     startup_time.check_mode("u.log", "upstream", up)
-    with pytest.raises(startup_time.EvalError, match="the plugin prepared no layer"):
+    with pytest.raises(startup_time.OneLineError, match="the plugin prepared no layer"):
         startup_time.check_mode("o.log", "ours", up)
-    with pytest.raises(startup_time.EvalError, match="the plugin claimed the model"):
+    with pytest.raises(startup_time.OneLineError, match="the plugin claimed the model"):
         startup_time.check_mode("u.log", "upstream", ours)
 
 
@@ -199,6 +213,16 @@ def test_run_llm_usage_errors(tmp_path, capsys):
     _one_line(capsys, "run_llm: error: ", "not a model folder")
 
 
+def test_run_llm_without_a_gpu_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    (tmp_path / "config.json").write_text("{}")
+    assert run_llm.main([str(tmp_path), "--mode", "ours", "--out", str(tmp_path / "o.json")]) == 2
+    _one_line(capsys, "run_llm: error: needs a CUDA GPU to run vLLM (none found)")
+
+
 def test_child_runs_find_evals_from_any_directory(tmp_path):
     """startup_time starts ``python -m evals.run_llm``: it must not depend on
     the working directory; both tools also run as scripts."""
@@ -251,3 +275,26 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     proc = subprocess.run(["bash", str(script), "no-such-step"], capture_output=True, text=True,
                           cwd=ROOT, env=env)
     assert proc.returncode == 2 and "unknown step 'no-such-step'" in proc.stdout
+
+
+def test_gpu_scripts_name_no_machine_paths_or_fixed_checksums():
+    scripts = sorted((ROOT / "evals").glob("*.sh")) + sorted((ROOT / "benchmarks").glob("*.sh"))
+    assert {p.name for p in scripts} >= {"gpu_gsm8k.sh", "gpu_e2e.sh", "gpu_suite.sh"}
+    banned = re.compile(r"/root\b|\blent\b|device call|\bcarry\b|\b64 MiB\b|\.\./shared|"
+                        r"\b[0-9a-f]{64}\b")
+    for p in scripts:
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            assert not banned.search(line), f"{p.name}:{i}: {line}"
+
+
+def test_gpu_gsm8k_needs_the_checkpoint_named(tmp_path):
+    script = ROOT / "evals" / "gpu_gsm8k.sh"
+    env = {k: v for k, v in os.environ.items() if k != "MODEL"}
+    env["OUT"] = str(tmp_path / "out")
+    p = subprocess.run(["bash", str(script), "setup"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert p.returncode == 2 and "MODEL is not set" in p.stderr
+    env["MODEL"] = str(tmp_path)
+    p = subprocess.run(["bash", str(script), "gsm8k", "ours"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 2 and "not a model folder (no config.json)" in p.stderr

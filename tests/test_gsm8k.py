@@ -63,20 +63,20 @@ def test_check_data_dir(tmp_path):
     d = write_data(tmp_path / "d")
     info = gsm8k.check_data_dir(d)
     assert info["test.jsonl"]["rows"] == 5 and info["test.jsonl"]["real_gsm8k"] is False
-    with pytest.raises(gsm8k.Gsm8kError, match="no such folder"):
+    with pytest.raises(gsm8k.OneLineError, match="no such folder"):
         gsm8k.check_data_dir(tmp_path / "nope")
     (d / "train.jsonl").unlink()
-    with pytest.raises(gsm8k.Gsm8kError, match="no train.jsonl"):
+    with pytest.raises(gsm8k.OneLineError, match="no train.jsonl"):
         gsm8k.check_data_dir(d)
     write_data(d)
     (d / "test.jsonl").write_text('{"question": "q", "answer": "7"}\n')
-    with pytest.raises(gsm8k.Gsm8kError, match=r"test.jsonl:1: not a gsm8k row"):
+    with pytest.raises(gsm8k.OneLineError, match=r"test.jsonl:1: not a gsm8k row"):
         gsm8k.check_data_dir(d)
     (d / "test.jsonl").write_text('{"question": "q", "answer": "#### 7"}\n{oops\n')
-    with pytest.raises(gsm8k.Gsm8kError, match=r"test.jsonl:2: not JSON"):
+    with pytest.raises(gsm8k.OneLineError, match=r"test.jsonl:2: not JSON"):
         gsm8k.check_data_dir(d)
     (d / "test.jsonl").write_text("\n")
-    with pytest.raises(gsm8k.Gsm8kError, match="empty"):
+    with pytest.raises(gsm8k.OneLineError, match="empty"):
         gsm8k.check_data_dir(d)
 
 
@@ -175,6 +175,8 @@ def _cli(*args, cwd=ROOT, timeout=120):
     (("--model", "{ckpt}", "--batch-size", "0"), "--batch-size must be auto or a positive"),
     (("--model", "{ckpt}", "--limit", "0"), "--limit must be positive"),
     (("--model", "{ckpt}", "--hub", "--data-dir", "{tmp}"), "exclude each other"),
+    (("--model", "{ckpt}", "--num-fewshot", "x"), "argument --num-fewshot: invalid int value"),
+    (("--bogus",), "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_give_one_error(tmp_path, args, message):
     ckpt = tmp_path / "m"
@@ -182,6 +184,7 @@ def test_bad_arguments_give_one_error(tmp_path, args, message):
     (ckpt / "config.json").write_text("{}")
     p = _cli(*[a.format(tmp=tmp_path, ckpt=ckpt) for a in args], cwd=tmp_path)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # not argparse's whole usage
 
 
 def test_bad_data_gives_one_error(tmp_path):
@@ -192,7 +195,7 @@ def test_bad_data_gives_one_error(tmp_path):
     (d / "test.jsonl").write_text("{}\n")
     p = _cli("--model", ckpt, "--data-dir", d, cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == f"gsm8k: {d / 'test.jsonl'}:1: not a gsm8k row (need " \
+    assert p.stderr.strip() == f"gsm8k: error: {d / 'test.jsonl'}:1: not a gsm8k row (need " \
                                "'question' and an 'answer' ending in '#### N')"
     p = _cli("--report", "--out-dir", tmp_path / "empty", cwd=tmp_path)
     assert p.returncode == 1 and "no gsm8k runs to report" in p.stderr
