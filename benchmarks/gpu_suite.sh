@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call: build the extension, run every test (GPU ones included,
-# with vLLM's compiled ops as the oracle), the kernel geometry sweep, the
-# benchmark (dense layers, then MoE layers). Logs go to $OUT (or ./gpu-out).
-# The oracle is found by tests/oracle.py ($W4A8_FASTPREP_ORACLE, .oracle/ --
-# carry .oracle, see ../shared/tools/vllm-oracle -- or the installed vllm).
+# On a machine with a Hopper GPU, in one invocation: build the extension, run
+# every test (GPU ones included, with vLLM's compiled ops as the oracle), the
+# kernel geometry sweep, the benchmark (dense layers, then MoE layers). Logs go
+# to $OUT (or ./gpu-out). The oracle is found by tests/oracle.py
+# ($W4A8_FASTPREP_ORACLE, a vLLM _C library in .oracle/, or the installed vllm).
 #   bash benchmarks/gpu_suite.sh [pytest args...]
 # SKIP_VARIANTS=1, SKIP_BENCH=1, SKIP_MOE_BENCH=1 leave those parts out.
 set -uo pipefail

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# End-to-end on the lent GPU with upstream vLLM 0.26.0 (../shared/tools/vllm-gpu-bundle;
-# build it with --with-moe for the moe steps: vLLM's MoE forward needs _moe_C):
-# two device calls back to back (the machine keeps the unpacked bundle, $VB, only while warm):
-#   1) carry .vllm-bundle/part1:  bash .vllm-bundle/part1/unpack.sh
-#   2) carry .vllm-bundle/part2:  bash evals/gpu_e2e.sh STEP...
+# End-to-end on a machine with a Hopper GPU, against upstream vLLM 0.26.0 (its MoE steps need
+# vLLM's _moe_C too). vLLM comes from the Python environment, or from an unpacked vLLM tree in
+# $VB (sourced from $VB/activate.sh when that exists; the setup step unpacks one from
+# .vllm-bundle/part2/unpack.sh when present). Run steps in one invocation or in several in a row:
+#   bash evals/gpu_e2e.sh STEP...
 # Steps:
-#   setup     unpack part 2, build, install the plugin
-#   tests     all tests, upstream's ops (found by tests/oracle.py: the bundle's vllm) as the oracle
+#   setup     vLLM in $VB if not there yet, build the extension, install the plugin
+#   tests     all tests, upstream's ops (found by tests/oracle.py: the vLLM in use) as the oracle
 #   bench     benchmarks/bench_prep.py, dense layers then MoE layers (--moe)
 #   tiny, 8b, 70b            dense synthetic checkpoints: startup time ours vs upstream, output identity
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
@@ -14,11 +14,11 @@
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
 # vLLM starts per mode, STARTUP_ARGS adds startup_time arguments.
-# Summaries and charts go to $OUT (8 files at most come back).
+# Summaries and charts go to $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 WORK=${WORK:-${TMPDIR:-/tmp}/e2e}; mkdir -p "$WORK"
-export VB=${VB:-$HOME/vb}  # where the bundle's unpack scripts put vLLM (their default)
+export VB=${VB:-$HOME/vb}  # an unpacked vLLM tree, if vLLM is not installed
 export PYTHONUNBUFFERED=1
 [[ -f $VB/activate.sh ]] && source $VB/activate.sh
 
@@ -38,8 +38,9 @@ startup() {  # name, model dir, extra args
   cp "$WORK/$name/startup_time.png" "$OUT/$name.png" 2>/dev/null
 }
 
-synth() {  # dir, synth args...
+synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is replaced)
   local dir=$1; shift
+  rm -rf "$dir"
   python3 -m vllm_w4a8_fastprep synth "$dir" "$@" > "$WORK/synth.log" 2>&1 \
     || { tail -5 "$WORK/synth.log"; return 1; }
   du -sh "$dir" | cut -f1 | sed "s|^|$(basename "$dir"): |"
@@ -53,8 +54,12 @@ for step in "$@"; do
   echo "=== $step ($(date -u +%T)) commit ${W4A8_FASTPREP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   case $step in
     setup)
-      [[ -f $VB/vllm/__init__.py ]] || bash .vllm-bundle/part2/unpack.sh || exit 1
-      source $VB/activate.sh
+      if [[ ! -f $VB/vllm/__init__.py ]] && ! python3 -c "import vllm" 2> /dev/null; then
+        [[ -f .vllm-bundle/part2/unpack.sh ]] \
+          || { echo "vLLM is not importable and there is nothing to unpack into $VB" >&2; exit 1; }
+        bash .vllm-bundle/part2/unpack.sh || exit 1
+      fi
+      [[ -f $VB/activate.sh ]] && source $VB/activate.sh
       MAX_JOBS=8 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1 \
         || { tail -30 "$WORK/build.log"; exit 1; }
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \

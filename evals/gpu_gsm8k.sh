@@ -1,37 +1,34 @@
 #!/usr/bin/env bash
-# gsm8k through lm-eval's vLLM backend, and startup time, ours vs upstream, on a real W4AFP8
-# checkpoint on the lent GPU (upstream vLLM 0.26.0 from ../shared/tools/vllm-gpu-bundle).
-# Every step below is one device call, sent back to back: the machine keeps what lies outside
-# the repository (checkpoint, bundle, lm-eval, data, results) only while it stays warm.
+# gsm8k through lm-eval's vLLM backend, and startup time, ours vs upstream vLLM 0.26.0, on a real
+# W4AFP8 checkpoint, on a machine with a Hopper GPU. Steps (one per invocation, or several
+# invocations in a row; what lies outside the repository -- the checkpoint, lm-eval, the data,
+# the results -- is kept between them in the folders named below):
 #
-#   pieces   carry [".chunks/NAME/partK"]:  bash .chunks/NAME/partK/receive.sh   (each K; the
-#            checkpoint split by ../shared/tools/device-chunks, unpacked to $CHUNKS_HOME/NAME/out)
-#   bundle   carry [".vllm-bundle/part1"]:  bash .vllm-bundle/part1/unpack.sh
-#   plugin   carry [".vllm-bundle/part2"]:  bash evals/gpu_e2e.sh setup   (vLLM, build, install)
-#   setup    carry [".whl", ".gsm8k-data"]:  bash evals/gpu_gsm8k.sh setup
-#            installs the wheels of .whl (lm-eval and what it needs beyond the machine and the
-#            bundle) into $SITE, copies the gsm8k data to $DATA, checks the checkpoint (config,
-#            sha256). Part 2 of the bundle and these two do not fit one call's 64 MiB together.
+#   setup    bash evals/gpu_gsm8k.sh setup
+#            installs the wheels of .whl/ (lm-eval and what it needs beyond vLLM) into $SITE,
+#            copies the gsm8k data of .gsm8k-data/ to $DATA, checks the checkpoint: the same
+#            validator as `vllm-w4a8-fastprep prepare` (python -m evals.make_checkpoint check)
+#            and the sha256 of its weight files (see MODEL_SHA256 below)
 #   gsm8k    bash evals/gpu_gsm8k.sh gsm8k MODE...    (MODE: upstream or ours, in order)
 #            one lm-eval run per MODE, each a fresh process, into $RES/$TAG (runs of earlier
-#            calls with the same TAG are kept and compared: upstream, ours, upstream-2, ...);
-#            report.md, summary.json and this call's logs and samples go to $OUT
+#            invocations with the same TAG are kept and compared: upstream, ours, upstream-2,
+#            ...); report.md, summary.json and this invocation's logs and samples go to $OUT
 #   report   bash evals/gpu_gsm8k.sh report           (the report of $RES/$TAG again)
 #   startup  bash evals/gpu_gsm8k.sh startup          (evals.startup_time, $RUNS runs per mode)
 #
-# Environment: MODEL (default $CHUNKS_HOME/qwen15/out), CHUNKS_HOME (default /root/chunks),
-# MODEL_SHA256 (expected sha256 of MODEL/model.safetensors; empty: not checked), TAG (results
-# folder, default "default": one TAG per setting), GSM8K_ARGS (more evals.gsm8k flags, e.g.
-# "--batch-invariant" or "--in-process-engine" or "--limit 200"), RUNS (startup, default 3),
-# BUDGET_S (seconds this call may spend on its runs, default 540: a run that would outlast it
-# is stopped and reported as failed, so the call still returns its files).
+# vLLM: the Python environment's own, or one set up by `bash evals/gpu_e2e.sh setup` in $VB.
+# Environment: MODEL (required: the W4AFP8 checkpoint folder), MODEL_SHA256 (a sha256sum file
+# listing the checkpoint's weight files; default MODEL/SHA256SUMS when that exists; "none": do
+# not check), TAG (results folder, default "default": one TAG per setting), GSM8K_ARGS (more
+# evals.gsm8k flags, e.g. "--batch-invariant" or "--in-process-engine" or "--limit 200"), RUNS
+# (startup, default 3), BUDGET_S (seconds this invocation may spend on its runs, default 540: a
+# run that would outlast it is stopped and reported as failed, so the results still get written).
 set -uo pipefail
 T0=$SECONDS
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export VB=${VB:-$HOME/vb}
-CHUNKS_HOME=${CHUNKS_HOME:-/root/chunks}
-MODEL=${MODEL:-$CHUNKS_HOME/qwen15/out}
-MODEL_SHA256=${MODEL_SHA256-5b6948fe49a10f79da4ee1e83bb15570372d4c761ae8dbbfb38adedddc90c665}
+MODEL=${MODEL:-}
+MODEL_SHA256=${MODEL_SHA256:-}
 SITE=${SITE:-$HOME/lmeval-site}
 DATA=${DATA:-$HOME/gsm8k-data}
 RES=${RES:-$HOME/gsm8k-res}
@@ -44,24 +41,37 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 left() { echo $(( BUDGET_S - (SECONDS - T0) )); }
 quiet() { grep -vE "it/s\]|s/it\]|^\s*$" "$@"; }
 
-[[ ${1:-} ]] || { sed -n '2,30p' "$0"; exit 2; }
+[[ ${1:-} ]] || { sed -n '2,27p' "$0"; exit 2; }
 step=$1; shift
+case $step in setup|gsm8k|startup)
+  [[ -n $MODEL ]] || { echo "MODEL is not set: MODEL=/path/to/checkpoint bash $0 $step" >&2; exit 2; }
+  [[ -f $MODEL/config.json ]] || { echo "MODEL=$MODEL: not a model folder (no config.json)" >&2; exit 2; } ;;
+esac
 echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})"
 case $step in
   setup)
-    [[ -f $VB/activate.sh ]] || { echo "no vLLM bundle in $VB: run the bundle and plugin steps" >&2; exit 1; }
-    ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: carry .whl" >&2; exit 1; }
+    python3 -c "import vllm" 2> /dev/null || { echo "vLLM is not importable: install it, or run bash evals/gpu_e2e.sh setup first" >&2; exit 1; }
+    ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: put the lm-eval wheels there" >&2; exit 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" .whl/*.whl || exit 1
-    [[ -f .gsm8k-data/test.jsonl ]] || { echo "no .gsm8k-data/test.jsonl: carry .gsm8k-data" >&2; exit 1; }
+    [[ -f .gsm8k-data/test.jsonl ]] || { echo "no .gsm8k-data/test.jsonl: put gsm8k's test.jsonl and train.jsonl there" >&2; exit 1; }
     mkdir -p "$DATA" && cp .gsm8k-data/test.jsonl .gsm8k-data/train.jsonl "$DATA"/ || exit 1
     (cd /tmp && python3 -c "
 import lm_eval, datasets, lm_eval.models.vllm_causallms, vllm, torch, vllm_w4a8_fastprep.ops
 print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vllm', vllm.__version__,
       '| torch', torch.__version__, '|', torch.cuda.get_device_name(), '| plugin ops loaded')") || exit 1
     python3 -m evals.make_checkpoint check "$MODEL" || exit 1
-    if [[ -n $MODEL_SHA256 ]]; then
-      echo "$MODEL_SHA256  $MODEL/model.safetensors" | sha256sum -c - || exit 1
+    sums=${MODEL_SHA256:-$MODEL/SHA256SUMS}
+    if [[ $sums == none ]]; then
+      echo "sha256: not checked (MODEL_SHA256=none)"
+    elif [[ -f $sums ]]; then  # lines "HEX  FILE", FILE relative to the checkpoint folder
+      sums=$(realpath "$sums")
+      (cd "$MODEL" && sha256sum --strict -c "$sums") || exit 1
+    elif [[ -n $MODEL_SHA256 ]]; then
+      echo "MODEL_SHA256=$MODEL_SHA256: no such file" >&2; exit 1
+    else
+      echo "sha256: not checked (no $MODEL/SHA256SUMS; write one with" \
+        "(cd \$MODEL && sha256sum *.safetensors > SHA256SUMS), or set MODEL_SHA256=none)"
     fi ;;
   gsm8k)
     [[ $# -gt 0 ]] || { echo "gsm8k: give the modes, e.g. gsm8k upstream ours" >&2; exit 2; }
@@ -70,7 +80,7 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     rc=0
     for mode in "$@"; do
       budget=$(( $(left) - 15 ))
-      (( budget > 60 )) || { echo "gsm8k: no time left for $mode in this call" >&2; rc=1; break; }
+      (( budget > 60 )) || { echo "gsm8k: no time left for $mode (BUDGET_S)" >&2; rc=1; break; }
       # shellcheck disable=SC2086  # GSM8K_ARGS holds several flags
       python3 -m evals.gsm8k --model "$MODEL" --data-dir "$DATA" --modes "$mode" \
         --attention-backend TRITON_ATTN --out-dir "$RES/$TAG" --timeout "$budget" \
