@@ -335,8 +335,10 @@ def test_gpu_prepare_nan_scale_is_not_a_mismatch(tmp_path):
 
     _edit_tensor(ckpt, LAYER + ".weight_scale", nan)
     proc = _prepare_gpu(str(ckpt), "--upstream", _oracle(), "--check", "100")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # compared byte for byte (NaN equal to NaN), then reported as a bad checkpoint
     assert "MISMATCH" not in proc.stderr
+    assert "byte-exact: 7 sampled layers equal vLLM's own preparation" in proc.stdout
+    assert proc.returncode == 1 and "weight_scale has 1 non-finite value" in proc.stderr
 
 
 # ----------------------------------------------------------------- MoE

@@ -3,7 +3,6 @@ comparison and report, the command line (from any directory), the pipeline end t
 (lm-eval's HF backend) and, on a GPU, with vLLM ours vs upstream."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -138,3 +138,19 @@ def test_random_experts_are_stacked_per_expert_tensors():
         random_w4afp8_experts(2, 256, 200, torch.Generator())
     with pytest.raises(ValueError, match="experts must be >= 1"):
         random_w4afp8_experts(0, 256, 256, torch.Generator())
+
+
+def test_write_checkpoint_refuses_a_non_empty_folder_or_a_file(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        write_checkpoint(out, "tiny", layers=1)
+    assert [p.name for p in out.iterdir()] == ["weights.bin"]
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        write_checkpoint(out / "weights.bin", "tiny", layers=1)
+    write_checkpoint(out, "tiny", layers=1, force=True)
+    assert (out / "config.json").is_file() and (out / "weights.bin").read_bytes() == b"precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_checkpoint(empty, "tiny", layers=1) == empty

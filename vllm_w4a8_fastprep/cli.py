@@ -377,16 +377,19 @@ def _device(spec: str | None) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise OneLineError(f"--device {spec}: not a device (use cpu, cuda or cuda:N)", USAGE) from None
+        raise OneLineError(f"--device {spec}: not a device (use cpu, cuda or cuda:N)",
+                           USAGE) from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
         raise OneLineError(f"--device {spec}: use cpu, cuda or cuda:N", USAGE)
     if not torch.cuda.is_available():
-        raise OneLineError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)", USAGE)
+        raise OneLineError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)",
+                           USAGE)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise OneLineError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs", USAGE)
+        raise OneLineError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs",
+                           USAGE)
     err = ops.extension_error()
     if err is not None:
         raise OneLineError(f"--device {spec}: {err}", USAGE)
@@ -427,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM's compiled _C library to check against (default: the installed "
                         "vllm package's, when it loads)")
     p.add_argument("--preset", default="tiny",
-                   help=f"synthetic preset when no checkpoint: {', '.join(PRESETS)} (default: tiny)")
+                   help=f"synthetic preset when no checkpoint: {', '.join(PRESETS)} "
+                        "(default: tiny)")
     p.add_argument("--keep", action="store_true",
                    help="keep the synthetic checkpoint written when none is given")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,60 @@
+"""vllm_w4a8_fastprep.checkpoint_check: the one validator of checkpoint folders
+(used by ``vllm-w4a8-fastprep prepare`` and ``evals.make_checkpoint check``; their
+refusals are tested in test_cli.py and test_make_checkpoint.py)."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from vllm_w4a8_fastprep import checkpoint_check as cc
+from vllm_w4a8_fastprep.errors import OneLineError
+from vllm_w4a8_fastprep.synthetic import write_checkpoint
+
+
+def test_expert_count_from_the_config_keys():
+    assert cc.expert_count({"num_experts": 128}) == 128
+    assert cc.expert_count({"num_local_experts": 8}) == 8
+    assert cc.expert_count({"text_config": {"n_routed_experts": 64}}) == 64
+    assert cc.expert_count({"hidden_size": 4}) is None
+
+
+def test_inspect_a_valid_moe_checkpoint(tmp_path):
+    ck = cc.inspect(write_checkpoint(tmp_path / "m", "tiny-moe", layers=1))
+    assert ck.units == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"] + [
+        "model.layers.0.mlp.experts"]
+    assert sorted(ck.plan.moe[0].experts) == list(range(8))
+
+
+def test_weight_shape_values_are_read_from_the_file(tmp_path):
+    ck = cc.inspect(write_checkpoint(tmp_path / "m", "tiny", layers=1))
+    assert ck.tensors["model.layers.0.mlp.down_proj.weight_shape"].read_ints() == [256, 512]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01", "truncated safetensors file"),
+    (struct.pack("<Q", 1000) + b"{}", "a header of 1000 bytes"),
+    (struct.pack("<Q", 2) + b"[]", "corrupt header"),
+    (struct.pack("<Q", 2) + b"{x", "corrupt header"),
+])
+def test_read_header_refuses_damaged_files(tmp_path, data, message):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(data)
+    with pytest.raises(OneLineError, match=message):
+        cc.read_header(f)
+
+
+def test_read_header_checks_each_tensor_size(tmp_path):
+    head = json.dumps({"w": {"dtype": "I32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
+    with pytest.raises(OneLineError, match=r"w I32\[2, 2\] needs 16 bytes, has 12"):
+        cc.read_header(f)
+
+
+def test_scale_problem_counts_nan_and_inf():
+    s = torch.ones(128, 2, dtype=torch.bfloat16)
+    assert cc.scale_problem("l", s) is None
+    s[0, 0], s[5, 1] = float("nan"), float("-inf")
+    assert cc.scale_problem("l", s) == "l: weight_scale has 2 non-finite values (NaN or inf) of 256"
