@@ -230,8 +230,9 @@ def moe_layer(vllm_ctx):
     directly. Built with the package's MoE method in preparation-only mode
     (vLLM's unquantized MoE layer needs a GPU backend)."""
     moe = pytest.importorskip("vllm_w4a8_fastprep.moe")
-    from vllm.model_executor.layers.fused_moe import FusedMoE, RoutedExperts
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
 
+    from vllm_w4a8_fastprep.compat import make_fused_moe
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
     class Build(W4A8FastPrepConfig):
@@ -240,10 +241,10 @@ def moe_layer(vllm_ctx):
                 return moe.make_moe_method(self, layer, prefix, kernel=False)
             return super().get_quant_method(layer, prefix)
 
-    runner = FusedMoE(num_experts=4, top_k=2, hidden_size=256, intermediate_size=256,
-                      params_dtype=torch.bfloat16,
-                      quant_config=Build.from_config(quantization_config(moe=True)),
-                      prefix="model.layers.0.mlp.experts")
+    runner = make_fused_moe(num_experts=4, top_k=2, hidden_size=256, intermediate_size=256,
+                            params_dtype=torch.bfloat16,
+                            quant_config=Build.from_config(quantization_config(moe=True)),
+                            prefix="model.layers.0.mlp.experts")
     return runner.routed_experts, "model.layers.0.mlp.experts"
 
 

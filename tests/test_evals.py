@@ -39,7 +39,11 @@ def _log_line(path: Path, lineno: int, fmt: str, *args, process="EngineCore_DP0 
 
     record = logging.LogRecord("vllm", logging.INFO, str(path), lineno, fmt, args, None)
     record.fileinfo = path.name
-    return f"({process}) " + NewLineFormatter(_FORMAT, _DATE_FORMAT).format(record)
+    name, _, pid = process.partition(" pid=")
+    record.vllm_process_name, record.process = name, int(pid)
+    line = NewLineFormatter(_FORMAT, _DATE_FORMAT).format(record)
+    # vLLM >= 0.31 writes the process itself; before, its output prefixer did
+    return line if "%(vllm_process_name)s" in _FORMAT else f"({process}) " + line
 
 
 def _weights_line(seconds):

@@ -26,6 +26,7 @@ from test_moe import _load, _per_expert, _prepare_only_config  # noqa: E402
 
 from vllm_w4a8_fastprep import moe  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
+from vllm_w4a8_fastprep.compat import moe_weight_names  # noqa: E402
 from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -56,11 +57,11 @@ def gpu_ctx(vllm_ctx):
 
 
 def _runner(qc, prefix: str, experts: int, hidden: int, intermediate: int):
-    from vllm.model_executor.layers.fused_moe import FusedMoE
+    from vllm_w4a8_fastprep.compat import make_fused_moe
 
-    return FusedMoE(num_experts=experts, top_k=2, hidden_size=hidden,
-                    intermediate_size=intermediate, params_dtype=torch.bfloat16,
-                    quant_config=qc, prefix=prefix).to("cuda")
+    return make_fused_moe(num_experts=experts, top_k=2, hidden_size=hidden,
+                          intermediate_size=intermediate, params_dtype=torch.bfloat16,
+                          quant_config=qc, prefix=prefix).to("cuda")
 
 
 def _ours(prefix, shape):
@@ -151,8 +152,9 @@ def test_prepared_tensors_and_forward_equal_upstreams_method(gpu_ctx, shape):
     _load(ours, tensors)
     _load(theirs, tensors)
     a, b = _prepare(ours), _prepare(theirs)
-    assert_weight_equal(a.w13_weight_packed.data, b.w13_weight_packed.data, "w13 weights")
-    assert_weight_equal(a.w2_weight_packed.data, b.w2_weight_packed.data, "w2 weights")
+    w13, w2 = moe_weight_names()  # where both methods leave the prepared weights
+    assert_weight_equal(getattr(a, w13).data, getattr(b, w13).data, "w13 weights")
+    assert_weight_equal(getattr(a, w2).data, getattr(b, w2).data, "w2 weights")
     assert_packed_scales_equal(a.w13_weight_scale.data, b.w13_weight_scale.data,
                                n=2 * inter, k=hidden, what="w13 group scales")
     assert_packed_scales_equal(a.w2_weight_scale.data, b.w2_weight_scale.data,

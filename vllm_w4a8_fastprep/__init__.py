@@ -2,7 +2,9 @@
 preparation on the GPU for vLLM, bit-identical to upstream.
 
 ``register()`` is vLLM's ``vllm.general_plugins`` entry point: it registers
-the quantization method ``w4a8_fastprep``. Importing this package is cheap
+the quantization method ``w4a8_fastprep`` on a supported vLLM (see
+``compat``); on any other it logs one line naming the supported range and
+registers nothing. Importing this package is cheap
 (no vLLM, no CUDA); the ops live in ``vllm_w4a8_fastprep.ops``.
 """
 
@@ -15,13 +17,23 @@ def register() -> None:
     """Register the ``w4a8_fastprep`` quantization config with vLLM.
 
     Safe to call any number of times, in any process; initialises no CUDA.
+    On a vLLM outside the supported range it logs that, once, and registers
+    nothing: vLLM then serves every checkpoint as it does without this package.
     """
     global _registered
     if _registered:
         return
-    from vllm.model_executor.layers.quantization import register_quantization_config
+    from . import compat
 
+    problem = compat.vllm_version_problem()
+    if problem is not None:
+        import logging
+
+        logging.getLogger("vllm.w4a8_fastprep").warning(problem)
+        _registered = True
+        return
     from .checkpoint_format import METHOD_NAME
+    from .compat import register_quantization_config
     from .config import W4A8FastPrepConfig
 
     register_quantization_config(METHOD_NAME)(W4A8FastPrepConfig)

@@ -26,12 +26,8 @@ import logging
 import os
 from typing import Any
 
-from vllm.model_executor.layers.fused_moe import RoutedExperts
-from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
-    CompressedTensorsConfig,
-)
-
 from .checkpoint_format import METHOD_NAME, checkpoint_problem, scheme_problem
+from .compat import CompressedTensorsConfig, RoutedExperts
 from .load_stats import LoadStats
 
 logger = logging.getLogger("vllm.w4a8_fastprep")

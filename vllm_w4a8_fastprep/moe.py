@@ -21,24 +21,24 @@ from __future__ import annotations
 import logging
 
 import torch
-from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
-from vllm.model_executor.layers.fused_moe.oracle.w4a8 import (
-    make_w4a8_moe_kernel,
-    select_w4a8_moe_backend,
-)
-from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (  # noqa: E501
-    CompressedTensorsMoEMethod,
-)
-from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a8_fp8 import (  # noqa: E501
-    CompressedTensorsW4A8Fp8MoEMethod,
-)
-from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
-from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
-from vllm.model_executor.utils import replace_parameter, set_weight_attrs
-from vllm.platforms import current_platform
 
 from . import ops
 from .checkpoint_format import GROUP_SIZE, METHOD_NAME, scheme_problem
+from .compat import (
+    CompressedTensorsMoEMethod,
+    CompressedTensorsW4A8Fp8MoEMethod,
+    FusedMoeWeightScaleSupported,
+    GroupShape,
+    QuantFP8,
+    build_w4a8_moe_kernel,
+    current_platform,
+    moe_backend_problem,
+    moe_channel_scales_registered_at_creation,
+    rename_moe_weights,
+    replace_parameter,
+    set_weight_attrs,
+    w13_num_shards,
+)
 from .load_stats import LoadStats
 from .scheme import scale_path_of
 
@@ -68,7 +68,7 @@ def _log_once(key: str, level: int, msg: str, *args) -> None:
 def _dummy_weights() -> bool:
     """vLLM fills the parameters itself (``load_format=dummy``): no checkpoint
     tensor goes through the weight loader."""
-    from vllm.config import get_current_vllm_config_or_none
+    from .compat import get_current_vllm_config_or_none
 
     load_config = getattr(get_current_vllm_config_or_none(), "load_config", None)
     return str(getattr(load_config, "load_format", "") or "").lower() == "dummy"
@@ -120,11 +120,7 @@ def moe_kernel_problem(moe_config) -> str | None:
     err = ops.extension_error()
     if err is not None:
         return err
-    try:
-        select_w4a8_moe_backend(config=moe_config)
-    except NotImplementedError as e:
-        return str(e)
-    return None
+    return moe_backend_problem(moe_config)  # e.g. --moe-backend humming: upstream's
 
 
 def _moe_scheme(config, layer, prefix: str):
@@ -234,7 +230,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         else:  # K % 256 == 128, which upstream's create_weights refuses
             _create_moe_weights(layer, num_experts, hidden_size,
                                 intermediate_size_per_partition, params_dtype,
-                                extra_weight_attrs)
+                                extra_weight_attrs, w13_num_shards(self.moe))
         self._param_names = {id(getattr(layer, n)): n for n in _CHECKPOINT_PARAMS}
         self.stats.layer_created(experts=num_experts)
 
@@ -293,7 +289,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                 self.stats.layer_failed(None, name)
                 raise ValueError(f"{METHOD_NAME}: MoE layer {name} cannot be served: "
                                  + "; ".join(problems))
-        w13, w2 = layer.w13_weight_packed, layer.w2_weight_packed
+        # the names upstream's forward reads the weights under (vLLM >= 0.31
+        # renames them first, as upstream's preparation does)
+        w13_name, w2_name = rename_moe_weights(layer)
+        w13, w2 = getattr(layer, w13_name), getattr(layer, w2_name)
         s13, s2 = layer.w13_weight_scale, layer.w2_weight_scale
         experts, device = w13.shape[0], w13.device
         n13, k13 = w13.shape[1], w13.shape[2] * 8  # 2I, H
@@ -307,7 +306,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
         token = self.stats.begin_layer(device)
         try:
-            for param in ("w13_weight_packed", "w2_weight_packed"):
+            for param in (w13_name, w2_name):
                 replace_parameter(layer, param,
                                   ops.prepare_weight_grouped(getattr(layer, param).data))
             for w in ("w13", "w2"):
@@ -330,15 +329,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         if self.build_kernel and self.moe_quant_config is not None:
             assert self.experts_cls is not None
-            self.moe_kernel = make_w4a8_moe_kernel(
-                moe_quant_config=self.moe_quant_config,
-                moe_config=self.moe,
-                experts_cls=self.experts_cls,
-                b_strides1=self.b_strides1,
-                b_strides2=self.b_strides2,
-                group_size=self.group_size,
-                routing_tables=layer._expert_routing_tables(),
-            )
+            self.moe_kernel = build_w4a8_moe_kernel(self, layer)
 
 
 # the parameters vLLM's expert weight loader fills from the checkpoint
@@ -347,7 +338,8 @@ _CHECKPOINT_PARAMS = ("w13_weight_packed", "w2_weight_packed", "w13_weight_scale
 
 
 def _create_moe_weights(layer: torch.nn.Module, num_experts: int, hidden: int,
-                        intermediate: int, params_dtype: torch.dtype, attrs: dict) -> None:
+                        intermediate: int, params_dtype: torch.dtype, attrs: dict,
+                        w13_shards: int = 2) -> None:
     """The parameters of upstream's ``create_weights``, for shapes it refuses
     (intermediate_size_per_partition % 256 == 128): the same names, shapes,
     dtypes and loader attributes (a test compares the two on a shape both
@@ -356,6 +348,7 @@ def _create_moe_weights(layer: torch.nn.Module, num_experts: int, hidden: int,
     layer.orig_dtype = params_dtype
     layer.weight_block_size = None
     i32, pf = torch.int32, 32 // 4
+    n13 = w13_shards * intermediate  # gate and up
 
     def register(name: str, data: torch.Tensor, extra: dict) -> None:
         param = torch.nn.Parameter(data, requires_grad=False)
@@ -363,21 +356,20 @@ def _create_moe_weights(layer: torch.nn.Module, num_experts: int, hidden: int,
         set_weight_attrs(param, extra)
 
     register("w13_weight_packed",
-             torch.empty(num_experts, 2 * intermediate, hidden // pf, dtype=i32), attrs)
+             torch.empty(num_experts, n13, hidden // pf, dtype=i32), attrs)
     register("w2_weight_packed",
              torch.empty(num_experts, hidden, intermediate // pf, dtype=i32), attrs)
     group_attrs = {**attrs, "quant_method": FusedMoeWeightScaleSupported.GROUP.value}
-    register("w13_weight_scale", torch.ones(num_experts, 2 * intermediate,
-                                            hidden // GROUP_SIZE, dtype=params_dtype),
-             group_attrs)
+    register("w13_weight_scale", torch.ones(num_experts, n13, hidden // GROUP_SIZE,
+                                            dtype=params_dtype), group_attrs)
     register("w2_weight_scale", torch.ones(num_experts, hidden, intermediate // GROUP_SIZE,
                                            dtype=params_dtype), group_attrs)
     register("w2_weight_shape", torch.empty(num_experts, 2), group_attrs)
     register("w13_weight_shape", torch.empty(num_experts, 2), group_attrs)
-    # replaced by the preparation; no loader
-    layer.register_parameter("w13_weight_chan_scale", torch.nn.Parameter(
-        torch.ones(num_experts, 2 * intermediate, dtype=torch.float32), requires_grad=False))
-    layer.register_parameter("w2_weight_chan_scale", torch.nn.Parameter(
-        torch.ones(num_experts, hidden, dtype=torch.float32), requires_grad=False))
+    if moe_channel_scales_registered_at_creation():  # vLLM < 0.31; replaced, no loader
+        layer.register_parameter("w13_weight_chan_scale", torch.nn.Parameter(
+            torch.ones(num_experts, n13, dtype=torch.float32), requires_grad=False))
+        layer.register_parameter("w2_weight_chan_scale", torch.nn.Parameter(
+            torch.ones(num_experts, hidden, dtype=torch.float32), requires_grad=False))
     layer.w13_input_scale = None
     layer.w2_input_scale = None

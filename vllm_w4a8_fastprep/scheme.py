@@ -33,28 +33,24 @@ import logging
 from collections.abc import Callable
 
 import torch
-from vllm.distributed.utils import verify_group_size_divides_partition
-from vllm.model_executor.kernels.linear.mixed_precision.cutlass import (
-    CutlassW4A8LinearKernel,
-)
-from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
-    MPLinearLayerConfig,
-)
-from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
-    CompressedTensorsScheme,
-)
-from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
-from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
-from vllm.model_executor.parameter import (
-    BasevLLMParameter,
-    GroupQuantScaleParameter,
-    PackedvLLMParameter,
-)
-from vllm.platforms import current_platform
-from vllm.scalar_type import scalar_types
 
 from . import ops, reference
 from .checkpoint_format import GROUP_SIZE, METHOD_NAME
+from .compat import (
+    BasevLLMParameter,
+    CompressedTensorsScheme,
+    CutlassW4A8LinearKernel,
+    GroupQuantScaleParameter,
+    GroupShape,
+    MPLinearLayerConfig,
+    PackedvLLMParameter,
+    QuantFP8,
+    current_platform,
+    cutlass_w4a8_linear_kernel,
+    mp_linear_layer_config,
+    scalar_types,
+    verify_group_size_divides_partition,
+)
 from .load_stats import LoadStats
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -100,7 +96,7 @@ def hopper_kernel_problem(config: MPLinearLayerConfig) -> str | None:
 
 
 def _load_format() -> str | None:
-    from vllm.config import get_current_vllm_config_or_none
+    from .compat import get_current_vllm_config_or_none
 
     cfg = get_current_vllm_config_or_none()
     load_config = getattr(cfg, "load_config", None)
@@ -119,7 +115,7 @@ def checkpoint_rows(layer: torch.nn.Module) -> dict | None:
     for each shard id of this layer (None: the whole layer at once), before
     it cuts this rank's part; None for layer kinds whose loading we do not
     know (their tensors are then only checked against each other)."""
-    from vllm.model_executor.layers.linear import (
+    from .compat import (
         ColumnParallelLinear,
         MergedColumnParallelLinear,
         QKVParallelLinear,
@@ -184,25 +180,19 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         n = sum(output_partition_sizes)
         k = input_size_per_partition
         verify_group_size_divides_partition(k, GROUP_SIZE, self.layer_name)  # so K % 8 == 0
-        config = MPLinearLayerConfig(
+        config = mp_linear_layer_config(
             full_weight_shape=(input_size, output_size),
             partition_weight_shape=(k, n),
             weight_type=scalar_types.int4,
             act_type=torch.float8_e4m3fn,
             group_size=GROUP_SIZE,
             zero_points=False,
-            has_g_idx=False,
             out_type=params_dtype,
         )
         problem = hopper_kernel_problem(config)
         if problem is None:
-            self.kernel = CutlassW4A8LinearKernel(
-                config,
-                w_q_param_name="weight_packed",
-                w_s_param_name="weight_scale",
-                w_zp_param_name="weight_zero_point",
-                w_gidx_param_name="weight_g_idx",
-            )
+            self.kernel = cutlass_w4a8_linear_kernel(
+                config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
             _log_once(logging.INFO, "hopper", "%s: W4AFP8 layers run vLLM's CUTLASS W4A8 GEMM; "
                       "weights and scales are prepared by w4a8_fastprep's GPU ops", METHOD_NAME)
         else:
