@@ -8,6 +8,7 @@ fresh processes, once per mode (``ours`` / ``upstream``).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    # Count GPUs through NVML: asking the CUDA runtime would initialise CUDA in
+    # this process, and vLLM then forks its engine process, which cannot use
+    # CUDA after that ("Cannot re-initialize CUDA in forked subprocess").
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     import torch
 
     if not torch.cuda.is_available():

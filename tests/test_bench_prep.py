@@ -54,7 +54,7 @@ def test_smoke_moe_measures_every_layer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [(r["layer"], r["tensor"], r["E"], r["N"], r["K"]) for r in res["weights"]] == [
-        ("smoke@e3", "w13", 3, 256, 256), ("smoke@e3", "w2", 3, 256, 128)]
+        ("smoke@e3", "w13", 3, 512, 256), ("smoke@e3", "w2", 3, 256, 256)]
     for r in res["weights"]:
         assert r["ours"]["median_ms"] > 0 and r["copy"]["median_ms"] > 0
     assert [r["layer"] for r in res["layers"]] == ["smoke@e3"]

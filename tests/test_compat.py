@@ -155,7 +155,8 @@ def test_mp_linear_layer_config_builds_without_act_order():
 
 
 @pytest.mark.gpu
-def test_cutlass_w4a8_linear_kernel_is_vllms_kernel_on_our_parameter_names():
+def test_cutlass_w4a8_linear_kernel_is_vllms_kernel_on_our_parameter_names(vllm_ctx):
+    # vLLM's kernel builds a QuantFP8 (a CustomOp): it needs a current vLLM config
     import torch
 
     config = compat.mp_linear_layer_config(
