@@ -88,7 +88,10 @@ def test_wheel_installs_and_loads_without_nvcc(wheel, tmp_path):
 
     no_toolkit = _without_toolkit()
     _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        # --ignore-installed: where the outer site-packages holds an installed
+        # copy (CI's second venv), pip would otherwise see it and install nothing
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+         "--ignore-installed", str(wheel)],
         env=no_toolkit,
     )
 
