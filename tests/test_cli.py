@@ -370,13 +370,19 @@ def test_plan_groups_experts_by_layer_and_role(tmp_path):
     assert len(plan.dense) == 8 and plan.skipped == []
 
 
-def test_moe_layer_missing_an_expert_projection_is_an_error(tmp_path, capsys):
-    ckpt = _moe_ckpt(tmp_path)
+def _drop_from_index(ckpt, prefixes: tuple[str, ...]) -> None:
+    """Remove every tensor whose name starts with one of ``prefixes`` from the
+    checkpoint's index (the tensors stay in their files, unreferenced)."""
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    for suffix in ("weight_packed", "weight_scale", "weight_shape"):
-        del index["weight_map"][f"model.layers.1.mlp.experts.3.up_proj.{suffix}"]
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items()
+                           if not n.startswith(prefixes)}
     index_path.write_text(json.dumps(index))
+
+
+def test_moe_layer_missing_an_expert_projection_is_an_error(tmp_path, capsys):
+    ckpt = _moe_ckpt(tmp_path)
+    _drop_from_index(ckpt, ("model.layers.1.mlp.experts.3.up_proj.",))
     assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
     _one_line_error(capsys, "model.layers.1.mlp.experts: expert 3 has no W4AFP8 up projection")
 
@@ -439,12 +445,7 @@ def test_moe_expert_scales_of_the_wrong_shape_are_an_error(tmp_path, capsys):
 
 def test_moe_layer_missing_its_last_experts_is_an_error(tmp_path, capsys):
     ckpt = _moe_ckpt(tmp_path)
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"] = {n: f for n, f in index["weight_map"].items()
-                           if not n.startswith(("model.layers.0.mlp.experts.6.",
-                                                "model.layers.0.mlp.experts.7."))}
-    index_path.write_text(json.dumps(index))
+    _drop_from_index(ckpt, ("model.layers.0.mlp.experts.6.", "model.layers.0.mlp.experts.7."))
     assert cli.main(["prepare", str(ckpt), "--device", "cpu"]) == 1
     _one_line_error(capsys, "model.layers.0.mlp.experts: expert 6 is missing (the config says 8")
 
