@@ -14,15 +14,18 @@
 #            invocations with the same TAG are kept and compared: upstream, ours, upstream-2,
 #            ...); report.md, summary.json and this invocation's logs and samples go to $OUT
 #   report   bash evals/gpu_gsm8k.sh report           (the report of $RES/$TAG again)
-#   startup  bash evals/gpu_gsm8k.sh startup          (evals.startup_time, $RUNS runs per mode)
+#   startup  bash evals/gpu_gsm8k.sh startup          (evals.startup_time, $RUNS runs per mode,
+#                                                      plus $STARTUP_ARGS)
 #
 # vLLM: the Python environment's own, or one set up by `bash evals/gpu_e2e.sh setup` in $VB.
 # Environment: MODEL (required: the W4AFP8 checkpoint folder), MODEL_SHA256 (a sha256sum file
 # listing the checkpoint's weight files; default MODEL/SHA256SUMS when that exists; "none": do
 # not check), TAG (results folder, default "default": one TAG per setting), GSM8K_ARGS (more
-# evals.gsm8k flags, e.g. "--batch-invariant" or "--in-process-engine" or "--limit 200"), RUNS
-# (startup, default 3), BUDGET_S (seconds this invocation may spend on its runs, default 540: a
-# run that would outlast it is stopped and reported as failed, so the results still get written).
+# evals.gsm8k flags, e.g. "--in-process-engine" (deterministic: ours vs upstream compared exactly)
+# or "--limit 200"), RUNS (startup, default 3), STARTUP_ARGS (more evals.startup_time flags, e.g.
+# "--in-process-engine" or "--enforce-eager"), BUDGET_S (seconds this invocation may spend on its
+# gsm8k runs, default 540: a run that would outlast it is stopped and reported as failed, so the
+# results still get written).
 set -uo pipefail
 T0=$SECONDS
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -41,7 +44,7 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 left() { echo $(( BUDGET_S - (SECONDS - T0) )); }
 quiet() { grep -vE "it/s\]|s/it\]|^\s*$" "$@"; }
 
-[[ ${1:-} ]] || { sed -n '2,27p' "$0"; exit 2; }
+[[ ${1:-} ]] || { sed -n '2,28p' "$0"; exit 2; }
 step=$1; shift
 case $step in setup|gsm8k|startup)
   [[ -n $MODEL ]] || { echo "MODEL is not set: MODEL=/path/to/checkpoint bash $0 $step" >&2; exit 2; }
@@ -101,8 +104,9 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     python3 -m evals.gsm8k --report --out-dir "$RES/$TAG" && cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/ ;;
   startup)
     WORK=${WORK:-${TMPDIR:-/tmp}/e2e}/startup-real
+    # shellcheck disable=SC2086  # STARTUP_ARGS holds several flags
     python3 -m evals.startup_time --model "$MODEL" --runs "${RUNS:-3}" --out-dir "$WORK" \
-      --timeout 150 2>&1 | grep -v "it/s\]$" | tail -14
+      --timeout 150 ${STARTUP_ARGS:-} 2>&1 | grep -v "it/s\]$" | tail -14
     rc=${PIPESTATUS[0]}
     cp "$WORK/summary.json" "$OUT/startup.json" 2>/dev/null
     cp "$WORK/startup_time.png" "$OUT/startup.png" 2>/dev/null

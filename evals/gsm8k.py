@@ -49,6 +49,9 @@ REAL_SHA256 = {
     "test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
     "train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
 }
+# Environment variables that vLLM sets in its own process with a fresh value each time (a
+# shared-memory buffer's name): not a setting, so two runs are not told apart by them.
+PER_PROCESS_ENV = ("VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME",)
 LOG_LINES = re.compile(r"(Model loading took .*|Loading weights took .*|"
                        r"w4a8_fastprep: (?:prepared|serving) .*)$", re.MULTILINE)
 
@@ -127,6 +130,10 @@ def worker(args) -> int:
         from evals.modes import use_mode
 
         quant = use_mode(args.mode)
+    # the settings this run starts with (before vLLM adds variables of its own)
+    env = {k: os.environ[k] for k in sorted(os.environ)
+           if k.startswith(("VLLM_", "CUBLAS")) and k != "VLLM_CONFIGURE_LOGGING"}
+    if args.backend == "vllm":
         model_args = {"pretrained": args.model, "quantization": quant,
                       "max_model_len": args.max_model_len,
                       "gpu_memory_utilization": args.gpu_memory_utilization, "seed": args.seed}
@@ -152,8 +159,6 @@ def worker(args) -> int:
     with open(out / f"{args.label}.samples.jsonl", "w") as f:
         for i in sorted(docs):
             f.write(json.dumps(docs[i]) + "\n")
-    env = {k: os.environ[k] for k in sorted(os.environ)
-           if k.startswith(("VLLM_", "CUBLAS")) and k != "VLLM_CONFIGURE_LOGGING"}
     vllm_version = None
     if args.backend == "vllm":
         import vllm
@@ -236,7 +241,8 @@ def settings(run: dict) -> tuple:
     """What must be equal for two runs to be compared: everything but the mode."""
     margs = ",".join(a for a in str(run.get("model_args", "")).split(",")
                      if not a.startswith("quantization="))
-    env = {k: v for k, v in (run.get("env") or {}).items() if k != "VLLM_W4A8_FASTPREP_AUTO"}
+    env = {k: v for k, v in (run.get("env") or {}).items()
+           if k != "VLLM_W4A8_FASTPREP_AUTO" and k not in PER_PROCESS_ENV}
     return (run.get("backend"), run.get("task"), run.get("n"), run.get("num_fewshot"),
             run.get("batch_size"), margs, sorted(env.items()))
 

@@ -6,15 +6,19 @@ path and ``w4a8_fastprep`` -- several times each (interleaved), parses
 seconds`` and this package's ``w4a8_fastprep: prepared ...`` summary
 (``load_stats.parse_summary``: its own preparation time, dense and MoE
 layers), checks that both modes produce the same greedy tokens and top-k
-logprobs, and prints a table (median and spread; preparation = loading -
+logprobs (where they differ, the upstream runs are compared with each other: if
+upstream differs from itself, vLLM's engine is not deterministic here and the
+comparison proves nothing; ``--in-process-engine`` makes it deterministic), and
+prints a table (median and spread; preparation = loading -
 weights) plus a PNG bar chart. It can also just parse log files you already
 have (``--parse-logs``, e.g. two ``vllm serve`` logs).
 
-    python -m evals.startup_time --model DIR [--runs 3] [--enforce-eager] [--out-dir DIR]
+    python -m evals.startup_time --model DIR [--runs 3] [--enforce-eager] [--in-process-engine]
+                                 [--out-dir DIR]
     python -m evals.startup_time --parse-logs upstream.log ours.log
 
-Exit status: 0 done (outputs identical), 1 outputs differ, a run failed or a
-log lacks vLLM's lines, 2 bad arguments or no GPU. Errors are one line.
+Exit status: 0 done (outputs identical), 1 outputs differ or cannot be compared
+(upstream differs from itself), a run failed or a log lacks vLLM's lines, 2 bad arguments or no GPU. Errors are one line.
 """
 
 from __future__ import annotations
@@ -139,6 +143,29 @@ def compare_outputs(a: dict, b: dict) -> str | None:
     return None
 
 
+def output_verdict(results: dict[str, list[dict]]) -> tuple[str | None, dict]:
+    """(None, details) when every ours run gave the same outputs as the upstream run it is
+    paired with; else (why, details). Where they differ, every further upstream run is
+    compared with the first: if upstream differs from itself too, the engine's schedule is
+    not deterministic here and ours vs upstream says nothing either way."""
+    ours_vs_up = [compare_outputs(u, o) for u, o in zip(results["upstream"], results["ours"])]
+    up_vs_up = [compare_outputs(results["upstream"][0], u) for u in results["upstream"][1:]]
+    details = {"ours_vs_upstream": ours_vs_up, "upstream_vs_upstream": up_vs_up}
+    differ = [d for d in ours_vs_up if d]
+    if not differ:
+        return None, details
+    noisy = [d for d in up_vs_up if d]
+    if noisy:
+        return (f"NOT COMPARABLE: ours differs from upstream in {len(differ)} of "
+                f"{len(ours_vs_up)} run pairs ({differ[0]}), and upstream differs from its own "
+                f"first run in {len(noisy)} of {len(up_vs_up)} ({noisy[0]}): vLLM's engine is "
+                "not deterministic here; --in-process-engine makes it so"), details
+    against = (f"; the upstream runs agree with each other ({len(up_vs_up)} pairs)"
+               if up_vs_up else "")
+    return (f"DIFFERENT in {len(differ)} of {len(ours_vs_up)} run pairs: {differ[0]}"
+            f"{against}"), details
+
+
 def run(args) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +175,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     jobs = [(i, m) for i in range(args.runs) for m in modes]
-    env = child_env()
+    env = child_env(args.in_process_engine)
     for i, mode in tqdm(jobs, desc="vLLM starts", unit="run"):
         log, res = out / f"{mode}-{i}.log", out / f"{mode}-{i}.json"
         cmd = run_llm_command(args.model, mode, res, args)
@@ -170,29 +197,39 @@ def run(args) -> int:
         runs[mode].append(parsed)
         results[mode].append(json.loads(res.read_text()))
     summary = summarize(runs)
-    verdict = None
+    verdict, details = None, None
     if "ours" in results and "upstream" in results:
-        diffs = [compare_outputs(u, o) for u, o in zip(results["upstream"], results["ours"])]
-        verdict = next((d for d in diffs if d), None)
-        same = "identical" if verdict is None else f"DIFFERENT: {verdict}"
-        print(f"greedy tokens and logprobs, ours vs upstream ({len(diffs)} run pairs, "
-              f"{len(results['ours'][0]['outputs'])} prompts): {same}")
+        verdict, details = output_verdict(results)
+        print(f"greedy tokens and logprobs, ours vs upstream ({len(results['ours'])} run pairs, "
+              f"{len(results['ours'][0]['outputs'])} prompts): {verdict or 'identical'}")
     print(table(summary))
     (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": source_commit(),
                                                   "enforce_eager": args.enforce_eager,
+                                                  "in_process_engine": args.in_process_engine,
                                                   "runs": runs, "summary": summary,
-                                                  "outputs_identical": verdict is None},
+                                                  "outputs_identical": (
+                                                      None if details is None
+                                                      else verdict is None),
+                                                  "outputs_verdict": (
+                                                      "not compared (one mode)" if details is None
+                                                      else verdict or "identical"),
+                                                  "output_comparisons": details},
                                                  indent=1))
     chart(summary, out / "startup_time.png", f"{Path(args.model).name}: model loading")
     print(f"wrote {out / 'summary.json'} and {out / 'startup_time.png'}")
     return 0 if verdict is None else 1
 
 
-def child_env() -> dict:
+def child_env(in_process_engine: bool = False) -> dict:
     """This environment, with the repository on PYTHONPATH so that
-    ``evals.run_llm`` is found from any working directory."""
+    ``evals.run_llm`` is found from any working directory; with
+    ``in_process_engine``, vLLM's engine core runs in the run's own process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0), where every prompt is queued before the
+    first step: the same batches, so the same numbers, in every run."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if in_process_engine:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
@@ -260,6 +297,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=positive_int, default=3)
     ap.add_argument("--modes", default="upstream,ours")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--in-process-engine", action="store_true",
+                    help="VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's engine core in each run's "
+                         "own process, so that repeated runs give the same outputs")
     ap.add_argument("--max-model-len", type=positive_int, default=1024)
     ap.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
     ap.add_argument("--timeout", type=positive_int, default=1800)

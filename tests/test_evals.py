@@ -177,6 +177,38 @@ def test_compare_outputs():
     assert "1 vs 0 outputs" in startup_time.compare_outputs(a, {"outputs": []})
 
 
+def test_output_verdict_reads_differences_against_upstreams_own_noise():
+    def outs(*lps):  # one run: one prompt, one step, the logprob of token 1
+        return {"outputs": [{"token_ids": [1], "logprobs": [{"1": lp}]} for lp in lps]}
+
+    same = {"upstream": [outs(-0.5), outs(-0.5)], "ours": [outs(-0.5), outs(-0.5)]}
+    verdict, details = startup_time.output_verdict(same)
+    assert verdict is None and details == {"ours_vs_upstream": [None, None],
+                                           "upstream_vs_upstream": [None]}
+    # ours differs, upstream agrees with itself: a real difference
+    real = {"upstream": [outs(-0.5), outs(-0.5)], "ours": [outs(-0.5), outs(-0.7)]}
+    verdict, _ = startup_time.output_verdict(real)
+    assert verdict.startswith("DIFFERENT in 1 of 2 run pairs: prompt 0: logprobs differ")
+    assert "upstream runs agree with each other" in verdict
+    # upstream differs from itself as well: the engine is not deterministic
+    noisy = {"upstream": [outs(-0.5), outs(-0.6), outs(-0.5)],
+             "ours": [outs(-0.5), outs(-0.6), outs(-0.7)]}
+    verdict, details = startup_time.output_verdict(noisy)
+    assert verdict.startswith("NOT COMPARABLE: ours differs from upstream in 1 of 3 run pairs")
+    assert "upstream differs from its own first run in 1 of 2" in verdict
+    assert "--in-process-engine" in verdict
+    assert details["upstream_vs_upstream"] == ["prompt 0: logprobs differ", None]
+    # one run per mode: nothing to measure the noise by
+    verdict, _ = startup_time.output_verdict({"upstream": [outs(-0.5)], "ours": [outs(-0.7)]})
+    assert verdict == "DIFFERENT in 1 of 1 run pairs: prompt 0: logprobs differ"
+
+
+def test_in_process_engine_reaches_the_runs(monkeypatch):
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in startup_time.child_env()
+    assert startup_time.child_env(True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     (tmp_path / "m").mkdir()
@@ -205,7 +237,8 @@ def test_startup_time_needs_a_gpu(model_dir, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     out = tmp_path / "out"
-    assert startup_time.main(["--model", str(model_dir), "--out-dir", str(out)]) == 2
+    assert startup_time.main(["--model", str(model_dir), "--out-dir", str(out),
+                              "--in-process-engine"]) == 2
     _one_line(capsys, "needs a CUDA GPU")
     assert not out.exists()  # checked before any run
 

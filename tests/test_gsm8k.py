@@ -129,6 +129,10 @@ def test_report_flags_runs_made_with_other_settings():
     runs["ours"]["model_args"] = "pretrained=m,quantization=w4a8_fastprep,seed=1"
     runs["upstream"]["env"] = {"VLLM_W4A8_FASTPREP_AUTO": "0"}
     assert "SETTINGS DIFFER" not in gsm8k.report(runs)[0]
+    # a name vLLM gives its shared-memory buffer anew in every process is not a setting
+    runs["upstream"]["env"]["VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME"] = "VLLM_OBJECT_STORAGE_SHM_a1"
+    runs["ours"]["env"] = {"VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME": "VLLM_OBJECT_STORAGE_SHM_b2"}
+    assert "SETTINGS DIFFER" not in gsm8k.report(runs)[0]
     runs["ours"]["env"] = {"VLLM_BATCH_INVARIANT": "1"}
     assert "SETTINGS DIFFER (not comparable): upstream vs ours" in gsm8k.report(runs)[0]
 
