@@ -50,13 +50,21 @@ case $step in setup|gsm8k|startup)
   [[ -n $MODEL ]] || { echo "MODEL is not set: MODEL=/path/to/checkpoint bash $0 $step" >&2; exit 2; }
   [[ -f $MODEL/config.json ]] || { echo "MODEL=$MODEL: not a model folder (no config.json)" >&2; exit 2; } ;;
 esac
-echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})"
+case $step in
+  startup) echo "=== $step ($(date -u +%T), RUNS=${RUNS:-3}, STARTUP_ARGS=${STARTUP_ARGS:-})" ;;
+  *) echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})" ;;
+esac
 case $step in
   setup)
     python3 -c "import vllm" 2> /dev/null || { echo "vLLM is not importable: install it, or run bash evals/gpu_e2e.sh setup first" >&2; exit 1; }
-    ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: put the lm-eval wheels there" >&2; exit 1; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" .whl/*.whl || exit 1
+    if compgen -G ".whl/*.whl" > /dev/null; then  # offline: lm-eval from wheels
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl || exit 1
+    elif ! python3 -c "import lm_eval" 2> /dev/null; then
+      echo "lm-eval is not importable and there is no .whl/*.whl to install it from:" \
+        "pip install 'lm-eval[hf]==0.4.13', or put its wheels in .whl/" >&2
+      exit 1
+    fi
     [[ -f .gsm8k-data/test.jsonl ]] || { echo "no .gsm8k-data/test.jsonl: put gsm8k's test.jsonl and train.jsonl there" >&2; exit 1; }
     mkdir -p "$DATA" && cp .gsm8k-data/test.jsonl .gsm8k-data/train.jsonl "$DATA"/ || exit 1
     (cd /tmp && python3 -c "
@@ -78,6 +86,10 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     fi ;;
   gsm8k)
     [[ $# -gt 0 ]] || { echo "gsm8k: give the modes, e.g. gsm8k upstream ours" >&2; exit 2; }
+    for mode in "$@"; do
+      [[ $mode == upstream || $mode == ours ]] \
+        || { echo "gsm8k: unknown mode '$mode' (upstream or ours)" >&2; exit 2; }
+    done
     mkdir -p "$RES/$TAG"
     before=$(ls "$RES/$TAG"/*.log 2>/dev/null)
     rc=0
@@ -90,10 +102,14 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
         ${GSM8K_ARGS:-} 2>&1 | grep -E "^gsm8k:|failed|Error|error" | tail -30
       (( PIPESTATUS[0] == 0 )) || { rc=1; break; }
     done
-    python3 -m evals.gsm8k --report --out-dir "$RES/$TAG" > "$OUT/report.md.txt" 2>&1
-    cat "$OUT/report.md.txt"; rm -f "$OUT/report.md.txt"
-    cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/ 2>/dev/null
+    rm -f "$RES/$TAG/report.md" "$RES/$TAG/summary.json"  # only this invocation's report
+    if python3 -m evals.gsm8k --report --out-dir "$RES/$TAG"; then
+      cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/
+    else
+      rc=1
+    fi
     for log in "$RES/$TAG"/*.log; do
+      [[ -e $log ]] || continue
       grep -qxF "$log" <<< "$before" && continue
       label=$(basename "$log" .log)
       quiet "$log" | tail -400 > "$OUT/$TAG-$label.log"
@@ -104,6 +120,7 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     python3 -m evals.gsm8k --report --out-dir "$RES/$TAG" && cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/ ;;
   startup)
     WORK=${WORK:-${TMPDIR:-/tmp}/e2e}/startup-real
+    rm -rf "$WORK"  # nothing of an earlier invocation is copied out as this one's result
     # shellcheck disable=SC2086  # STARTUP_ARGS holds several flags
     python3 -m evals.startup_time --model "$MODEL" --runs "${RUNS:-3}" --out-dir "$WORK" \
       --timeout 150 ${STARTUP_ARGS:-} 2>&1 | grep -v "it/s\]$" | tail -14

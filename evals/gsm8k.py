@@ -19,12 +19,17 @@ time).
 
     python -m evals.gsm8k --model CKPT --data-dir DIR [--modes upstream,ours,upstream]
     python -m evals.gsm8k --report --out-dir DIR
+
+Exit status: 0 done; 1 a run failed or timed out, bad data, or a results folder that cannot be
+read; 2 bad arguments, no GPU for the vllm backend, or lm-eval not installed; 130 (or 128 +
+the signal) interrupted, the running run stopped with its processes. Errors are one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -37,7 +42,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/gsm8k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_w4a8_fastprep.errors import OneLineError, OneLineParser  # noqa: E402
+from vllm_w4a8_fastprep.errors import (  # noqa: E402
+    USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "evals" / "tasks" / "gsm8k_local"
@@ -176,19 +183,40 @@ def worker(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ report
+def read_json(f: Path):
+    """A JSON file's value, or one line naming the file and what is wrong with it."""
+    try:
+        return json.loads(f.read_text())
+    except OSError as e:
+        raise OneLineError(f"{f}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise OneLineError(f"{f}: not valid JSON ({getattr(e, 'msg', e)}{where})") from None
+
+
 def load_runs(out: Path) -> dict[str, dict]:
+    """Every run in ``out``: its record (LABEL.json), samples (LABEL.samples.jsonl, where
+    present) and load lines (LABEL.log). A file that is not what a run writes is an error."""
     runs = {}
     for f in sorted(out.glob("*.json")):
         if f.name in ("data.json", "summary.json"):
             continue
-        r = json.loads(f.read_text())
-        if "label" not in r:
-            continue
+        r = read_json(f)
+        if not (isinstance(r, dict) and r.get("label") == f.stem
+                and isinstance(r.get("scores"), dict) and isinstance(r.get("n"), int)):
+            raise OneLineError(f"{f}: not a gsm8k run record (a run LABEL writes LABEL.json with "
+                               "its label, n and scores); move it out of the folder")
         samples = out / f"{r['label']}.samples.jsonl"
         r["docs"] = {}
         if samples.exists():
-            for line in samples.read_text().splitlines():
-                d = json.loads(line)
+            for i, line in enumerate(samples.read_text(errors="replace").splitlines(), 1):
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    raise OneLineError(f"{samples}:{i}: not JSON") from None
+                if not (isinstance(d, dict) and isinstance(d.get("doc_id"), int)
+                        and "response" in d):
+                    raise OneLineError(f"{samples}:{i}: not a sample (doc_id, response, ...)")
                 r["docs"][d["doc_id"]] = d
         log = out / f"{r['label']}.log"
         r["log_lines"] = LOG_LINES.findall(log.read_text()) if log.exists() else []
@@ -237,14 +265,26 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
-def settings(run: dict) -> tuple:
+def settings(run: dict) -> dict:
     """What must be equal for two runs to be compared: everything but the mode."""
     margs = ",".join(a for a in str(run.get("model_args", "")).split(",")
                      if not a.startswith("quantization="))
     env = {k: v for k, v in (run.get("env") or {}).items()
            if k != "VLLM_W4A8_FASTPREP_AUTO" and k not in PER_PROCESS_ENV}
-    return (run.get("backend"), run.get("task"), run.get("n"), run.get("num_fewshot"),
-            run.get("batch_size"), margs, sorted(env.items()))
+    out = {k: run.get(k) for k in ("backend", "task", "n", "num_fewshot", "batch_size")}
+    out["model_args"] = margs
+    for k in sorted(set(env)):
+        out[f"env {k}"] = env[k]
+    return out
+
+
+def settings_difference(a: dict, b: dict) -> str | None:
+    """The first setting two runs differ in (``name: x vs y``), or None."""
+    sa, sb = settings(a), settings(b)
+    for k in sorted(set(sa) | set(sb)):
+        if sa.get(k) != sb.get(k):
+            return f"{k}: {sa.get(k, 'unset')!r} vs {sb.get(k, 'unset')!r}"
+    return None
 
 
 def pairs(labels: list[str]) -> list[tuple[str, str]]:
@@ -284,10 +324,16 @@ def report(runs: dict[str, dict]) -> tuple[str, dict]:
                          f"{c['responses_differ']} | {c['strict-match_answer_differs']} | "
                          f"{c['flexible-extract_answer_differs']} | "
                          f"{' '.join(map(str, c['first_differing_docs'])) or '-'} |")
-        differ = [f"{a} vs {b}" for a, b in pairs(labels)
-                  if settings(runs[a]) != settings(runs[b])]
+        differ = [f"{a} vs {b} ({d})" for a, b in pairs(labels)
+                  if (d := settings_difference(runs[a], runs[b]))]
         if differ:
             lines += ["", "SETTINGS DIFFER (not comparable): " + ", ".join(differ)]
+        missing = [f"{a} vs {b} ({c['docs']} of {max(runs[a]['n'], runs[b]['n'])} compared)"
+                   for a, b in pairs(labels)
+                   for c in [comparisons[f"{a} vs {b}"]]
+                   if c["only_in_one"] or c["docs"] < max(runs[a]["n"], runs[b]["n"])]
+        if missing:
+            lines += ["", "SAMPLES MISSING (not comparable): " + ", ".join(missing)]
         same = [f"{a} vs {b}" for a, b in pairs(labels)
                 if all(runs[a]["scores"].get(m) == runs[b]["scores"].get(m) for m in METRICS)]
         lines += ["", f"identical scores (both filters): {', '.join(same) or 'none'}"]
@@ -298,13 +344,23 @@ def report(runs: dict[str, dict]) -> tuple[str, dict]:
     return "\n".join(lines), comparisons
 
 
+def same_data(a, b) -> bool:
+    """The same gsm8k files (rows and sha256 of each), wherever they lie."""
+    def key(d):
+        if not isinstance(d, dict):
+            return None
+        return {k: (v.get("rows"), v.get("sha256")) if isinstance(v, dict) else None
+                for k, v in d.items()}
+    return key(a) is not None and key(a) == key(b)
+
+
 def write_report(out: Path) -> int:
     runs = load_runs(out)
     if not runs:
         raise OneLineError(f"{out}: no gsm8k runs to report")
     text, comparisons = report(runs)
     print(text)
-    data = json.loads((out / "data.json").read_text()) if (out / "data.json").exists() else None
+    data = read_json(out / "data.json") if (out / "data.json").exists() else None
     (out / "report.md").write_text(text + "\n")
     summary = {"data": data, "comparisons": comparisons,
                "runs": {k: {kk: vv for kk, vv in v.items() if kk != "docs"}
@@ -373,6 +429,11 @@ def parse_args(argv):
         ap.error("--max-num-seqs must be positive")
     if args.num_fewshot < 0:
         ap.error("--num-fewshot must be >= 0")
+    for flag, v in (("--timeout", args.timeout), ("--max-model-len", args.max_model_len)):
+        if v <= 0:
+            ap.error(f"{flag} must be positive, not {v}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        ap.error(f"--gpu-memory-utilization must be in (0, 1], not {args.gpu_memory_utilization}")
     return ap, args
 
 
@@ -403,6 +464,11 @@ def main(argv=None) -> int:
                 ap.error(f"no gsm8k data: pass --data-dir DIR (test.jsonl, train.jsonl), or put "
                          f"them in {DEFAULT_DATA}, or use --hub")
             data = check_data_dir(data_dir)
+        for module, what in (("lm_eval", "lm-eval"), ("yaml", "pyyaml")):
+            if importlib.util.find_spec(module) is None:
+                raise OneLineError(f"{what} is not installed in this Python ({sys.executable}): "
+                                   "pip install 'lm-eval[hf]==0.4.13' (the README's set-up "
+                                   "installs it)", USAGE)
         if args.backend == "vllm":
             import torch
 
@@ -412,7 +478,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if data is not None:
             old = out / "data.json"
-            if old.exists() and json.loads(old.read_text()) != data:
+            if old.exists() and not same_data(read_json(old), data):
                 raise OneLineError(f"{out} holds runs on other data ({old}); use another "
                                    "--out-dir")
             old.write_text(json.dumps(data, indent=1))
@@ -441,11 +507,16 @@ def main(argv=None) -> int:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
                 try:
-                    rc = proc.wait(timeout=args.timeout)
+                    with exit_on_signals():
+                        rc = proc.wait(timeout=args.timeout)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    stop_group(proc)
                     rc = f"timeout after {args.timeout} s"
+                except (KeyboardInterrupt, Terminated) as e:
+                    stop_group(proc)
+                    raise OneLineError(f"interrupted: stopped run {label} and its processes "
+                                       f"(its log: {out / (label + '.log')})",
+                                       getattr(e, "status", 130)) from None
             if rc != 0:
                 tail = (out / f"{label}.log").read_text(errors="replace").splitlines()[-25:]
                 print(f"gsm8k: {label} failed ({rc}); last lines of {out / (label + '.log')}:\n"
@@ -456,6 +527,15 @@ def main(argv=None) -> int:
     except OneLineError as e:
         print(f"gsm8k: error: {e}", file=sys.stderr)
         return e.status
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kill a run started in its own process group: the worker and vLLM's engine processes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _worker_args(args, model: Path) -> list[str]:

@@ -3,6 +3,7 @@ comparison and report, the command line (from any directory), the pipeline end t
 (lm-eval's HF backend) and, on a GPU, with vLLM ours vs upstream."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,68 @@ def test_report_flags_runs_made_with_other_settings():
     runs["ours"]["env"] = {"VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME": "VLLM_OBJECT_STORAGE_SHM_b2"}
     assert "SETTINGS DIFFER" not in gsm8k.report(runs)[0]
     runs["ours"]["env"] = {"VLLM_BATCH_INVARIANT": "1"}
-    assert "SETTINGS DIFFER (not comparable): upstream vs ours" in gsm8k.report(runs)[0]
+    assert ("SETTINGS DIFFER (not comparable): upstream vs ours (env VLLM_BATCH_INVARIANT: "
+            "'unset' vs '1')") in gsm8k.report(runs)[0]
+
+
+def test_report_flags_samples_missing_from_a_run():
+    runs = {"upstream": _run("upstream", ["a", "b", "c"], ["7", "3", "1"]),
+            "ours": _run("ours", ["a", "b", "c"], ["7", "3", "1"])}
+    for r in runs.values():
+        r["n"] = 3
+    assert "SAMPLES MISSING" not in gsm8k.report(runs)[0]
+    del runs["ours"]["docs"][2]  # a half-copied samples file
+    assert ("SAMPLES MISSING (not comparable): upstream vs ours (2 of 3 compared)"
+            in gsm8k.report(runs)[0])
+    runs["ours"]["docs"] = {}  # no samples file at all
+    assert "upstream vs ours (0 of 3 compared)" in gsm8k.report(runs)[0]
+
+
+def _results_folder(d: Path) -> Path:
+    """A results folder as two runs leave it (record, samples, log each)."""
+    d.mkdir()
+    (d / "data.json").write_text(json.dumps({"test.jsonl": {"rows": 2, "sha256": "x"}}))
+    for label in ("upstream", "ours"):
+        run = _run(label, ["a #### 7", "b #### 3"], ["7", "3"])
+        docs = run.pop("docs")
+        run["n"] = 2
+        (d / f"{label}.json").write_text(json.dumps(run))
+        (d / f"{label}.samples.jsonl").write_text(
+            "".join(json.dumps(docs[i]) + "\n" for i in sorted(docs)))
+        (d / f"{label}.log").write_text("Loading weights took 0.40 seconds\n")
+    return d
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "ours.json").write_text("{oops"), "ours.json: not valid JSON"),
+    (lambda d: (d / "ours.json").write_text("[1, 2]"), "ours.json: not a gsm8k run record"),
+    (lambda d: (d / "ours.json").write_text('{"label": "ours"}'),
+     "ours.json: not a gsm8k run record"),
+    (lambda d: (d / "ours.json").write_text('{"label": 5, "n": 2, "scores": {}}'),
+     "ours.json: not a gsm8k run record"),
+    (lambda d: (d / "ours.samples.jsonl").open("a").write("not json\n"),
+     "ours.samples.jsonl:3: not JSON"),
+    (lambda d: (d / "ours.samples.jsonl").write_text("[1]\n"),
+     "ours.samples.jsonl:1: not a sample"),
+    (lambda d: (d / "data.json").write_text("{oops"), "data.json: not valid JSON"),
+])
+def test_report_on_a_damaged_folder_is_one_error(tmp_path, damage, message):
+    d = _results_folder(tmp_path / "res")
+    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    assert p.returncode == 0 and "| upstream vs ours | 2 | 0 | 0 |" in p.stdout, p.stderr
+    damage(d)
+    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_the_same_data_in_another_folder_is_the_same_data():
+    a = {"test.jsonl": {"path": "/a/test.jsonl", "rows": 1319, "sha256": "s"}}
+    b = {"test.jsonl": {"path": "/b/test.jsonl", "rows": 1319, "sha256": "s"}}
+    assert gsm8k.same_data(a, b)
+    b["test.jsonl"]["sha256"] = "t"
+    assert not gsm8k.same_data(a, b)
+    assert not gsm8k.same_data([1], [1])
 
 
 def test_load_lines_from_a_run_log():
@@ -179,6 +241,10 @@ def _cli(*args, cwd=ROOT, timeout=120):
     (("--model", "{ckpt}", "--limit", "0"), "--limit must be positive"),
     (("--model", "{ckpt}", "--hub", "--data-dir", "{tmp}"), "exclude each other"),
     (("--model", "{ckpt}", "--num-fewshot", "x"), "argument --num-fewshot: invalid int value"),
+    (("--model", "{ckpt}", "--timeout", "0"), "--timeout must be positive, not 0"),
+    (("--model", "{ckpt}", "--max-model-len", "-1"), "--max-model-len must be positive"),
+    (("--model", "{ckpt}", "--gpu-memory-utilization", "1.5"),
+     "--gpu-memory-utilization must be in (0, 1]"),
     (("--bogus",), "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_give_one_error(tmp_path, args, message):
@@ -202,6 +268,67 @@ def test_bad_data_gives_one_error(tmp_path):
                                "'question' and an 'answer' ending in '#### N')"
     p = _cli("--report", "--out-dir", tmp_path / "empty", cwd=tmp_path)
     assert p.returncode == 1 and "no gsm8k runs to report" in p.stderr
+
+
+def test_missing_lm_eval_is_one_error_before_any_run(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    real = gsm8k.importlib.util.find_spec
+    monkeypatch.setattr(gsm8k.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    out = tmp_path / "res"
+    rc = gsm8k.main(["--model", str(ckpt), "--data-dir", str(write_data(tmp_path / "d")),
+                     "--backend", "hf", "--out-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("gsm8k: error: lm-eval is not installed in this Python")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace").replace(
+                        "\0", " "):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
+def test_interrupting_stops_the_running_run_and_its_processes(tmp_path, signum, status):
+    """Ctrl-C (SIGINT) or SIGTERM while a run is going: the run's whole process group is
+    killed (the worker is in a session of its own, so it does not get the terminal's
+    signal), one line, exit 130 / 143, and the run leaves no result behind."""
+    pytest.importorskip("lm_eval")
+    import signal
+    import time
+
+    _tiny_dense_model(tmp_path / "tiny")
+    write_data(tmp_path / "data")
+    out = tmp_path / "res-interrupted"
+    p = subprocess.Popen([sys.executable, str(ROOT / "evals" / "gsm8k.py"), "--model", "tiny",
+                          "--data-dir", "data", "--backend", "hf", "--modes", "upstream",
+                          "--limit", "2", "--num-fewshot", "1", "--out-dir", str(out)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+    deadline = time.time() + 60
+    while time.time() < deadline and not _processes_naming(f"--worker --mode upstream "
+                                                           f"--label upstream --out-dir {out}"):
+        time.sleep(0.1)
+    assert _processes_naming(f"--out-dir {out}"), "the worker never started"
+    p.send_signal(signum)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == status, stderr
+    assert stderr.strip().startswith("gsm8k: error: interrupted: stopped run upstream")
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    time.sleep(1)
+    assert not _processes_naming(f"--out-dir {out}"), "the worker outlived the interrupt"
+    assert not (out / "upstream.json").exists()
 
 
 def test_vllm_backend_needs_a_gpu(tmp_path):
@@ -238,12 +365,15 @@ def test_pipeline_on_cpu_from_another_directory_same_run_twice_differs_nowhere(t
     write_data(work / "data")
     p = _cli("--model", "tiny", "--data-dir", "data", "--backend", "hf", "--modes",
              "upstream,upstream", "--limit", "3", "--num-fewshot", "1", "--batch-size", "1",
-             "--gen-kwargs", "max_gen_toks=8", "--out-dir", "res", cwd=work, timeout=900)
+             "--gen-kwargs", "max_gen_toks=8", "--out-dir", "res", "--in-process-engine",
+             cwd=work, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = work / "res"
     for label in ("upstream", "upstream-2"):
         r = json.loads((res / f"{label}.json").read_text())
         assert r["task"] == "gsm8k_local" and r["n"] == 3 and r["num_fewshot"] == 1
+        # the settings the run started with, flags included (what runs are compared by)
+        assert r["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         assert 0.0 <= r["scores"]["exact_match,flexible-extract"] <= 1.0
         docs = (res / f"{label}.samples.jsonl").read_text().splitlines()
         assert len(docs) == 3 and "strict-match" in json.loads(docs[0])
@@ -268,9 +398,37 @@ def test_vllm_ours_vs_upstream_on_a_synthetic_checkpoint(tmp_path):
     make_checkpoint.main(["synthetic", str(ckpt), "--layers", "2"])
     p = _cli("--model", ckpt, "--data-dir", write_data(tmp_path / "d"), "--limit", "5",
              "--gen-kwargs", "max_gen_toks=16", "--attention-backend", "TRITON_ATTN",
-             "--gpu-memory-utilization", "0.3", "--out-dir", tmp_path / "res", timeout=1200)
+             "--gpu-memory-utilization", "0.3", "--in-process-engine", "--out-dir",
+             tmp_path / "res", timeout=1200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     s = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert s["comparisons"]["upstream vs ours"]["responses_differ"] == 0
     assert s["runs"]["ours"]["load"].get("ours_layers", 0) > 0
     assert "ours_layers" not in s["runs"]["upstream"]["load"]
+
+
+# ------------------------------------------------------------------------------------ GPU script
+def test_gpu_script_refuses_an_unknown_mode_and_leaves_nothing_behind(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "m"),
+               HOME=str(tmp_path / "home"), VB=str(tmp_path / "vb"))
+    p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_gsm8k.sh"), "gsm8k", "upstream",
+                        "fast"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 2 and p.stderr.strip() == "gsm8k: unknown mode 'fast' (upstream or ours)"
+    assert not list((tmp_path / "out").iterdir()) and not (tmp_path / "home").exists()
+
+
+def test_gpu_script_startup_copies_out_no_earlier_result(tmp_path):
+    """A startup step that fails must not deliver an earlier invocation's summary as its own."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    old = tmp_path / "work" / "startup-real"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"model": "an earlier run"}')
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "m"),
+               WORK=str(tmp_path / "work"), VB=str(tmp_path / "vb"), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_gsm8k.sh"), "startup"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode != 0, p.stdout + p.stderr  # no GPU visible: startup_time refuses
+    assert not (tmp_path / "out" / "startup.json").exists()
