@@ -13,7 +13,9 @@
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
-# vLLM starts per mode, STARTUP_ARGS adds startup_time arguments.
+# vLLM starts per mode, STARTUP_ARGS adds startup_time arguments. Every startup_time run has
+# --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
+# run, so that ours vs upstream is an exact comparison.
 # Summaries and charts go to $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -30,7 +32,9 @@ oracle() {  # the one lookup (tests/oracle.py); empty when there is none
 
 startup() {  # name, model dir, extra args
   local name=$1 model=$2; shift 2
-  python3 -m evals.startup_time --model "$model" --out-dir "$WORK/$name" "$@" 2>&1 \
+  rm -rf "$WORK/$name" "$OUT/$name.json" "$OUT/$name.png"  # no earlier results left to copy
+  python3 -m evals.startup_time --model "$model" --out-dir "$WORK/$name" --in-process-engine \
+    "$@" 2>&1 \
     | grep -v "it/s\]$" | tail -14
   local rc=${PIPESTATUS[0]}
   echo "$name: startup_time rc=$rc"

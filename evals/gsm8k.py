@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/gsm8k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evals.process_group import run_in_own_group  # noqa: E402
 from vllm_w4a8_fastprep.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
@@ -503,17 +503,14 @@ def main(argv=None) -> int:
             print(f"gsm8k: {label} ({args.backend} backend)...", flush=True)
             t0 = time.perf_counter()
             with open(out / f"{label}.log", "w") as log:
-                # its own process group, so that a timeout also ends vLLM's engine process
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                # its own process group, so that a timeout or an interrupt also ends vLLM's
+                # engine processes
                 try:
                     with exit_on_signals():
-                        rc = proc.wait(timeout=args.timeout)
+                        rc = run_in_own_group(cmd, log, env, args.timeout)
                 except subprocess.TimeoutExpired:
-                    stop_group(proc)
                     rc = f"timeout after {args.timeout} s"
                 except (KeyboardInterrupt, Terminated) as e:
-                    stop_group(proc)
                     raise OneLineError(f"interrupted: stopped run {label} and its processes "
                                        f"(its log: {out / (label + '.log')})",
                                        getattr(e, "status", 130)) from None
@@ -527,15 +524,6 @@ def main(argv=None) -> int:
     except OneLineError as e:
         print(f"gsm8k: error: {e}", file=sys.stderr)
         return e.status
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Kill a run started in its own process group: the worker and vLLM's engine processes."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _worker_args(args, model: Path) -> list[str]:

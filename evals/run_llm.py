@@ -30,7 +30,7 @@ PROMPTS = [
 
 
 def main(argv=None) -> int:
-    ap = OneLineParser(prog="run_llm", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="run_llm", description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--out", required=True)
@@ -45,12 +45,26 @@ def main(argv=None) -> int:
         ap.error(f"{args.model}: not a model folder (no config.json)")
     if not 0 < args.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if problem := unwritable(Path(args.out)):
+        ap.error(f"--out {args.out}: {problem}")  # found before the model loads, not after
 
     try:
         return run(args)
     except OneLineError as e:
         print(f"run_llm: error: {e}", file=sys.stderr)
         return e.status
+
+
+def unwritable(out: Path) -> str | None:
+    """Why the result file ``out`` cannot be written, or None."""
+    folder = out.parent
+    if out.is_dir():
+        return "is a folder"
+    if not folder.is_dir():
+        return f"no folder {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return "not writable here"
+    return None
 
 
 def run(args) -> int:
@@ -88,8 +102,11 @@ def run(args) -> int:
                          for step in (o.outputs[0].logprobs or [])],
         } for o in outs],
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    try:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    except OSError as e:
+        raise OneLineError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
     return 0
 

@@ -13,16 +13,22 @@ prints a table (median and spread; preparation = loading -
 weights) plus a PNG bar chart. It can also just parse log files you already
 have (``--parse-logs``, e.g. two ``vllm serve`` logs).
 
+A run writes ``{mode}-{i}.log`` and ``{mode}-{i}.json`` per vLLM start, ``summary.json`` and
+``startup_time.png`` into ``--out-dir``; those of an earlier run there are removed first.
+
     python -m evals.startup_time --model DIR [--runs 3] [--enforce-eager] [--in-process-engine]
                                  [--out-dir DIR]
     python -m evals.startup_time --parse-logs upstream.log ours.log
 
-Exit status: 0 done (outputs identical), 1 outputs differ or cannot be compared
-(upstream differs from itself), a run failed or a log lacks vLLM's lines, 2 bad arguments or no GPU. Errors are one line.
+Exit status: 0 done (outputs identical); 1 outputs differ or cannot be compared (upstream
+differs from itself), a run failed or timed out, or a log lacks vLLM's lines; 2 bad arguments,
+no GPU or no matplotlib; 130 (or 128 + the signal) interrupted, the running vLLM start stopped
+with all its processes. Errors are one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -32,13 +38,19 @@ import sys
 from pathlib import Path
 
 from vllm_w4a8_fastprep.cli import positive_int
-from vllm_w4a8_fastprep.errors import OneLineError, OneLineParser
+from vllm_w4a8_fastprep.errors import (
+    USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
+)
 from vllm_w4a8_fastprep.load_stats import parse_summary
 from vllm_w4a8_fastprep.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(ROOT))
+
+from evals.modes import MODES  # noqa: E402
+from evals.process_group import run_in_own_group  # noqa: E402
+
 # vLLM 0.26.0's lines (gpu_model_runner.py: "Model loading took %s GiB memory and
 # %.6f seconds"; its newer runner drops "memory"; default_loader.py: "Loading
 # weights took %.2f seconds")
@@ -99,7 +111,8 @@ def table(summary: dict) -> str:
             "| w4a8_fastprep own s | GiB |", "|---|---|---|---|---|---|"]
     for mode, s in summary.items():
         rows.append(f"| {mode} | {_fmt(s['loading_s'])} | {_fmt(s['weights_s'])} | "
-                    f"{_fmt(s['prep_s'])} | {_fmt(s['ours_prep_s'], 3)} | {_fmt(s['loading_gib'])} |")
+                    f"{_fmt(s['prep_s'])} | {_fmt(s['ours_prep_s'], 3)} | "
+                    f"{_fmt(s['loading_gib'])} |")
     up, ours = summary.get("upstream"), summary.get("ours")
     if up and ours and up["prep_s"] and ours["prep_s"]:
         rows.append("")
@@ -143,6 +156,18 @@ def compare_outputs(a: dict, b: dict) -> str | None:
     return None
 
 
+NOT_COMPARABLE = "NOT COMPARABLE"
+
+
+def outputs_identical(verdict: str | None, details: dict | None) -> bool | None:
+    """summary.json's ``outputs_identical``: True or False where ours was compared with
+    upstream and the comparison tells; None where there was nothing to compare (one mode)
+    or it cannot tell (upstream differs from itself)."""
+    if details is None or (verdict or "").startswith(NOT_COMPARABLE):
+        return None
+    return verdict is None
+
+
 def output_verdict(results: dict[str, list[dict]]) -> tuple[str | None, dict]:
     """(None, details) when every ours run gave the same outputs as the upstream run it is
     paired with; else (why, details). Where they differ, every further upstream run is
@@ -156,7 +181,7 @@ def output_verdict(results: dict[str, list[dict]]) -> tuple[str | None, dict]:
         return None, details
     noisy = [d for d in up_vs_up if d]
     if noisy:
-        return (f"NOT COMPARABLE: ours differs from upstream in {len(differ)} of "
+        return (f"{NOT_COMPARABLE}: ours differs from upstream in {len(differ)} of "
                 f"{len(ours_vs_up)} run pairs ({differ[0]}), and upstream differs from its own "
                 f"first run in {len(noisy)} of {len(up_vs_up)} ({noisy[0]}): vLLM's engine is "
                 "not deterministic here; --in-process-engine makes it so"), details
@@ -166,9 +191,22 @@ def output_verdict(results: dict[str, list[dict]]) -> tuple[str | None, dict]:
             f"{against}"), details
 
 
+RESULT_FILE = re.compile(rf"(?:{'|'.join(MODES)})-\d+\.(?:log|json)")
+
+
+def remove_earlier_results(out: Path) -> None:
+    """An earlier run's files in ``out`` go first: a run that fails part-way must not leave
+    them looking like its own."""
+    for f in out.iterdir():
+        if f.name in ("summary.json", "startup_time.png") or RESULT_FILE.fullmatch(f.name):
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+
+
 def run(args) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_earlier_results(out)
     modes = args.modes.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     results: dict[str, list[dict]] = {m: [] for m in modes}
@@ -176,26 +214,11 @@ def run(args) -> int:
 
     jobs = [(i, m) for i in range(args.runs) for m in modes]
     env = child_env(args.in_process_engine)
-    for i, mode in tqdm(jobs, desc="vLLM starts", unit="run"):
-        log, res = out / f"{mode}-{i}.log", out / f"{mode}-{i}.json"
-        cmd = run_llm_command(args.model, mode, res, args)
-        try:
-            with open(log, "w") as f:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                      timeout=args.timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise OneLineError(f"{mode} run {i} took over {args.timeout} s (--timeout); "
-                               f"its log: {log}") from None
-        text = log.read_text()
-        if proc.returncode != 0:
-            print("\n".join(text.splitlines()[-25:]), file=sys.stderr)
-            raise OneLineError(f"{mode} run {i} failed (rc={proc.returncode}); its last lines "
-                               f"are above, the whole log is {log}")
-        parsed = parse_log(text)
-        check_log(str(log), parsed)
-        check_mode(str(log), mode, parsed)
-        runs[mode].append(parsed)
-        results[mode].append(json.loads(res.read_text()))
+    with tqdm(jobs, desc="vLLM starts", unit="run") as bar:
+        for i, mode in bar:
+            parsed, result = run_one(args, out, env, mode, i)
+            runs[mode].append(parsed)
+            results[mode].append(result)
     summary = summarize(runs)
     verdict, details = None, None
     if "ours" in results and "upstream" in results:
@@ -207,9 +230,8 @@ def run(args) -> int:
                                                   "enforce_eager": args.enforce_eager,
                                                   "in_process_engine": args.in_process_engine,
                                                   "runs": runs, "summary": summary,
-                                                  "outputs_identical": (
-                                                      None if details is None
-                                                      else verdict is None),
+                                                  "outputs_identical": outputs_identical(
+                                                      verdict, details),
                                                   "outputs_verdict": (
                                                       "not compared (one mode)" if details is None
                                                       else verdict or "identical"),
@@ -218,6 +240,34 @@ def run(args) -> int:
     chart(summary, out / "startup_time.png", f"{Path(args.model).name}: model loading")
     print(f"wrote {out / 'summary.json'} and {out / 'startup_time.png'}")
     return 0 if verdict is None else 1
+
+
+def run_one(args, out: Path, env: dict, mode: str, i: int) -> tuple[dict, dict]:
+    """vLLM start ``i`` of ``mode`` in its own process group (with vLLM's engine core and
+    workers), which a timeout or an interrupt ends whole: its parsed log and its result."""
+    log, res = out / f"{mode}-{i}.log", out / f"{mode}-{i}.json"
+    cmd = run_llm_command(args.model, mode, res, args)
+    with open(log, "w") as f:
+        try:
+            rc = run_in_own_group(cmd, f, env, args.timeout)
+        except subprocess.TimeoutExpired:
+            raise OneLineError(f"{mode} run {i} took over {args.timeout} s (--timeout) and was "
+                               f"stopped with its processes; its log: {log}") from None
+    text = log.read_text(errors="replace")
+    if rc != 0:
+        print("\n".join(text.splitlines()[-25:]), file=sys.stderr)
+        raise OneLineError(f"{mode} run {i} failed (rc={rc}); its last lines "
+                           f"are above, the whole log is {log}")
+    parsed = parse_log(text)
+    check_log(str(log), parsed)
+    check_mode(str(log), mode, parsed)
+    try:
+        result = json.loads(res.read_text())
+    except (OSError, ValueError) as e:
+        raise OneLineError(f"{res}: no readable run_llm result ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("outputs"), list):
+        raise OneLineError(f"{res}: not a run_llm result (no 'outputs' list)")
+    return parsed, result
 
 
 def child_env(in_process_engine: bool = False) -> dict:
@@ -291,38 +341,71 @@ def check_gpus(tp: int) -> None:
         raise OneLineError(f"--tp {tp} needs {tp} GPUs, found {torch.cuda.device_count()}", 2)
 
 
+def check_chart_tools() -> None:
+    """The chart needs matplotlib: say so before any vLLM start, not after all of them."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise OneLineError(f"matplotlib is not importable here ({e}); the chart needs it: "
+                           "pip install matplotlib", USAGE) from None
+
+
 def main(argv=None) -> int:
-    ap = OneLineParser(prog="startup_time", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m evals.startup_time", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--model", help="checkpoint folder")
-    ap.add_argument("--runs", type=positive_int, default=3)
-    ap.add_argument("--modes", default="upstream,ours")
+    ap.add_argument("--runs", type=positive_int, default=3,
+                    help="vLLM starts per mode, interleaved (default: 3)")
+    ap.add_argument("--modes", default="upstream,ours",
+                    help=f"comma-separated, each once, from {', '.join(MODES)} (default: "
+                         "upstream,ours; outputs are compared only when both run)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--in-process-engine", action="store_true",
                     help="VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's engine core in each run's "
                          "own process, so that repeated runs give the same outputs")
     ap.add_argument("--max-model-len", type=positive_int, default=1024)
     ap.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
-    ap.add_argument("--timeout", type=positive_int, default=1800)
-    ap.add_argument("--out-dir", default="startup-time")
+    ap.add_argument("--timeout", type=positive_int, default=1800,
+                    help="seconds one vLLM start may take, generation included; a run past it "
+                         "is stopped with all its processes (default: 1800)")
+    ap.add_argument("--out-dir", default="startup-time",
+                    help="folder for the logs, results, summary.json and startup_time.png; an "
+                         "earlier run's files there are removed first (default: startup-time)")
     ap.add_argument("--parse-logs", nargs="+", metavar="LOG",
                     help="only parse these vLLM logs (named by file) and print the table")
     args = ap.parse_args(argv)
     try:
         if args.parse_logs:
+            if args.model:
+                ap.error("--parse-logs reads existing logs and starts no vLLM: it takes no "
+                         "--model")
             return parse_logs(args.parse_logs)
         if not args.model:
             ap.error("--model or --parse-logs is required")
         if not (Path(args.model) / "config.json").is_file():
             ap.error(f"--model {args.model}: not a model folder (no config.json)")
-        from evals.modes import MODES
-
-        bad = [m for m in args.modes.split(",") if m not in MODES]
+        modes = args.modes.split(",")
+        bad = [m for m in modes if m not in MODES]
         if bad:
             ap.error(f"--modes: unknown mode {bad[0]!r} (choose from {', '.join(MODES)})")
+        twice = [m for m in MODES if modes.count(m) > 1]
+        if twice:
+            ap.error(f"--modes: {twice[0]!r} is named twice (--runs sets the starts per mode)")
         check_gpus(args.tp)
-        return run(args)
+        check_chart_tools()
+        with exit_on_signals():
+            return run(args)
     except OneLineError as e:
         print(f"startup_time: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("startup_time: interrupted; no vLLM process of this run is left running",
+              file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print(f"startup_time: {e}; no vLLM process of this run is left running",
+              file=sys.stderr)
         return e.status
 
 

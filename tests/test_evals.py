@@ -1,6 +1,8 @@
 """The startup-time eval on the CPU: parsing vLLM 0.26.0's own log lines and
 this package's summary line (current and older form), the table, the chart,
-the output comparison, the modes, and one-line errors with a non-zero exit."""
+the output comparison, the modes, one-line errors with a non-zero exit, and
+whole runs with a stand-in script in place of vLLM's run (verdicts, settings,
+timeout and interrupt ending the run's processes, an earlier run's files)."""
 
 import json
 import logging
@@ -203,12 +205,6 @@ def test_output_verdict_reads_differences_against_upstreams_own_noise():
     assert verdict == "DIFFERENT in 1 of 1 run pairs: prompt 0: logprobs differ"
 
 
-def test_in_process_engine_reaches_the_runs(monkeypatch):
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in startup_time.child_env()
-    assert startup_time.child_env(True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-
-
 @pytest.fixture
 def model_dir(tmp_path):
     (tmp_path / "m").mkdir()
@@ -220,6 +216,8 @@ def model_dir(tmp_path):
     (["--model", "NOPE"], "not a model folder (no config.json)"),
     (["--model", "MODEL", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
     (["--model", "MODEL", "--modes", "upstream,fast"], "--modes: unknown mode 'fast'"),
+    (["--model", "MODEL", "--modes", "upstream,ours,upstream"], "'upstream' is named twice"),
+    (["--parse-logs", "up.log", "--model", "MODEL"], "--parse-logs reads existing logs"),
     ([], "--model or --parse-logs is required"),
 ])
 def test_startup_time_usage_errors(tmp_path, model_dir, capsys, argv, phrase):
@@ -243,11 +241,231 @@ def test_startup_time_needs_a_gpu(model_dir, tmp_path, capsys):
     assert not out.exists()  # checked before any run
 
 
-def test_run_llm_usage_errors(tmp_path, capsys):
+# A stand-in for ``python -m evals.run_llm`` (startup_time's child), for tests of startup_time's
+# own orchestration: it prints the vLLM log the test wrote for its mode, and writes a result
+# whose one logprob the test chose per run, with the settings it was started with; or it fails;
+# or it starts a child of its own (as vLLM's engine core is) and hangs.
+FAKE_RUN_LLM = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+mode, result, spec_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+spec = json.loads((spec_dir / "spec.json").read_text())
+if spec.get("hang"):
+    grandchild = subprocess.Popen([sys.executable, "-c",
+                                   "import time; time.sleep(600)  # " + str(spec_dir)])
+    (spec_dir / "pid.tmp").write_text(f"{os.getpid()} {grandchild.pid}")
+    os.replace(spec_dir / "pid.tmp", spec_dir / "pids")
+    time.sleep(60)
+if spec.get("fail"):
+    print("RuntimeError: engine core died")
+    sys.exit(3)
+sys.stdout.write((spec_dir / (mode + ".log")).read_text())
+env = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "PYTHONPATH")}
+lp = spec.get("logprobs", {}).get(result.stem, -0.5)
+result.write_text(json.dumps({"mode": mode, "env": env,
+                              "outputs": [{"token_ids": [1], "logprobs": [{"1": lp}]}]}))
+"""
+
+
+@pytest.fixture
+def fake_run_llm(tmp_path, monkeypatch):
+    """startup_time with its vLLM starts made by FAKE_RUN_LLM (a GPU check that passes);
+    the folder FAKE_RUN_LLM reads its ``spec.json`` from."""
+    spec_dir = tmp_path / "fake"
+    spec_dir.mkdir()
+    (spec_dir / "run_llm.py").write_text(FAKE_RUN_LLM)
+    (spec_dir / "upstream.log").write_text(_upstream_log())
+    (spec_dir / "ours.log").write_text(_ours_log())
+    monkeypatch.setattr(startup_time, "check_gpus", lambda tp: None)
+    monkeypatch.setattr(startup_time, "run_llm_command", lambda model, mode, result, args: [
+        sys.executable, str(spec_dir / "run_llm.py"), mode, str(result), str(spec_dir)])
+    return spec_dir
+
+
+@pytest.fixture
+def fake_runs(fake_run_llm, model_dir, tmp_path):
+    """``go(spec, *argv)``: startup_time.main on ``model_dir`` into ``tmp_path/out``, its
+    vLLM starts made by FAKE_RUN_LLM under ``spec``; (exit status, out dir, spec folder)."""
+    out = tmp_path / "out"
+
+    def go(spec, *argv):
+        (fake_run_llm / "spec.json").write_text(json.dumps(spec))
+        rc = startup_time.main(["--model", str(model_dir), "--out-dir", str(out), *argv])
+        return rc, out, fake_run_llm
+
+    return go
+
+
+def _err_lines(text: str) -> list[str]:
+    """stderr without tqdm's progress bar."""
+    lines = [seg for line in text.splitlines() for seg in line.split("\r")]
+    return [s for s in lines if s.strip() and not s.startswith("vLLM starts")]
+
+
+@pytest.mark.parametrize("logprobs, status, identical, verdict", [
+    ({}, 0, True, "identical"),
+    ({"ours-1": -0.7}, 1, False, "DIFFERENT in 1 of 2 run pairs: prompt 0: logprobs differ"),
+    ({"ours-1": -0.7, "upstream-1": -0.6}, 1, None,
+     "NOT COMPARABLE: ours differs from upstream in 1 of 2 run pairs"),
+])
+def test_startup_time_runs_and_its_verdict(fake_runs, capsys, logprobs, status, identical,
+                                           verdict):
+    pytest.importorskip("matplotlib")
+    rc, out, _ = fake_runs({"logprobs": logprobs}, "--runs", "2")
+    captured = capsys.readouterr()
+    assert rc == status, captured.err[-800:]
+    assert f"(2 run pairs, 1 prompts): {verdict}" in captured.out
+    assert "| upstream | 9.05 (9.05-9.05) | 0.69 (0.69-0.69) | 8.36 (8.36-8.36) |" in captured.out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["outputs_identical"] is identical
+    assert s["outputs_verdict"].startswith(verdict)
+    assert len(s["runs"]["upstream"]) == len(s["runs"]["ours"]) == 2
+    assert s["runs"]["ours"][0]["ours_layers"] == 144
+    assert s["summary"]["ours"]["prep_s"]["median"] == pytest.approx(2.47)
+    assert len(s["output_comparisons"]["ours_vs_upstream"]) == 2
+    assert (out / "startup_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flag, seen", [([], None), (["--in-process-engine"], "0")])
+def test_in_process_engine_reaches_the_runs(fake_runs, monkeypatch, flag, seen):
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    rc, out, _ = fake_runs({}, "--runs", "1", *flag)
+    assert rc == 0
+    for mode in ("upstream", "ours"):
+        env = json.loads((out / f"{mode}-0.json").read_text())["env"]
+        assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == seen
+        assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert json.loads((out / "summary.json").read_text())["in_process_engine"] is bool(flag)
+
+
+def _dead(pid: int, wait_s: float = 10) -> bool:
+    """The process has ended (gone, or a zombie nobody has reaped yet)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _grandchild(spec_dir: Path) -> int:
+    return int((spec_dir / "pids").read_text().split()[1])
+
+
+def _kill(spec_dir: Path) -> None:
+    """Leave no fake run_llm or engine process behind, whatever the test found (only those:
+    their command lines name ``spec_dir``)."""
+    import signal
+
+    if (spec_dir / "pids").exists():
+        for pid in (spec_dir / "pids").read_text().split():
+            try:
+                if str(spec_dir) in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(int(pid), signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+
+
+def test_timeout_stops_the_run_with_its_children(fake_runs, capsys):
+    """vLLM's engine core is a child of the run: a timeout must end it too."""
+    rc, out, spec_dir = fake_runs({"hang": True}, "--runs", "1", "--timeout", "3")
+    try:
+        assert rc == 1
+        err = _err_lines(capsys.readouterr().err)
+        assert len(err) == 1 and "startup_time: error: upstream run 0 took over 3 s" in err[0], err
+        assert _dead(_grandchild(spec_dir))
+    finally:
+        _kill(spec_dir)
+
+
+# startup_time.main in a process of its own, its vLLM starts made by FAKE_RUN_LLM
+DRIVER = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+from evals import startup_time
+fake, spec_dir = sys.argv[1], sys.argv[2]
+startup_time.check_gpus = lambda tp: None
+startup_time.run_llm_command = lambda model, mode, result, args: [
+    sys.executable, fake, mode, str(result), spec_dir]
+sys.exit(startup_time.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("signame, status, says", [
+    ("SIGINT", 130, "startup_time: interrupted;"),
+    ("SIGTERM", 143, "startup_time: terminated by SIGTERM;"),
+])
+def test_interrupt_stops_the_run_with_its_children(fake_run_llm, model_dir, signame, status,
+                                                   says):
+    import signal
+    import time
+
+    spec_dir = fake_run_llm
+    (spec_dir / "spec.json").write_text(json.dumps({"hang": True}))
+    pid_file = spec_dir / "pids"
+    argv = [sys.executable, "-c", DRIVER, str(spec_dir / "run_llm.py"), str(spec_dir),
+            "--model", str(model_dir), "--out-dir", str(spec_dir / "out"), "--runs", "1"]
+    driver = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), driver.communicate(timeout=30)
+        driver.send_signal(getattr(signal, signame))
+        _, stderr = driver.communicate(timeout=60)
+        assert driver.returncode == status, stderr[-800:]
+        err = _err_lines(stderr)
+        assert len(err) == 1 and err[0].startswith(says), err
+        assert _dead(_grandchild(spec_dir))
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        _kill(spec_dir)
+
+
+def test_a_run_removes_an_earlier_runs_results_first(fake_runs, tmp_path):
+    """A run that fails must not leave an earlier run's summary looking like its own."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = ["summary.json", "startup_time.png", "ours-5.log", "upstream-3.json"]
+    kept = ["notes.txt", "ours-0.log.bak", "fast-0.log"]
+    for name in earlier + kept:
+        (out / name).write_text("from an earlier run")
+    rc, _, _ = fake_runs({"fail": True}, "--runs", "1")
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["upstream-0.log"])
+    assert "engine core died" in (out / "upstream-0.log").read_text()
+
+
+def test_startup_time_needs_matplotlib_before_any_run(fake_runs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    rc, out, _ = fake_runs({}, "--runs", "1")
+    assert rc == 2
+    _one_line(capsys, "startup_time: error: matplotlib is not importable here")
+    assert not out.exists()  # no vLLM start was made
+
+
+def test_run_llm_usage_errors(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit) as e:
         run_llm.main([str(tmp_path / "nope"), "--mode", "ours", "--out", "x.json"])
     assert e.value.code == 2
     _one_line(capsys, "run_llm: error: ", "not a model folder")
+    # an --out that cannot be written is found before the model loads (no GPU needed to see it)
+    for out, phrase in ((tmp_path / "nope" / "o.json", f"no folder {tmp_path / 'nope'}"),
+                        (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            run_llm.main([str(model_dir), "--mode", "ours", "--out", str(out)])
+        assert e.value.code == 2
+        _one_line(capsys, f"run_llm: error: --out {out}: {phrase}")
 
 
 def test_run_llm_without_a_gpu_one_line(tmp_path, capsys):
@@ -274,10 +492,18 @@ def test_child_runs_find_evals_from_any_directory(tmp_path):
 
 
 def test_help_of_the_startup_tools():
-    for mod in ("evals.startup_time", "evals.run_llm"):
+    said = {"evals.startup_time": ["usage: python -m evals.startup_time",
+                                   "python -m evals.startup_time --parse-logs upstream.log",
+                                   "Exit status: 0 done", "seconds one vLLM start may take",
+                                   "each once", "vLLM starts per mode", "earlier run's files"],
+            "evals.run_llm": ["usage: run_llm", "write the tokens and logprobs as JSON"]}
+    for mod, phrases in said.items():
         proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True,
                               text=True, cwd=ROOT)
-        assert proc.returncode == 0 and "usage" in proc.stdout, (mod, proc.stderr[-500:])
+        assert proc.returncode == 0, (mod, proc.stderr[-500:])
+        text = " ".join(proc.stdout.split())  # argparse wraps the help texts
+        for phrase in phrases:
+            assert phrase in text, (mod, phrase)
 
 
 def test_modes(monkeypatch):
@@ -305,6 +531,9 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     text = script.read_text()
     named = set(re.findall(r"--preset (\S+)", text))
     assert {"qwen3-30b-a3b", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
+    # every startup_time run in-process: deterministic outputs, an exact comparison
+    startup = re.search(r"^startup\(\) \{.*?^\}", text, re.M | re.S).group(0)
+    assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
     assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe"}
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
