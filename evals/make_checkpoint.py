@@ -15,16 +15,21 @@
         precise copy is kept), the GGUF quantizer dropped once every layer is a dense bf16
         module, the control tokens and end-of-generation ids restored from the GGUF metadata.
         ``--dense`` writes the fixed bf16 model instead (no llm-compressor needed).
-    python -m evals.make_checkpoint hf MODEL_DIR OUT [--python PY]
-        A local Hugging Face model -> W4AFP8 with llm-compressor.
+    python -m evals.make_checkpoint hf MODEL_DIR OUT [--dense] [--python PY]
+        A local Hugging Face model (unquantized) -> W4AFP8 with llm-compressor; ``--dense``
+        writes it back as bf16 (no llm-compressor needed).
     python -m evals.make_checkpoint check CKPT_DIR
         What vLLM will see: the same validator as ``vllm-w4a8-fastprep prepare``
         (vllm_w4a8_fastprep.checkpoint_check: config, every layer's tensors, every expert of
         every MoE layer), every group scale finite, plus what a conversion must get right
         (pack-quantized format, embeddings, no linear layer left dense).
 
-Exit status: 0 done, 1 a failed step or check, 2 bad arguments or a folder that is not a W4AFP8
-checkpoint. Errors are one line on stderr.
+Exit status: 0 done; 1 a failed step or check (a damaged or truncated file, a model that
+transformers or llm-compressor cannot load or convert, a missing package, a problem the check
+finds); 2 bad arguments: an option's value, an input that is missing or not what the subcommand
+takes (no such GGUF, no parts, no readable config.json or no model_type in it, an already
+quantized model, a folder that is not a W4AFP8 checkpoint), or an OUT that exists and is not an
+empty folder. Errors are one line on stderr.
 
 llm-compressor pins a newer compressed-tensors than vLLM 0.26, so it lives in its own
 environment: ``python3 -m venv V && V/bin/pip install llmcompressor gguf``, then pass
@@ -39,7 +44,6 @@ import base64
 import gc
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -264,7 +268,7 @@ def find_parts(src: str | Path) -> list[Part]:
     """The numbered parts in a folder (wheels or partNN.bin files), checked to run 1..N."""
     src = Path(src)
     if not src.is_dir():
-        raise OneLineError(f"{src}: not a folder (give the folder holding the parts)")
+        raise OneLineError(f"{src}: not a folder (give the folder holding the parts)", USAGE)
     wheels = sorted(src.glob("*.whl"))
     bins = sorted(p for p in src.iterdir() if p.is_file() and PART_RE.search(p.name))
     if wheels and bins:
@@ -275,7 +279,8 @@ def find_parts(src: str | Path) -> list[Part]:
         parts = [Part(int(PART_RE.search(p.name).group(1)), p, size=p.stat().st_size)
                  for p in bins]
     if not parts:
-        raise OneLineError(f"{src}: no parts (*.whl holding data/partNN.bin, or partNN.bin)")
+        raise OneLineError(f"{src}: no parts (*.whl holding data/partNN.bin, or partNN.bin)",
+                           USAGE)
     by_number: dict[int, Part] = {}
     for p in parts:
         if p.number in by_number:
@@ -296,7 +301,7 @@ def assemble(src: str | Path, out: str | Path, expect_sha256: str | None = None,
     parts = find_parts(src)
     out = Path(out)
     if out.is_dir():
-        raise OneLineError(f"{out}: is a folder; give the GGUF file's name")
+        raise OneLineError(f"{out}: is a folder; give the GGUF file's name", USAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     whole = hashlib.sha256()
@@ -510,11 +515,19 @@ def gguf_path(src: str | Path) -> Path:
         if len(found) != 1:
             raise OneLineError(f"{src}: " + ("no .gguf file" if not found else
                                   "several .gguf files (" + ", ".join(p.name for p in found)
-                                  + "): name one"))
+                                  + "): name one"), USAGE)
         return found[0]
     if not src.exists():
-        raise OneLineError(f"{src}: no such file or folder")
+        raise OneLineError(f"{src}: no such file or folder", USAGE)
     return src
+
+
+# what transformers raises for a model it cannot load (a bad config, no weights, no tokenizer)
+LOAD_ERRORS = (ValueError, KeyError, OSError, NotImplementedError)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):
@@ -529,29 +542,48 @@ def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError, OSError, NotImplementedError) as e:
-        raise OneLineError(f"{path}: transformers cannot load this GGUF: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except LOAD_ERRORS as e:
+        raise OneLineError(f"{path}: transformers cannot load this GGUF: {_first_line(e)}") \
+            from None
     log(tie_embeddings(model, info, tie))
     log(drop_gguf_quantizer(model))
     log(restore_special_tokens(tokenizer, model, info.metadata))
     return model, tokenizer
 
 
-def load_hf_dense(src: str | Path):
+def read_hf_config(src: str | Path) -> dict:
+    """The config.json of an unquantized Hugging Face model folder; OneLineError (status 2)
+    when the folder is not one. Reads json only: called before any heavy import."""
+    from vllm_w4a8_fastprep.checkpoint_check import read_json
+
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise OneLineError(f"{src}: not a Hugging Face model folder (no config.json)")
-    cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("quantization_config"):
-        raise OneLineError(f"{src}: already quantized "
-                              f"({cfg['quantization_config'].get('quant_method')}); give the "
-                              "unquantized model")
+        raise OneLineError(f"{src}: not a Hugging Face model folder (no config.json)", USAGE)
+    cfg = read_json(src / "config.json")
+    if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        raise OneLineError(f"{src / 'config.json'}: no model_type (transformers picks the "
+                           "model class by it)", USAGE)
+    q = cfg.get("quantization_config")
+    if q:
+        what = q.get("quant_method", "?") if isinstance(q, dict) else repr(q)
+        raise OneLineError(f"{src}: already quantized (quantization_config: {what}); give the "
+                           "unquantized model", USAGE)
+    return cfg
+
+
+def load_hf_dense(src: str | Path):
+    src = Path(src)
+    read_hf_config(src)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
-    return model, AutoTokenizer.from_pretrained(str(src))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except LOAD_ERRORS as e:
+        raise OneLineError(f"{src}: transformers cannot load this model: {_first_line(e)}") \
+            from None
+    return model, tokenizer
 
 
 def quantize_w4afp8(model) -> None:
@@ -653,7 +685,7 @@ def _missing(modules: list[str]) -> list[str]:
 def _rerun_in(python: str, argv: list[str]) -> int:
     """Run this command again under another Python (the llm-compressor venv)."""
     if not (Path(python).is_file() and os.access(python, os.X_OK)):
-        raise OneLineError(f"--python {python}: not an executable file")
+        raise OneLineError(f"--python {python}: not an executable file", USAGE)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in
                                                        [env.get("PYTHONPATH")] if p])
@@ -663,17 +695,24 @@ def _rerun_in(python: str, argv: list[str]) -> int:
 
 def convert(args, argv: list[str]) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise OneLineError(f"{out}: exists and is not empty")
+    if out.exists() and not out.is_dir():
+        raise OneLineError(f"{out}: exists and is not a folder", USAGE)
+    if out.is_dir() and any(out.iterdir()):
+        raise OneLineError(f"{out}: exists and is not empty", USAGE)
+    # a bad input is refused before any heavy import
     if args.source == "gguf":
-        read_gguf(gguf_path(args.model))  # a bad file is refused before any heavy import
-    elif not (Path(args.model) / "config.json").is_file():
-        raise OneLineError(f"{args.model}: not a Hugging Face model folder (no config.json)")
+        read_gguf(gguf_path(args.model))
+    else:
+        read_hf_config(args.model)
     needs = (["gguf"] if args.source == "gguf" else []) + ["transformers", "torch"]
     if not args.dense:
         needs.append("llmcompressor")
     missing = _missing(needs)
     if missing:
+        if not args.python and args.dense:
+            raise OneLineError(f"{', '.join(missing)} not importable here: pip install "
+                               f"{' '.join(missing)} (enough for --dense), or add --python PY "
+                               "(a Python that has it)")
         if not args.python:
             raise OneLineError(
                 f"{', '.join(missing)} not importable here: make a venv for it ({VENV_HINT}; "

