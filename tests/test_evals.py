@@ -160,6 +160,21 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
         startup_time.check_mode("u.log", "upstream", ours)
 
 
+def test_chart_bars_are_the_median_model_loading_split_at_the_weights():
+    runs = {"upstream": [{"loading_s": 7.44, "weights_s": 0.44, "prep_s": 7.0},
+                         {"loading_s": 6.98, "weights_s": 0.41, "prep_s": 6.57},
+                         {"loading_s": 6.68, "weights_s": 0.37, "prep_s": 6.31}],
+            "ours": [{"loading_s": 3.62, "weights_s": 0.45, "prep_s": 3.17},
+                     {"loading_s": 2.86, "weights_s": 0.41, "prep_s": 2.45},
+                     {"loading_s": 3.43, "weights_s": 0.33, "prep_s": 3.10}]}
+    bars = startup_time.chart_bars(startup_time.summarize(runs))
+    # the bar ends at the table's median model loading (3.43), not at the sum of the
+    # medians of its parts (0.41 + 3.10 = 3.51)
+    assert bars[1][0] == "ours" and bars[1][3] == 3.43
+    assert bars[1][1] == 0.41 and abs(bars[1][1] + bars[1][2] - 3.43) < 1e-9
+    assert bars[0][3] == 6.98
+
+
 def test_chart_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     summary = startup_time.summarize({"upstream": [startup_time.parse_log(_upstream_log())],
