@@ -22,10 +22,10 @@
 # listing the checkpoint's weight files; default MODEL/SHA256SUMS when that exists; "none": do
 # not check), TAG (results folder, default "default": one TAG per setting), GSM8K_ARGS (more
 # evals.gsm8k flags, e.g. "--in-process-engine" (deterministic: ours vs upstream compared exactly)
-# or "--limit 200"), RUNS (startup, default 3), STARTUP_ARGS (more evals.startup_time flags, e.g.
-# "--in-process-engine" or "--enforce-eager"), BUDGET_S (seconds this invocation may spend on its
-# gsm8k runs, default 540: a run that would outlast it is stopped and reported as failed, so the
-# results still get written).
+# or "--limit 200"), RUNS (startup, default 3), STARTUP_ARGS (more evals.startup_time flags;
+# default "--in-process-engine", deterministic outputs; e.g. add "--enforce-eager"), BUDGET_S
+# (seconds this invocation may spend on its gsm8k runs, default 540: a run that would outlast it
+# is stopped and reported as failed, so the results still get written).
 set -uo pipefail
 T0=$SECONDS
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -51,7 +51,8 @@ case $step in setup|gsm8k|startup)
   [[ -f $MODEL/config.json ]] || { echo "MODEL=$MODEL: not a model folder (no config.json)" >&2; exit 2; } ;;
 esac
 case $step in
-  startup) echo "=== $step ($(date -u +%T), RUNS=${RUNS:-3}, STARTUP_ARGS=${STARTUP_ARGS:-})" ;;
+  startup) echo "=== $step ($(date -u +%T), RUNS=${RUNS:-3}," \
+    "STARTUP_ARGS=${STARTUP_ARGS---in-process-engine})" ;;
   *) echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})" ;;
 esac
 case $step in
@@ -91,8 +92,9 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
         || { echo "gsm8k: unknown mode '$mode' (upstream or ours)" >&2; exit 2; }
     done
     mkdir -p "$RES/$TAG"
-    before=$(ls "$RES/$TAG"/*.log 2>/dev/null)
-    rc=0
+    rm -f "$OUT/report.md" "$OUT/summary.json"  # no earlier invocation's report in $OUT
+    stamp=$(mktemp) && touch "$stamp"  # logs written after it are this invocation's (a retry
+    rc=0                               # of a failed run reuses its name, so its log)
     for mode in "$@"; do
       budget=$(( $(left) - 15 ))
       (( budget > 60 )) || { echo "gsm8k: no time left for $mode (BUDGET_S)" >&2; rc=1; break; }
@@ -103,27 +105,30 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
       (( PIPESTATUS[0] == 0 )) || { rc=1; break; }
     done
     rm -f "$RES/$TAG/report.md" "$RES/$TAG/summary.json"  # only this invocation's report
-    if python3 -m evals.gsm8k --report --out-dir "$RES/$TAG"; then
+    if ! ls "$RES/$TAG"/*.json 2> /dev/null | grep -qv "/data.json$"; then
+      rc=1  # no run finished: nothing to report (the failure was printed above)
+    elif python3 -m evals.gsm8k --report --out-dir "$RES/$TAG"; then
       cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/
     else
       rc=1
     fi
     for log in "$RES/$TAG"/*.log; do
-      [[ -e $log ]] || continue
-      grep -qxF "$log" <<< "$before" && continue
+      [[ -e $log && $log -nt $stamp ]] || continue
       label=$(basename "$log" .log)
       quiet "$log" | tail -400 > "$OUT/$TAG-$label.log"
       [[ -f $RES/$TAG/$label.samples.jsonl ]] && cp "$RES/$TAG/$label.samples.jsonl" "$OUT/$TAG-$label.samples.jsonl"
     done
+    rm -f "$stamp"
     exit $rc ;;
   report)
     python3 -m evals.gsm8k --report --out-dir "$RES/$TAG" && cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/ ;;
   startup)
     WORK=${WORK:-${TMPDIR:-/tmp}/e2e}/startup-real
     rm -rf "$WORK"  # nothing of an earlier invocation is copied out as this one's result
+    rm -f "$OUT/startup.json" "$OUT/startup.png" "$OUT"/startup-*.log
     # shellcheck disable=SC2086  # STARTUP_ARGS holds several flags
     python3 -m evals.startup_time --model "$MODEL" --runs "${RUNS:-3}" --out-dir "$WORK" \
-      --timeout 150 ${STARTUP_ARGS:-} 2>&1 | grep -v "it/s\]$" | tail -14
+      --timeout 150 ${STARTUP_ARGS---in-process-engine} 2>&1 | grep -v "it/s\]$" | tail -14
     rc=${PIPESTATUS[0]}
     cp "$WORK/summary.json" "$OUT/startup.json" 2>/dev/null
     cp "$WORK/startup_time.png" "$OUT/startup.png" 2>/dev/null

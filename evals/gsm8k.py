@@ -20,9 +20,10 @@ time).
     python -m evals.gsm8k --model CKPT --data-dir DIR [--modes upstream,ours,upstream]
     python -m evals.gsm8k --report --out-dir DIR
 
-Exit status: 0 done; 1 a run failed or timed out, bad data, or a results folder that cannot be
-read; 2 bad arguments, no GPU for the vllm backend, or lm-eval not installed; 130 (or 128 +
-the signal) interrupted, the running run stopped with its processes. Errors are one line.
+Exit status: 0 done; 1 a run failed or timed out, bad data, a results folder that cannot be
+read, or runs that cannot be compared (their settings differ, or samples are missing); 2 bad
+arguments, no GPU for the vllm backend, or lm-eval not installed; 130 (or 128 + the signal)
+interrupted, the running run stopped with its processes. Errors are one line.
 """
 
 from __future__ import annotations
@@ -203,7 +204,12 @@ def load_runs(out: Path) -> dict[str, dict]:
             continue
         r = read_json(f)
         if not (isinstance(r, dict) and r.get("label") == f.stem
-                and isinstance(r.get("scores"), dict) and isinstance(r.get("n"), int)):
+                and isinstance(r.get("scores"), dict) and isinstance(r.get("n"), int)
+                and isinstance(r.get("stderr") or {}, dict)
+                and isinstance(r.get("env") or {}, dict)
+                and all(v is None or isinstance(v, (int, float))
+                        for v in list(r["scores"].values())
+                        + list((r.get("stderr") or {}).values()))):
             raise OneLineError(f"{f}: not a gsm8k run record (a run LABEL writes LABEL.json with "
                                "its label, n and scores); move it out of the folder")
         samples = out / f"{r['label']}.samples.jsonl"
@@ -219,8 +225,9 @@ def load_runs(out: Path) -> dict[str, dict]:
                     raise OneLineError(f"{samples}:{i}: not a sample (doc_id, response, ...)")
                 r["docs"][d["doc_id"]] = d
         log = out / f"{r['label']}.log"
-        r["log_lines"] = LOG_LINES.findall(log.read_text()) if log.exists() else []
-        r["load"] = _parse_load(log.read_text()) if log.exists() else {}
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        r["log_lines"] = LOG_LINES.findall(text)
+        r["load"] = _parse_load(text) if text else {}
         runs[r["label"]] = r
     return dict(sorted(runs.items(), key=lambda kv: _run_order(kv[0])))
 
@@ -304,7 +311,7 @@ def report(runs: dict[str, dict]) -> tuple[str, dict]:
     for lab, r in runs.items():
         cells = []
         for m in METRICS:
-            v, e = r["scores"].get(m), r.get("stderr", {}).get(m)
+            v, e = r["scores"].get(m), (r.get("stderr") or {}).get(m)
             cells.append("-" if v is None else f"{v:.4f}" + (f" ± {e:.4f}" if e else ""))
         ld = r.get("load", {})
         lines.append(f"| {lab} | {r.get('n')} | " + " | ".join(cells) + " | "
@@ -337,10 +344,11 @@ def report(runs: dict[str, dict]) -> tuple[str, dict]:
         same = [f"{a} vs {b}" for a, b in pairs(labels)
                 if all(runs[a]["scores"].get(m) == runs[b]["scores"].get(m) for m in METRICS)]
         lines += ["", f"identical scores (both filters): {', '.join(same) or 'none'}"]
-    lines += ["", "vLLM load lines:"]
-    for lab, r in runs.items():
-        for line in r.get("log_lines", []):
-            lines.append(f"  {lab}: {line.strip()}")
+    if any(r.get("log_lines") for r in runs.values()):
+        lines += ["", "vLLM load lines:"]
+        for lab, r in runs.items():
+            for line in r.get("log_lines", []):
+                lines.append(f"  {lab}: {line.strip()}")
     return "\n".join(lines), comparisons
 
 
@@ -367,6 +375,9 @@ def write_report(out: Path) -> int:
                         for k, v in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out / 'report.md'} and {out / 'summary.json'}")
+    if "(not comparable)" in text:
+        raise OneLineError("some runs are not comparable (SETTINGS DIFFER or SAMPLES MISSING "
+                           "above)")
     return 0
 
 
@@ -443,6 +454,8 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     out = Path(args.out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     try:
         if args.report:
             return write_report(out)

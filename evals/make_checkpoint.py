@@ -32,7 +32,7 @@ quantized model, a folder that is not a W4AFP8 checkpoint), or an OUT that exist
 empty folder. Errors are one line on stderr.
 
 llm-compressor pins a newer compressed-tensors than vLLM 0.26, so it lives in its own
-environment: ``python3 -m venv V && V/bin/pip install llmcompressor gguf``, then pass
+environment: ``python3 -m venv V && V/bin/pip install llmcompressor==0.14.0.1 gguf``, then pass
 ``--python V/bin/python`` (the quantisation runs there, the check here) or run this module with
 that Python. Data-free: no calibration set, ~7 minutes and ~10 GiB RAM for a 1.5B model on 2 cores.
 """
@@ -62,7 +62,7 @@ from vllm_w4a8_fastprep.errors import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_HINT = "python3 -m venv V && V/bin/pip install llmcompressor gguf"
+VENV_HINT = "python3 -m venv V && V/bin/pip install llmcompressor==0.14.0.1 gguf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +527,13 @@ LOAD_ERRORS = (ValueError, KeyError, OSError, NotImplementedError)
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    """An exception's message on one line: its first line, or, when that ends in a colon (a
+    list follows), all its lines joined; cut at 300 characters."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    text = " ".join(lines) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):

@@ -14,7 +14,9 @@ weights) plus a PNG bar chart. It can also just parse log files you already
 have (``--parse-logs``, e.g. two ``vllm serve`` logs).
 
 A run writes ``{mode}-{i}.log`` and ``{mode}-{i}.json`` per vLLM start, ``summary.json`` and
-``startup_time.png`` into ``--out-dir``; those of an earlier run there are removed first.
+``startup_time.png`` into ``--out-dir``, and a marker file, ``.startup_time-folder``. An
+earlier run's files in a marked folder are removed first; a folder that is not empty and has no
+marker (another tool's results, say) is refused: name a new or empty one.
 
     python -m evals.startup_time --model DIR [--runs 3] [--enforce-eager] [--in-process-engine]
                                  [--out-dir DIR]
@@ -205,11 +207,38 @@ def output_verdict(results: dict[str, list[dict]]) -> tuple[str | None, dict]:
 
 
 RESULT_FILE = re.compile(rf"(?:{'|'.join(MODES)})-\d+\.(?:log|json)")
+MARKER = ".startup_time-folder"  # in every --out-dir a run has written to
+
+
+def check_out_dir(out: Path) -> None:
+    """``out`` is missing, empty, or a folder startup_time wrote to (it has ``MARKER``):
+    only there may an earlier run's files be removed."""
+    if out.exists() and not out.is_dir():
+        raise OneLineError(f"--out-dir {out}: exists and is not a folder", USAGE)
+    try:
+        if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+            raise OneLineError(f"--out-dir {out}: not empty and not written by startup_time "
+                               f"(no {MARKER} file); its files could be another run's: use a "
+                               "new or empty folder", USAGE)
+    except OSError as e:
+        raise OneLineError(f"--out-dir {out}: cannot read it ({e.strerror or e})",
+                           USAGE) from None
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` (checked by ``check_out_dir``) with its marker."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("startup_time writes this folder; a run removes the logs, "
+                                  "results and summary of the run before it\n")
+    except OSError as e:
+        raise OneLineError(f"--out-dir {out}: cannot write there ({e.strerror or e})",
+                           USAGE) from None
 
 
 def remove_earlier_results(out: Path) -> None:
-    """An earlier run's files in ``out`` go first: a run that fails part-way must not leave
-    them looking like its own."""
+    """An earlier run's files in ``out`` (a folder with ``MARKER``) go first: a run that fails
+    part-way must not leave them looking like its own."""
     for f in out.iterdir():
         if f.name in ("summary.json", "startup_time.png") or RESULT_FILE.fullmatch(f.name):
             if f.is_file() or f.is_symlink():
@@ -218,7 +247,8 @@ def remove_earlier_results(out: Path) -> None:
 
 def run(args) -> int:
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
+    prepare_out_dir(out)
     remove_earlier_results(out)
     modes = args.modes.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -383,8 +413,9 @@ def main(argv=None) -> int:
                     help="seconds one vLLM start may take, generation included; a run past it "
                          "is stopped with all its processes (default: 1800)")
     ap.add_argument("--out-dir", default="startup-time",
-                    help="folder for the logs, results, summary.json and startup_time.png; an "
-                         "earlier run's files there are removed first (default: startup-time)")
+                    help="folder for the logs, results, summary.json and startup_time.png: a "
+                         "new or empty one, or one an earlier startup_time run wrote (its files "
+                         "are removed first) (default: startup-time)")
     ap.add_argument("--parse-logs", nargs="+", metavar="LOG",
                     help="only parse these vLLM logs (named by file) and print the table")
     args = ap.parse_args(argv)
@@ -405,6 +436,7 @@ def main(argv=None) -> int:
         twice = [m for m in MODES if modes.count(m) > 1]
         if twice:
             ap.error(f"--modes: {twice[0]!r} is named twice (--runs sets the starts per mode)")
+        check_out_dir(Path(args.out_dir))
         check_gpus(args.tp)
         check_chart_tools()
         with exit_on_signals():

@@ -2,7 +2,8 @@
 this package's summary line (current and older form), the table, the chart,
 the output comparison, the modes, one-line errors with a non-zero exit, and
 whole runs with a stand-in script in place of vLLM's run (verdicts, settings,
-timeout and interrupt ending the run's processes, an earlier run's files)."""
+timeout and interrupt ending the run's processes, a run dying with its caller, an earlier
+run's files and folders it must not touch)."""
 
 import json
 import logging
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evals import run_llm, startup_time
+from evals import process_group, run_llm, startup_time
 from vllm_w4a8_fastprep import load_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -452,7 +453,7 @@ def test_a_run_removes_an_earlier_runs_results_first(fake_runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     earlier = ["summary.json", "startup_time.png", "ours-5.log", "upstream-3.json"]
-    kept = ["notes.txt", "ours-0.log.bak", "fast-0.log"]
+    kept = [startup_time.MARKER, "notes.txt", "ours-0.log.bak", "fast-0.log"]
     for name in earlier + kept:
         (out / name).write_text("from an earlier run")
     rc, _, _ = fake_runs({"fail": True}, "--runs", "1")
@@ -461,12 +462,107 @@ def test_a_run_removes_an_earlier_runs_results_first(fake_runs, tmp_path):
     assert "engine core died" in (out / "upstream-0.log").read_text()
 
 
+def test_a_folder_of_other_results_is_refused_untouched(fake_runs, tmp_path, capsys):
+    """A gsm8k results folder has files named as startup_time's (upstream-2.json,
+    summary.json): without startup_time's marker nothing there is removed, and no run starts."""
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["summary.json", "upstream-2.json", "upstream-2.log", "upstream-2.samples.jsonl"]
+    for name in names:
+        (out / name).write_text("an hour-long eval")
+    rc, _, spec_dir = fake_runs({}, "--runs", "1")
+    assert rc == 2
+    _one_line(capsys, f"startup_time: error: --out-dir {out}: not empty and not written by "
+              "startup_time", "use a new or empty folder")
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert all((out / n).read_text() == "an hour-long eval" for n in names)
+
+
+def test_an_empty_folder_is_taken_and_marked(fake_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "out").mkdir()
+    rc, out, _ = fake_runs({}, "--runs", "1")
+    assert rc == 0
+    assert (out / startup_time.MARKER).is_file() and (out / "summary.json").is_file()
+    rc, out, _ = fake_runs({"fail": True}, "--runs", "1")  # the marked folder is taken again
+    assert rc == 1 and not (out / "summary.json").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused(fake_runs, tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    rc, out, _ = fake_runs({}, "--runs", "1")
+    assert rc == 2
+    _one_line(capsys, f"startup_time: error: --out-dir {out}: exists and is not a folder")
+    assert out.read_text() == "a file"
+
+
 def test_startup_time_needs_matplotlib_before_any_run(fake_runs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
     rc, out, _ = fake_runs({}, "--runs", "1")
     assert rc == 2
     _one_line(capsys, "startup_time: error: matplotlib is not importable here")
     assert not out.exists()  # no vLLM start was made
+
+
+# Calls run_in_own_group on a child that writes its pid to argv[1] (its command line names that
+# file, so the test can tell it from any other process) and sleeps.
+SLEEPING_CALLER = """
+import os, sys
+from evals.process_group import run_in_own_group
+pid_file = sys.argv[1]
+child = ("import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); "
+         "os.replace(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(120)")
+run_in_own_group([sys.executable, "-c", child, pid_file], sys.stdout, dict(os.environ), None)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_dies_with_its_caller_killed_by_sigkill(tmp_path):
+    """A SIGKILL to the caller's process group (``timeout -s KILL``, a CI cancel) cannot reach
+    the run's own group; the run must end anyway rather than hold the GPU."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    caller = subprocess.Popen([sys.executable, "-c", SLEEPING_CALLER, str(pid_file)], cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and caller.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), f"the child never started (caller rc={caller.poll()})"
+        child = int(pid_file.read_text())
+        assert not _dead(child, 0.5)
+        os.killpg(caller.pid, signal.SIGKILL)
+        caller.wait(30)
+        assert _dead(child, 5)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+        try:
+            if child and str(pid_file) in Path(f"/proc/{child}/cmdline").read_text():
+                os.kill(child, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+def test_a_run_whose_caller_died_before_the_tie_does_not_start(tmp_path):
+    """The caller may die between the fork and the prctl: the child then sees another parent
+    and must exit instead of running the command."""
+    not_the_parent = os.getpid() + 1  # the child's parent is this process
+    preexec = process_group._dies_with(not_the_parent)
+    if preexec is None:
+        pytest.skip("no prctl here")
+    ran = tmp_path / "ran"
+    rc = subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(ran)],
+                        preexec_fn=preexec).returncode
+    assert rc == 1 and not ran.exists()
+    rc = subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(ran)],
+                        preexec_fn=process_group._dies_with(os.getpid())).returncode
+    assert rc == 0 and ran.exists()
 
 
 def test_run_llm_usage_errors(tmp_path, model_dir, capsys):

@@ -167,6 +167,10 @@ def _results_folder(d: Path) -> Path:
     return d
 
 
+def _edit_run(f: Path, **fields):
+    f.write_text(json.dumps({**json.loads(f.read_text()), **fields}))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "ours.json").write_text("{oops"), "ours.json: not valid JSON"),
     (lambda d: (d / "ours.json").write_text("[1, 2]"), "ours.json: not a gsm8k run record"),
@@ -179,6 +183,12 @@ def _results_folder(d: Path) -> Path:
     (lambda d: (d / "ours.samples.jsonl").write_text("[1]\n"),
      "ours.samples.jsonl:1: not a sample"),
     (lambda d: (d / "data.json").write_text("{oops"), "data.json: not valid JSON"),
+    (lambda d: _edit_run(d / "ours.json", env=["x"]), "ours.json: not a gsm8k run record"),
+    (lambda d: _edit_run(d / "ours.json", stderr=[1]), "ours.json: not a gsm8k run record"),
+    (lambda d: _edit_run(d / "ours.json", scores={"exact_match,strict-match": "0.5"}),
+     "ours.json: not a gsm8k run record"),
+    (lambda d: (d / "ours.samples.jsonl").unlink(),
+     "some runs are not comparable (SETTINGS DIFFER or SAMPLES MISSING above)"),
 ])
 def test_report_on_a_damaged_folder_is_one_error(tmp_path, damage, message):
     d = _results_folder(tmp_path / "res")
@@ -188,6 +198,21 @@ def test_report_on_a_damaged_folder_is_one_error(tmp_path, damage, message):
     p = _cli("--report", "--out-dir", d, cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_a_run_record_may_hold_a_null_stderr(tmp_path):
+    d = _results_folder(tmp_path / "res")
+    _edit_run(d / "ours.json", stderr=None)
+    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    assert p.returncode == 0 and "| ours | 2 | 0.5000 | 0.5000 |" in p.stdout, p.stderr
+
+
+def test_out_dir_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for args in (("--report",), ("--model", tmp_path)):
+        p = _cli(*args, "--out-dir", tmp_path / "f", cwd=tmp_path)
+        assert p.returncode == 2 and "--out-dir" in p.stderr and "is not a folder" in p.stderr
+        assert "Traceback" not in p.stderr
 
 
 def test_the_same_data_in_another_folder_is_the_same_data():
@@ -320,7 +345,8 @@ def test_interrupting_stops_the_running_run_and_its_processes(tmp_path, signum, 
     while time.time() < deadline and not _processes_naming(f"--worker --mode upstream "
                                                            f"--label upstream --out-dir {out}"):
         time.sleep(0.1)
-    assert _processes_naming(f"--out-dir {out}"), "the worker never started"
+    assert _processes_naming("--worker --mode upstream --label upstream --out-dir "
+                             f"{out}"), "the worker never started"
     p.send_signal(signum)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == status, stderr
@@ -426,6 +452,8 @@ def test_gpu_script_startup_copies_out_no_earlier_result(tmp_path):
     old = tmp_path / "work" / "startup-real"
     old.mkdir(parents=True)
     (old / "summary.json").write_text('{"model": "an earlier run"}')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "startup.json").write_text('{"model": "an earlier invocation"}')
     env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "m"),
                WORK=str(tmp_path / "work"), VB=str(tmp_path / "vb"), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_gsm8k.sh"), "startup"],

@@ -824,3 +824,12 @@ def test_usage_error_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the following arguments are required: out" in err[0]
+
+
+def test_a_load_error_is_one_line_that_keeps_what_follows_a_colon():
+    assert mc._first_line(ValueError("bad config\nmore detail")) == "bad config"
+    assert mc._first_line(OSError("tokenizer from one of:\n a.json\n b.model")) == (
+        "tokenizer from one of: a.json b.model")
+    assert mc._first_line(KeyError()) == "KeyError"
+    assert mc._first_line(ValueError("x" * 400)).endswith("...")
+    assert len(mc._first_line(ValueError("x" * 400))) == 300
