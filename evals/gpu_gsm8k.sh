@@ -36,6 +36,7 @@ SITE=${SITE:-$HOME/lmeval-site}
 DATA=${DATA:-$HOME/gsm8k-data}
 RES=${RES:-$HOME/gsm8k-res}
 TAG=${TAG:-default}
+STARTUP_ARGS=${STARTUP_ARGS---in-process-engine}  # unset: the default; set empty: none
 BUDGET_S=${BUDGET_S:-540}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 [[ -f $VB/activate.sh ]] && source "$VB/activate.sh"
@@ -52,7 +53,7 @@ case $step in setup|gsm8k|startup)
 esac
 case $step in
   startup) echo "=== $step ($(date -u +%T), RUNS=${RUNS:-3}," \
-    "STARTUP_ARGS=${STARTUP_ARGS---in-process-engine})" ;;
+    "STARTUP_ARGS=$STARTUP_ARGS)" ;;
   *) echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})" ;;
 esac
 case $step in
@@ -128,7 +129,7 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     rm -f "$OUT/startup.json" "$OUT/startup.png" "$OUT"/startup-*.log
     # shellcheck disable=SC2086  # STARTUP_ARGS holds several flags
     python3 -m evals.startup_time --model "$MODEL" --runs "${RUNS:-3}" --out-dir "$WORK" \
-      --timeout 150 ${STARTUP_ARGS---in-process-engine} 2>&1 | grep -v "it/s\]$" | tail -14
+      --timeout 150 $STARTUP_ARGS 2>&1 | grep -v "it/s\]$" | tail -14
     rc=${PIPESTATUS[0]}
     cp "$WORK/summary.json" "$OUT/startup.json" 2>/dev/null
     cp "$WORK/startup_time.png" "$OUT/startup.png" 2>/dev/null

@@ -246,8 +246,7 @@ def remove_earlier_results(out: Path) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out_dir)
-    check_out_dir(out)
+    out = Path(args.out_dir)  # checked by main (check_out_dir) before any GPU work
     prepare_out_dir(out)
     remove_earlier_results(out)
     modes = args.modes.split(",")
