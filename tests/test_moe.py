@@ -152,8 +152,14 @@ def _expected(tensors: dict, experts: list[int], path: str = "native",
     }
 
 
-def _check_prepared(layer, want: dict, hidden: int, intermediate: int) -> None:
-    """``layer``: a prepared RoutedExperts; ``want``: from ``_expected``."""
+def _check_prepared(layer, want: dict, hidden: int, intermediate: int,
+                    reloaded: bool = False) -> None:
+    """``layer``: a prepared RoutedExperts; ``want``: from ``_expected``.
+    ``reloaded``: after vLLM's layer-wise reload, which copies the prepared
+    tensors into the parameters of the first load (so that captured CUDA
+    graphs see them) after the method built its quant config from the
+    prepared ones: the config then holds equal tensors, not the same objects
+    (as upstream's method does)."""
     w13, w2 = (getattr(layer, name) for name in moe_weight_names())
     assert_weight_equal(w13.data, want["w13_weight_packed"], "w13 weights")
     assert_weight_equal(w2.data, want["w2_weight_packed"], "w2 weights")
@@ -175,9 +181,14 @@ def _check_prepared(layer, want: dict, hidden: int, intermediate: int) -> None:
     # the GEMM's quant config reads the prepared tensors
     qc = method.moe_quant_config
     assert qc is not None
-    assert qc.w1_scale is layer.w13_weight_scale and qc.w2_scale is layer.w2_weight_scale
-    assert qc.g1_alphas is layer.w13_weight_chan_scale
-    assert qc.g2_alphas is layer.w2_weight_chan_scale
+    pairs = ((qc.w1_scale, layer.w13_weight_scale), (qc.w2_scale, layer.w2_weight_scale),
+             (qc.g1_alphas, layer.w13_weight_chan_scale),
+             (qc.g2_alphas, layer.w2_weight_chan_scale))
+    for used, held in pairs:
+        if reloaded:
+            assert_same(used.data, held.data, "the quant config's tensors after a reload")
+        else:
+            assert used is held
 
 
 # -------------------------------------------------------------------- tests
@@ -260,8 +271,8 @@ def test_preparation_errors_name_the_layer(vllm_ctx, tiny_moe):
      "up_proj.weight_scale was loaded for 7 of this rank's 8 experts"),
     ("drop 5.down_proj.weight_packed",
      "down_proj.weight_packed was loaded for 7 of this rank's 8 experts"),
-    ("shape 2.down_proj.weight_shape", "expert 2 down_proj.weight_shape is [999, 7], the layer's "
-                                       "experts are [256, 256]"),
+    ("shape 2.down_proj.weight_shape", "expert 2: down_proj.weight_shape is [999, 7], the "
+                                       "layer's experts are [256, 256]"),
 ])
 def test_experts_missing_from_the_checkpoint_are_refused(vllm_ctx, tiny_moe, damage, message):
     """A tensor never loaded would be served as whatever memory held."""
@@ -472,3 +483,301 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
         assert "--enable-expert-parallel" in got[rank]["tp_refused"]
     # linear placement: rank r holds experts 4r .. 4r+3, each expert once
     assert got[0]["ep_local"] == [0, 1, 2, 3] and got[1]["ep_local"] == [4, 5, 6, 7]
+
+
+# ------------------------------------------------ reload, bad tensors, names
+
+
+def _reloadable_model(qc, device, name="m0", experts=4, hidden=256, inter=256):
+    """A MoE layer and a dense layer in one module, built as vLLM builds a
+    model (its reload metadata recorded right after construction)."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear
+    from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
+
+    model = torch.nn.Module()
+    model.moe = _fused_moe(qc, f"{name}.layers.0.mlp.experts", experts, hidden, inter, device)
+    model.dense = ColumnParallelLinear(hidden, 384, bias=False, quant_config=qc,
+                                       prefix=f"{name}.layers.0.mlp.up", params_dtype=torch.bfloat16
+                                       ).to(device)
+    record_metadata_for_reloading(model)
+    return model
+
+
+def _load_model(model, experts: dict, dense: dict) -> None:
+    _load(model.moe, experts)
+    for name, t in dense.items():
+        param = getattr(model.dense, name)
+        param.weight_loader(param, t)
+
+
+def _process(model) -> None:
+    for m in model.modules():
+        method = getattr(m, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(m)
+
+
+def _prepared(model) -> dict:
+    """Every parameter of the model, copied (bytes compared by the caller)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx):
+    """vLLM's reload path (``GPUModelRunner.reload_weights``, and the weight
+    transfer engines RL frameworks use): ``initialize_layerwise_reload``
+    replaces every parameter object, the checkpoint tensors go through the
+    layers' weight loaders again, ``finalize_layerwise_reload``. The MoE
+    method recorded loaded experts by parameter object, so a reload was
+    refused ('loaded for 0 of this rank's 4 experts')."""
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
+
+    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+
+    qc = _prepare_only_config()
+    model = _reloadable_model(qc, vllm_ctx)
+    g = torch.Generator().manual_seed(21)
+    first = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
+    _load_model(model, *first)
+    _process(model)
+    before = _prepared(model)
+    _check_prepared(model.moe.routed_experts, _expected(first[0], list(range(4))), 256, 256)
+    kernel_params = {n: p for n, p in model.named_parameters()}
+
+    # the same weights again: every prepared tensor byte-identical, in place
+    initialize_layerwise_reload(model)
+    _load_model(model, *first)
+    finalize_layerwise_reload(model, None)
+    after = _prepared(model)
+    assert after.keys() == before.keys()
+    for n in before:
+        assert_same(after[n], before[n], f"{n} after a reload of the same weights")
+    assert all(p is kernel_params[n] for n, p in model.named_parameters())  # CUDA graphs
+    # new weights (an RL update): prepared like a first load of them
+    torch.manual_seed(22)
+    second = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
+    for t in second[0].values():
+        if t.dtype == torch.int32:
+            t.random_(-(2**31), 2**31 - 1)
+    initialize_layerwise_reload(model)
+    _load_model(model, *second)
+    finalize_layerwise_reload(model, None)
+    _check_prepared(model.moe.routed_experts, _expected(second[0], list(range(4))), 256, 256,
+                    reloaded=True)
+    fresh = _reloadable_model(_prepare_only_config(), vllm_ctx, name="m1")
+    _load_model(fresh, *second)
+    _process(fresh)
+    want = _prepared(fresh)
+    for n, p in _prepared(model).items():
+        assert_same(p, want[n], f"{n} after a reload of new weights")
+
+
+def _bad_expert_case(vllm_ctx, prefix, damage):
+    qc = _prepare_only_config()
+    runner = _fused_moe(qc, prefix, 4, 256, 384, vllm_ctx)
+    tensors = _per_expert({}, 4, 256, 384)
+    damage(tensors)
+    _load(runner, tensors)  # no tensor that does not fit reaches vLLM's loader
+    layer = runner.routed_experts
+    with pytest.raises(ValueError) as err:
+        layer.quant_method.process_weights_after_loading(layer)
+    return str(err.value)
+
+
+def test_an_undersized_expert_tensor_is_refused_naming_expert_shard_and_shapes(vllm_ctx):
+    """vLLM's MoE loader narrows the parameter to the loaded tensor, so a
+    down_proj.weight_packed with K/2 columns filled half of the expert and
+    the rest was served as whatever memory held."""
+    def damage(t):
+        t["1.down_proj.weight_packed"] = t["1.down_proj.weight_packed"][:, :24].clone()
+
+    text = _bad_expert_case(vllm_ctx, "model.layers.30.mlp.experts", damage)
+    assert text.startswith("w4a8_fastprep: MoE layer model.layers.30.mlp.experts cannot be "
+                           "served: expert 1: down_proj.weight_packed (shard w2) has shape "
+                           "[256, 24] in the checkpoint, the layer needs [256, 48]"), text
+
+
+def test_experts_all_at_half_the_intermediate_size_without_weight_shape_are_refused(vllm_ctx):
+    """Every expert at I/2 and no weight_shape tensors: each tensor fits the
+    narrowed parameter, nothing was 'missing', and half of every expert was
+    uninitialised memory. One error, the experts as a range."""
+    small = _per_expert({}, 4, 256, 128)
+
+    def damage(t):
+        t.clear()
+        t.update({k: v for k, v in small.items() if not k.endswith("weight_shape")})
+
+    text = _bad_expert_case(vllm_ctx, "model.layers.31.mlp.experts", damage)
+    for proj, got, want in (("gate_proj.weight_packed (shard w1)", "[128, 32]", "[384, 32]"),
+                            ("up_proj.weight_scale (shard w3)", "[128, 2]", "[384, 2]"),
+                            ("down_proj.weight_packed (shard w2)", "[256, 16]", "[256, 48]")):
+        assert f"experts 0-3: {proj} has shape {got} in the checkpoint, the layer needs " \
+               f"{want}" in text, text
+
+
+def test_expert_tensors_on_the_gpu_or_meta_are_shape_checked_without_reading_them(vllm_ctx):
+    """Loaders that hand over device-resident tensors (fastsafetensors,
+    instanttensor): the weight_shape value is not read there, the shapes are
+    still checked (meta tensors: only metadata exists)."""
+    def damage(t):
+        t["2.up_proj.weight_scale"] = torch.empty(384, 4, dtype=torch.bfloat16, device="meta")
+
+    text = _bad_expert_case(vllm_ctx, "model.layers.32.mlp.experts", damage)
+    assert "expert 2: up_proj.weight_scale (shard w3) has shape [384, 4] in the checkpoint, " \
+           "the layer needs [384, 2]" in text, text
+
+
+def test_bad_tensors_of_several_moe_layers_are_one_error(vllm_ctx):
+    qc = _prepare_only_config()
+    runners = [_fused_moe(qc, f"model.layers.{40 + i}.mlp.experts", 4, 256, 256, vllm_ctx)
+               for i in range(2)]
+    for i, r in enumerate(runners):
+        t = _per_expert({}, 4, 256, 256)
+        t[f"{i}.gate_proj.weight_scale"] = t[f"{i}.gate_proj.weight_scale"][:, :1].clone()
+        _load(r, t)
+    layer = runners[0].routed_experts
+    with pytest.raises(ValueError) as err:
+        layer.quant_method.process_weights_after_loading(layer)
+    text = str(err.value)
+    assert "model.layers.40.mlp.experts cannot be served: expert 0: gate_proj.weight_scale" in text
+    assert "also layer model.layers.41.mlp.experts: expert 1: gate_proj.weight_scale" in text
+
+
+def _w123(tensors: dict) -> dict:
+    """The same expert tensors under Mixtral's names: w1 (gate), w2 (down),
+    w3 (up)."""
+    rename = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+    out = {}
+    for k, v in tensors.items():
+        e, proj, t = k.split(".", 2)
+        out[f"{e}.{rename[proj]}.{t}"] = v
+    return out
+
+
+def test_expert_projection_names_come_from_the_layer(vllm_ctx):
+    """vLLM keeps the checkpoint's expert projection names on the layer
+    (``ckpt_gate_proj_name`` ...: ``w1``/``w2``/``w3`` for Mixtral-style
+    checkpoints); the method matches the quantization config and names
+    tensors in its errors by them."""
+    layer = _fused_moe(_prepare_only_config(), "model.layers.50.mlp.experts", 4, 256, 256,
+                       vllm_ctx).routed_experts
+    names = moe.expert_proj_names(layer)
+    if hasattr(layer, "ckpt_gate_proj_name"):  # vLLM >= 0.33: the layer's own
+        assert names == {"w1": layer.ckpt_gate_proj_name, "w2": layer.ckpt_down_proj_name,
+                         "w3": layer.ckpt_up_proj_name}
+    else:
+        assert names == {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+    class Mixtral:  # what vLLM 0.33 sets for a w1/w2/w3 checkpoint
+        ckpt_gate_proj_name, ckpt_down_proj_name, ckpt_up_proj_name = "w1", "w2", "w3"
+
+    assert moe.expert_proj_names(Mixtral()) == {"w1": "w1", "w2": "w2", "w3": "w3"}
+    Mixtral.ckpt_up_proj_name = None  # non-gated: no up projection
+    assert moe.expert_proj_names(Mixtral()) == {"w1": "w1", "w2": "w2"}
+
+
+def _mixtral_names_runner(qc, prefix, experts, hidden, inter, device):
+    """vLLM's MoE layer for a checkpoint with w1/w2/w3 expert names, where
+    this vLLM takes them (0.33: the factory's ``ckpt_names``); None elsewhere."""
+    import inspect
+
+    import vllm.model_executor.layers.fused_moe as fused_moe
+
+    factory = getattr(fused_moe, "FusedMoEFactory", None) or fused_moe.FusedMoE
+    if "ckpt_names" not in inspect.signature(factory).parameters:
+        return None
+    from vllm_w4a8_fastprep.compat import make_fused_moe
+
+    return make_fused_moe(num_experts=experts, top_k=2, hidden_size=hidden,
+                          intermediate_size=inter, params_dtype=torch.bfloat16,
+                          quant_config=qc, prefix=prefix,
+                          ckpt_names=("w1", "w2", "w3")).to(device)
+
+
+def test_a_w1_w2_w3_checkpoint_is_matched_loaded_and_named_by_its_names(vllm_ctx):
+    """A Mixtral-style checkpoint (experts.E.w1/w2/w3): the layer carries
+    those names; the weights load through vLLM's mapping of them and are
+    prepared as the dense reference per expert, a bad tensor is named
+    w1/w2/w3, and the quantization config's ignore list is matched with those
+    names (the method had hard-coded gate_proj/up_proj/down_proj)."""
+    qc = _prepare_only_config()
+    runner = _mixtral_names_runner(qc, "model.layers.51.block_sparse_moe.experts", 4, 256, 256,
+                                   vllm_ctx)
+    if runner is None:
+        pytest.skip("this vLLM takes no checkpoint expert names for its MoE layers (0.33 does)")
+    layer = runner.routed_experts
+    assert type(layer.quant_method) is moe.W4A8FastPrepMoEMethod
+    tensors = _per_expert({}, 4, 256, 256)
+    assert _load(runner, _w123(tensors)) >= {"w13_weight_packed", "w2_weight_scale"}
+    layer.quant_method.process_weights_after_loading(layer)
+    _check_prepared(layer, _expected(tensors, list(range(4))), 256, 256)
+
+    runner = _mixtral_names_runner(qc, "model.layers.53.block_sparse_moe.experts", 4, 256, 256,
+                                   vllm_ctx)
+    named = _w123(_per_expert({}, 4, 256, 256))
+    named["3.w2.weight_scale"] = named["3.w2.weight_scale"][:, :1].clone()
+    _load(runner, named)
+    layer = runner.routed_experts
+    with pytest.raises(ValueError, match=r"expert 3: w2\.weight_scale \(shard w2\) has shape "
+                                         r"\[256, 1\]"):
+        layer.quant_method.process_weights_after_loading(layer)
+
+    # experts ignored under their own names -> not W4AFP8 (upstream's handling)
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    cfg = quantization_config(moe=True)
+    cfg["ignore"].append("re:.*block_sparse_moe.experts.*w[123]$")
+    assert moe._moe_scheme(W4A8FastPrepConfig.from_config(cfg), layer,
+                           "model.layers.53.block_sparse_moe.experts") == "not quantized (ignored)"
+    assert isinstance(moe._moe_scheme(W4A8FastPrepConfig.from_config(quantization_config(
+        moe=True)), layer, "model.layers.53.block_sparse_moe.experts"), tuple)
+
+
+def test_nan_group_scales_of_experts_are_counted_per_layer(vllm_ctx, log_lines, monkeypatch):
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    for refuse in ("0", "1"):
+        monkeypatch.setenv("VLLM_W4A8_FASTPREP_REFUSE_NONFINITE", refuse)
+        qc = _prepare_only_config()
+        runner = _fused_moe(qc, f"model.layers.6{refuse}.mlp.experts", 4, 256, 256, vllm_ctx)
+        t = _per_expert({}, 4, 256, 256)
+        t["2.up_proj.weight_scale"][3, 1] = float("nan")
+        t["3.down_proj.weight_scale"][0, 0] = float("inf")
+        _load(runner, t)
+        layer = runner.routed_experts
+        if refuse == "1":
+            with pytest.raises(LoadError, match=r"model\.layers\.61\.mlp\.experts \(2 of 3072 "
+                                                r"output channels\); refused"):
+                layer.quant_method.process_weights_after_loading(layer)
+        else:
+            layer.quant_method.process_weights_after_loading(layer)
+            assert qc.load_stats.last_summary["nonfinite"] == {
+                "model.layers.60.mlp.experts": (2, 4 * (512 + 256))}
+
+
+def test_odd_k_layers_are_named_in_one_info_line_and_refused_by_the_switch(
+        vllm_ctx, log_lines, monkeypatch):
+    """intermediate_size_per_partition % 256 == 128 (which vLLM refuses) is
+    served by default, the layers named in one INFO line once all are
+    prepared; VLLM_W4A8_FASTPREP_MOE_ODD_K=0 refuses them by name."""
+    qc = _prepare_only_config()
+    runners = [_fused_moe(qc, f"model.layers.{i}.mlp.experts", 2, 256, 384, vllm_ctx)
+               for i in (70, 71, 72)]
+    for r in runners:
+        _load(r, _per_expert({}, 2, 256, 384))
+        r.routed_experts.quant_method.process_weights_after_loading(r.routed_experts)
+    lines = [r.getMessage() for r in log_lines if "odd multiple of 128" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("w4a8_fastprep: 3 MoE layers have intermediate_size_per_partition "
+                               "384, an odd multiple of 128"), lines
+    assert lines[0].endswith("VLLM_W4A8_FASTPREP_MOE_ODD_K=0 to refuse them): "
+                             "model.layers.70-72.mlp.experts"), lines
+
+    monkeypatch.setenv("VLLM_W4A8_FASTPREP_MOE_ODD_K", "0")
+    with pytest.raises(ValueError, match=r"model\.layers\.73\.mlp\.experts cannot be served: "
+                                         r"intermediate_size_per_partition=384 is an odd multiple "
+                                         r".*VLLM_W4A8_FASTPREP_MOE_ODD_K=0 refuses"):
+        _fused_moe(_prepare_only_config(), "model.layers.73.mlp.experts", 2, 256, 384, vllm_ctx)
+    assert moe.moe_shape_problem(2048, 512) is None  # multiples of 256 are not affected

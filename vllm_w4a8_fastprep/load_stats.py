@@ -17,22 +17,50 @@ preparation, weight loading) is not in it. The events are read once, when
 the line is written: one host wait, no synchronisation per layer. Per-layer
 times are logged at DEBUG at the same moment. ``parse_summary`` reads the
 line back (and the older ``prepared N layers (...) in T s on DEV`` form).
+
+Two more lines may follow the summary, from the same moment:
+
+* WARNING, the layers whose group scales hold NaN or inf (counted on the
+  device during preparation: a row of scales with a non-finite value gives a
+  non-finite channel scale; read at the same one host wait). Their outputs
+  are NaN. With ``VLLM_W4A8_FASTPREP_REFUSE_NONFINITE=1`` the load fails
+  instead, naming them.
+* INFO, the MoE layers served with ``intermediate_size_per_partition`` an odd
+  multiple of 128 (which vLLM itself refuses; ``moe.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .load_checks import LoadError, LoadProblems, name_ranges
+
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
 GIB = float(1 << 30)
 PREFIX = "w4a8_fastprep: prepared "
 COUNTED = "this package's preparation only, summed per layer"
+REFUSE_NONFINITE_ENV = "VLLM_W4A8_FASTPREP_REFUSE_NONFINITE"
+
+
+def refuse_nonfinite() -> bool:
+    """Whether a load with NaN/inf group scales fails (default: it warns)."""
+    return os.environ.get(REFUSE_NONFINITE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def count_nonfinite_rows(chan_scales: torch.Tensor) -> torch.Tensor:
+    """How many output channels have a NaN or inf among their group scales,
+    as a 0-d int64 tensor on the scales' device (no host wait): the channel
+    scale of a row is ``8 * amax / 448`` of its group scales, non-finite
+    exactly when one of them is (the kernels and the reference propagate NaN
+    through the row maximum; finite bf16 values give finite channel scales)."""
+    return torch.isfinite(chan_scales).logical_not().sum()
 
 
 @dataclass
@@ -49,6 +77,8 @@ class _Layer:
     fallback: bool
     experts: int
     timings: list = field(default_factory=list)  # _Token per preparation
+    nonfinite: object = None  # 0-d device tensor: rows with NaN/inf scales
+    rows: int = 0  # output channels (all experts), for the non-finite line
 
 
 class LoadStats:
@@ -60,6 +90,11 @@ class LoadStats:
         self.expected = 0  # layers created with this package's methods
         self.expected_moe = 0
         self.last_summary: dict | None = None
+        #: shape problems of loaded checkpoint tensors (load_checks)
+        self.problems = LoadProblems()
+        #: MoE layers served with intermediate_size_per_partition % 256 == 128
+        self.odd_k_layers: dict[str, int] = {}
+        self._odd_k_logged: set[str] = set()
         self._reset()
 
     def _reset(self) -> None:
@@ -94,20 +129,31 @@ class LoadStats:
             token.end = time.perf_counter()
 
     def end_layer(self, token: _Token, name: str, weight_bytes: int, scale_bytes: int,
-                  fallback: bool = False, experts: int = 0) -> None:
+                  fallback: bool = False, experts: int = 0, nonfinite=None,
+                  rows: int = 0) -> None:
         """The layer ``name`` is prepared: ``weight_bytes``/``scale_bytes`` of
         checkpoint int4 weights and scales (all experts together for an MoE
-        layer with ``experts`` local experts)."""
+        layer with ``experts`` local experts); ``nonfinite``: the device count
+        of its ``rows`` output channels with NaN/inf group scales
+        (``count_nonfinite_rows``), read when the summary is written."""
         self._stop(token)
         prev = self._layers.get(name)
-        layer = _Layer(int(weight_bytes), int(scale_bytes), bool(fallback), int(experts))
+        layer = _Layer(int(weight_bytes), int(scale_bytes), bool(fallback), int(experts),
+                       nonfinite=nonfinite, rows=int(rows))
         if prev is not None:  # prepared again: counted once, its time too
             self._repeats += 1
             layer.timings = prev.timings
         layer.timings.append(token)
         self._layers[name] = layer
         if len(self._layers) >= self.expected:
-            self.flush()
+            s = self.flush()
+            if s and s["nonfinite"] and refuse_nonfinite():
+                raise LoadError(nonfinite_text(s["nonfinite"], refused=True))
+
+    def odd_k_layer(self, name: str, intermediate: int) -> None:
+        """The MoE layer ``name`` is served with this odd multiple of 128 as
+        its ``intermediate_size_per_partition`` (named in one INFO line)."""
+        self.odd_k_layers[name] = int(intermediate)
 
     def layer_failed(self, token: _Token | None, name: str) -> None:
         """Preparing ``name`` raised: write the summary of what was prepared
@@ -162,7 +208,25 @@ class LoadStats:
             "seconds": gpu_s + cpu_s,
             "device": str(device) if device is not None else None,
             "per_layer_seconds": per_layer,
+            "nonfinite": self._nonfinite(),
         }
+
+    def _nonfinite(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (rows with NaN/inf scales, rows)}`` of the recorded layers
+        that have any: one device-to-host copy per device, after the host
+        wait of ``summary`` (the counts were queued before each layer's end
+        event)."""
+        by_device: dict = {}
+        for n, r in self._layers.items():
+            if isinstance(r.nonfinite, torch.Tensor):
+                by_device.setdefault(r.nonfinite.device, []).append((n, r))
+        out = {}
+        for items in by_device.values():
+            counts = torch.stack([r.nonfinite.reshape(()) for _, r in items]).tolist()
+            for (n, r), c in zip(items, counts):
+                if c:
+                    out[n] = (int(c), r.rows)
+        return out
 
     def flush(self) -> dict | None:
         """Write the summary line for the layers recorded since the last one
@@ -182,9 +246,35 @@ class LoadStats:
             logger.warning("%s", line)
         else:
             logger.info("%s", line)
+        if s["nonfinite"]:
+            logger.warning("%s", nonfinite_text(s["nonfinite"], refused=refuse_nonfinite()))
+        odd = {n: i for n, i in self.odd_k_layers.items() if n not in self._odd_k_logged}
+        if odd:
+            self._odd_k_logged.update(odd)
+            sizes = ", ".join(str(i) for i in sorted(set(odd.values())))
+            logger.info("w4a8_fastprep: %d MoE layers have intermediate_size_per_partition %s, "
+                        "an odd multiple of 128, which vLLM's own W4A8 MoE method refuses; "
+                        "they run vLLM's CUTLASS grouped GEMM with this package's preparation "
+                        "(set VLLM_W4A8_FASTPREP_MOE_ODD_K=0 to refuse them): %s", len(odd),
+                        sizes, name_ranges(odd))
         self.last_summary = s
         self._reset()
         return s
+
+
+def nonfinite_text(nonfinite: dict, refused: bool) -> str:
+    """The line naming the layers with NaN/inf group scales."""
+    rows = sum(c for c, _ in nonfinite.values())
+    named = ", ".join(f"{n} ({c} of {total} output channels)"
+                      for n, (c, total) in list(nonfinite.items())[:16])
+    if len(nonfinite) > 16:
+        named += f", and {len(nonfinite) - 16} more layers"
+    head = (f"w4a8_fastprep: {len(nonfinite)} layers have NaN or infinite group scales in "
+            f"{rows} output channels: {named}")
+    if refused:
+        return head + f"; refused ({REFUSE_NONFINITE_ENV}=1)"
+    return (head + "; the outputs of those channels will be NaN; "
+            f"set {REFUSE_NONFINITE_ENV}=1 to refuse such checkpoints")
 
 
 def format_summary(s: dict) -> str:

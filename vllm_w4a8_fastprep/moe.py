@@ -19,6 +19,7 @@ and the layer gets upstream's compressed-tensors handling.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -39,7 +40,7 @@ from .compat import (
     set_weight_attrs,
     w13_num_shards,
 )
-from .load_stats import LoadStats
+from .load_stats import LoadStats, count_nonfinite_rows
 from .scheme import scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -53,8 +54,21 @@ logger = logging.getLogger("vllm.w4a8_fastprep")
 # tests/test_moe_gemm_gpu.py, and tests/test_moe_gpu.py's forward vs a
 # dequantised MoE at I = 384): correct at every kernel vLLM's heuristic picks
 # (max relative error 5.5e-3 against an fp32 product of the same quantised
-# operands, as for I = 256 and 512), so such layers are served.
+# operands, as for I = 256 and 512). Against an oracle upstream accepts (the
+# same experts zero-padded to the next multiple of 256, served by upstream's
+# own method): identical layer outputs for I in {384, 640, 896, 1408} and
+# several expert counts (tests/test_moe_gpu.py, evals/RESULTS.md). So such
+# layers are served, unless ``VLLM_W4A8_FASTPREP_MOE_ODD_K=0``.
 _GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
+ODD_K_ENV = "VLLM_W4A8_FASTPREP_MOE_ODD_K"
+
+
+def odd_k_allowed() -> bool:
+    """Whether MoE layers with ``intermediate_size_per_partition % 256 ==
+    128`` are served (default yes; ``VLLM_W4A8_FASTPREP_MOE_ODD_K=0`` refuses)."""
+    if not _GEMM_SUPPORTS_K_MOD_256_EQ_128:
+        return False
+    return os.environ.get(ODD_K_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 _logged: set[str] = set()
 
@@ -90,9 +104,11 @@ def moe_shape_problem(hidden: int, intermediate_per_partition: int,
     if hidden % 256:
         return (f"hidden_size={hidden} is not a multiple of 256, which vLLM's CUTLASS W4A8 "
                 "MoE kernels need")
-    if intermediate_per_partition % 256 and not _GEMM_SUPPORTS_K_MOD_256_EQ_128:
+    if intermediate_per_partition % 256 and not odd_k_allowed():
         why = (f"intermediate_size_per_partition={intermediate_per_partition} is an odd "
                "multiple of 128, but vLLM's CUTLASS W4A8 grouped GEMM needs a multiple of 256")
+        if _GEMM_SUPPORTS_K_MOD_256_EQ_128:
+            why += f" ({ODD_K_ENV}=0 refuses such layers; unset it to serve them)"
         if intermediate_full is not None and intermediate_full % 256 == 0:
             return (why + "; tensor parallelism splits this model's expert intermediate size "
                     f"({intermediate_full}) too finely: serve it with --enable-expert-parallel "
@@ -123,13 +139,31 @@ def moe_kernel_problem(moe_config) -> str | None:
     return moe_backend_problem(moe_config)  # e.g. --moe-backend humming: upstream's
 
 
+def expert_proj_names(layer) -> dict[str, str]:
+    """The checkpoint names of a MoE layer's expert projections by vLLM's
+    shard id: ``{"w1": gate, "w2": down, "w3": up}``, as the layer keeps them
+    (``ckpt_gate_proj_name`` etc., set from the model's ``ckpt_names``:
+    ``w1``/``w2``/``w3`` for Mixtral, PhiMoE, MiniMax-M2, LFM2-MoE; no up
+    projection for non-gated MoE). vLLM 0.33's compressed-tensors MoE
+    matching uses them; 0.26's hard-codes gate/up/down. Default
+    ``gate_proj``/``down_proj``/``up_proj``."""
+    names = {"w1": getattr(layer, "ckpt_gate_proj_name", None) or "gate_proj",
+             "w2": getattr(layer, "ckpt_down_proj_name", None) or "down_proj",
+             "w3": "up_proj"}
+    if hasattr(layer, "ckpt_up_proj_name"):
+        names["w3"] = layer.ckpt_up_proj_name  # None: non-gated
+    return {k: v for k, v in names.items() if v}
+
+
 def _moe_scheme(config, layer, prefix: str):
     """``(weight_quant, input_quant)`` of a W4AFP8 MoE layer, or why the layer
     is not one (a string)."""
-    # as upstream: the experts are matched through their unfused projections
+    # as upstream: the experts are matched through their unfused projections,
+    # by the names the layer's checkpoint uses
     config._add_fused_moe_to_target_scheme_map()
-    dicts = [config.get_scheme_dict(layer, f"{prefix}.0.{proj}")
-             for proj in ("gate_proj", "up_proj", "down_proj")]
+    names = expert_proj_names(layer)
+    dicts = [config.get_scheme_dict(layer, f"{prefix}.0.{names[shard]}")
+             for shard in ("w1", "w3", "w2") if shard in names]
     if any(d is None for d in dicts):
         return "not quantized (ignored)"
     if any(d != dicts[0] for d in dicts[1:]):
@@ -205,10 +239,12 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self.build_kernel = kernel
         self.b_strides1: torch.Tensor | None = None
         self.b_strides2: torch.Tensor | None = None
-        # what the expert weight loader stored: (param, shard) -> expert ids
-        self._param_names: dict[int, str] = {}
+        # what the expert weight loaders stored: (parameter name, shard) ->
+        # expert ids. Keyed by name, not by parameter object: vLLM's
+        # layer-wise reload replaces every parameter object of the layer.
         self._loaded: dict[tuple[str, str], set[int]] = {}
-        self._load_problems: list[str] = []
+        self._proj: dict[str, str] = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+        self._local_expert = None  # global expert id -> local id (-1: not on this rank)
         self._check_loads = True
 
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
@@ -219,10 +255,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         if problem is not None:
             raise ValueError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be served: "
                              f"{problem}")
-        if extra_weight_attrs.get("weight_loader") is not None:
-            extra_weight_attrs["weight_loader"] = self._recording_loader(
-                extra_weight_attrs["weight_loader"])
         self._check_loads = not _dummy_weights()
+        self._proj = expert_proj_names(layer)
+        self._local_expert = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         if intermediate_size_per_partition % 256 == 0:
             super().create_weights(layer, num_experts, hidden_size,
                                    intermediate_size_per_partition, params_dtype,
@@ -231,64 +266,128 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             _create_moe_weights(layer, num_experts, hidden_size,
                                 intermediate_size_per_partition, params_dtype,
                                 extra_weight_attrs, w13_num_shards(self.moe))
-        self._param_names = {id(getattr(layer, n)): n for n in _CHECKPOINT_PARAMS}
+            self.stats.odd_k_layer(self.layer_name, intermediate_size_per_partition)
+        # one checking, recording loader per checkpoint parameter, bound to
+        # its name (vLLM's reload keeps the loader attribute, not the object)
+        for name in _CHECKPOINT_PARAMS:
+            param = getattr(layer, name)
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                param.weight_loader = self._recording_loader(name, loader)
         self.stats.layer_created(experts=num_experts)
 
-    def _recording_loader(self, weight_loader):
-        """vLLM's expert weight loader, also recording which experts of which
-        tensor it stored (and checking each expert's ``weight_shape``)."""
+    def _proj_name(self, shard_id) -> str:
+        return self._proj.get(shard_id, str(shard_id))
+
+    def expected_shape(self, name: str, shard_id: str) -> list[int] | None:
+        """The shape of one expert's checkpoint tensor for the parameter
+        ``name`` and shard (the full tensor, before tensor-parallel
+        sharding); None for a shard vLLM's loader does not take."""
+        i = self.moe.intermediate_size
+        h = self.moe.hidden_dim_unpadded or self.moe.hidden_dim
+        if shard_id in ("w1", "w3"):
+            n, k = i, h
+        elif shard_id == "w2":
+            n, k = h, i
+        else:
+            return None
+        if name.endswith("weight_packed"):
+            return [n, k // 8]
+        if name.endswith("weight_scale"):
+            return [n, k // GROUP_SIZE]
+        return [2]  # weight_shape
+
+    def _recording_loader(self, name: str, weight_loader):
+        """vLLM's expert weight loader for the parameter ``name``, checking
+        each checkpoint tensor's shape first (a tensor that does not fit is
+        not loaded: recorded for one error at ``process_weights_after_loading``)
+        and recording which experts of which shard it stored."""
 
         def loader(param, loaded_weight, weight_name, shard_id, expert_id,
                    return_success=False):
+            problem = self._shape_problem(name, loaded_weight, shard_id, param)
+            if problem is not None:
+                local = self._local_expert(expert_id) if self._local_expert else expert_id
+                if local == -1:  # another rank's expert: vLLM would skip it too
+                    return False if return_success else None
+                if self._check_loads:
+                    self.stats.problems.add(self.layer_name, problem, expert_id)
+                    return True if return_success else None
             ok = weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                return_success=True)
-            name = self._param_names.get(id(param))
-            if ok and name is not None:
-                self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
+            if ok:
+                if loaded_weight.dim() == 3:  # every local expert at once
+                    self._loaded.setdefault((name, shard_id), set()).update(
+                        range(param.shape[0]))
+                else:
+                    self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
                 if name.endswith("weight_shape"):
                     self._check_weight_shape(loaded_weight, shard_id, expert_id)
             return ok if return_success else None
 
+        loader.w4a8_fastprep_tracks = name
         return loader
 
+    def _shape_problem(self, name: str, loaded: torch.Tensor, shard_id, param) -> str | None:
+        """Why ``loaded`` does not fit parameter ``name``'s shard (metadata
+        only: no device sync), or None."""
+        want = self.expected_shape(name, shard_id)
+        if want is None:
+            return None  # vLLM's loader names a bad shard id itself
+        got = list(loaded.shape)
+        if loaded.dim() == 3:  # all experts of this rank in one tensor
+            want = [int(param.shape[0]), *want]
+        if got == want:
+            return None
+        tensor = name.split("_", 1)[1]
+        return (f"{self._proj_name(shard_id)}.{tensor} (shard {shard_id}) has shape {got} in "
+                f"the checkpoint, the layer needs {want} (hidden size "
+                f"{self.moe.hidden_dim_unpadded or self.moe.hidden_dim}, expert intermediate "
+                f"size {self.moe.intermediate_size}, before tensor-parallel sharding)")
+
     def _check_weight_shape(self, loaded: torch.Tensor, shard_id: str, expert_id) -> None:
-        if loaded.device.type != "cpu" or loaded.numel() != 2:
-            return  # read only where it costs no device sync
+        if loaded.device.type != "cpu" or loaded.numel() != 2 or not self._check_loads:
+            return  # its value is read only where that costs no device sync
         got = [int(v) for v in loaded.reshape(-1).tolist()]
         i, h = self.moe.intermediate_size, self.moe.hidden_dim_unpadded or self.moe.hidden_dim
         want = [h, i] if shard_id == "w2" else [i, h]
         if got != want:
-            proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.get(shard_id, shard_id)
-            self._load_problems.append(
-                f"expert {expert_id} {proj}.weight_shape is {got}, the layer's experts are "
-                f"{want} (the full tensor, before tensor-parallel sharding)")
+            self.stats.problems.add(
+                self.layer_name,
+                f"{self._proj_name(shard_id)}.weight_shape is {got}, the layer's experts are "
+                f"{want} (the full tensor, before tensor-parallel sharding)", expert_id)
 
     def loading_problems(self, layer: torch.nn.Module) -> list[str]:
         """Why this layer's loaded tensors cannot be served (empty: they can):
-        a checkpoint tensor of some local expert never stored, or a
-        ``weight_shape`` that is not the layer's."""
-        problems = list(self._load_problems)
+        a checkpoint tensor that did not fit (``load_checks``), or a tensor
+        of some local expert never stored."""
+        problems = self.stats.problems.describe(self.layer_name)
+        problems += self._missing(layer)
+        return problems
+
+    def _missing(self, layer: torch.nn.Module) -> list[str]:
         experts = layer.w13_weight_packed.shape[0]
-        for name, shards in (("w13_weight_packed", ("w1", "w3")),
-                             ("w13_weight_scale", ("w1", "w3")),
+        shards13 = tuple(s for s in ("w1", "w3") if s in self._proj)
+        out = []
+        for name, shards in (("w13_weight_packed", shards13), ("w13_weight_scale", shards13),
                              ("w2_weight_packed", ("w2",)), ("w2_weight_scale", ("w2",))):
             for shard in shards:
                 got = len(self._loaded.get((name, shard), ()))
                 if got != experts:
-                    proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[shard]
                     tensor = name.split("_", 1)[1]
-                    problems.append(f"{proj}.{tensor} was loaded for {got} of this rank's "
-                                    f"{experts} experts")
-        return problems
+                    out.append(f"{self._proj_name(shard)}.{tensor} was loaded for {got} of "
+                               f"this rank's {experts} experts")
+        return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         name = self.layer_name
         if self._check_loads:
-            problems = self.loading_problems(layer)
-            if problems:
+            missing = self._missing(layer)
+            if missing or self.stats.problems:
                 self.stats.layer_failed(None, name)
-                raise ValueError(f"{METHOD_NAME}: MoE layer {name} cannot be served: "
-                                 + "; ".join(problems))
+                err = self.stats.problems.error(name, "MoE layer", missing)
+                self.stats.problems.clear()
+                raise err
         # the names upstream's forward reads the weights under (vLLM >= 0.31
         # renames them first, as upstream's preparation does)
         w13_name, w2_name = rename_moe_weights(layer)
@@ -305,6 +404,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         path = scale_path_of(QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN))
 
         token = self.stats.begin_layer(device)
+        nonfinite = None
         try:
             for param in (w13_name, w2_name):
                 replace_parameter(layer, param,
@@ -312,6 +412,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             for w in ("w13", "w2"):
                 group_scales, chan_scales = ops.prepare_scales_grouped(
                     getattr(layer, f"{w}_weight_scale").data, path)
+                bad = count_nonfinite_rows(chan_scales)
+                nonfinite = bad if nonfinite is None else nonfinite + bad
                 replace_parameter(layer, f"{w}_weight_scale", group_scales)
                 replace_parameter(layer, f"{w}_weight_chan_scale", chan_scales)
                 del group_scales, chan_scales
@@ -322,9 +424,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             if type(e) in (ValueError, TypeError):  # our ops' checks: name the layer
                 raise type(e)(f"{METHOD_NAME}: MoE layer {name}: {e}") from e
             raise
-        self.stats.end_layer(token, name, weight_bytes, scale_bytes, experts=experts)
         self._loaded.clear()  # a reload records afresh
-        self._load_problems.clear()
+        self.stats.end_layer(token, name, weight_bytes, scale_bytes, experts=experts,
+                             nonfinite=nonfinite, rows=experts * (n13 + n2))
 
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         if self.build_kernel and self.moe_quant_config is not None:

@@ -6,12 +6,15 @@ On an SM90 GPU the layer runs vLLM's own ``CutlassW4A8LinearKernel``
 ``process_weights_after_loading`` differs: one fused pass for the weight and
 one for the scales, on the current stream, bit-identical to upstream.
 
-Before preparing, a layer is checked against what was loaded into it (vLLM
-0.26.0 does not check that a quantized model's tensors were all loaded): every
+Each checkpoint tensor's shape is checked against the layer's (allowing for
+tensor-parallel shards) before vLLM's weight loader sees it: one that does
+not fit is not loaded (vLLM's loader would stop at a bare assert), and the
+load fails with one error naming every such tensor (``load_checks``). Before
+preparing, a layer is checked against what was loaded into it (vLLM 0.26.0
+does not check that a quantized model's tensors were all loaded): every
 output partition of ``weight_packed`` and ``weight_scale`` must have come from
-the checkpoint, and the checkpoint tensors' shapes (and ``weight_shape``, the
-checkpoint's full ``[N, K]``) must be the layer's, allowing for
-tensor-parallel shards. Anything else is refused with an error naming the
+the checkpoint, and ``weight_shape`` (the checkpoint's full ``[N, K]``) must
+agree with the tensors. Anything else is refused with an error naming the
 layer and the tensor (skipped for ``--load-format dummy``, which loads
 nothing by design).
 
@@ -30,6 +33,7 @@ activations) and the dense GEMM is slower: logged at WARNING.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -51,7 +55,7 @@ from .compat import (
     scalar_types,
     verify_group_size_divides_partition,
 )
-from .load_stats import LoadStats
+from .load_stats import LoadStats, count_nonfinite_rows
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 PACK_FACTOR = 8  # int4 values per int32
@@ -215,38 +219,60 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
 
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=PACK_FACTOR,
-            weight_loader=self._tracked("weight_packed", weight_loader),
+            weight_loader=self._tracked(layer, "weight_packed", weight_loader),
             data=torch.empty(n, k // PACK_FACTOR, dtype=torch.int32)))
         layer.register_parameter("weight_scale", GroupQuantScaleParameter(
-            output_dim=0, input_dim=1, weight_loader=self._tracked("weight_scale", weight_loader),
+            output_dim=0, input_dim=1,
+            weight_loader=self._tracked(layer, "weight_scale", weight_loader),
             data=torch.empty(n, k // GROUP_SIZE, dtype=params_dtype)))
         layer.register_parameter("weight_shape", BasevLLMParameter(
-            weight_loader=self._tracked("weight_shape", weight_loader),
+            weight_loader=self._tracked(layer, "weight_shape", weight_loader),
             data=torch.empty(2, dtype=torch.int64)))
         self.stats.layer_created()
 
-    def _tracked(self, name: str, weight_loader: Callable) -> Callable:
-        """``weight_loader`` that also records what it was given: the shard
-        id and the checkpoint tensor's shape (and value, for weight_shape)."""
+    def _tracked(self, layer: torch.nn.Module, name: str, weight_loader: Callable) -> Callable:
+        """``weight_loader`` that first checks the checkpoint tensor's shape
+        against the layer's (one that does not fit is recorded in
+        ``stats.problems`` and not loaded) and records what it was given: the
+        shard id and the shape (and value, for a weight_shape on the CPU)."""
         loads = self._loads.setdefault(name, [])
+        layer_ref = weakref.ref(layer)  # the layer object survives vLLM's reload
 
         def loader(param, loaded_weight, *args, **kwargs):
-            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            shard = _shard_key(args[0] if args else kwargs.get("loaded_shard_id"))
             value = None
             if name == "weight_shape" and loaded_weight.numel() <= 8 \
-                    and loaded_weight.device.type != "meta":
+                    and loaded_weight.device.type == "cpu":
                 value = [int(v) for v in loaded_weight.reshape(-1).tolist()]
-            out = weight_loader(param, loaded_weight, *args, **kwargs)
-            loads.append((_shard_key(shard), tuple(loaded_weight.shape), value))
-            return out
+            shape = tuple(loaded_weight.shape)
+            problems = self._load_problems(layer_ref(), name, shard, shape, value)
+            loads.append((shard, shape, value))
+            if problems and self._check_loads:
+                for p in problems:
+                    self.stats.problems.add(self.layer_name, p)
+                if name != "weight_shape":
+                    return None  # not loaded: vLLM's loader would assert
+            return weight_loader(param, loaded_weight, *args, **kwargs)
 
         loader.w4a8_fastprep_tracks = name
         return loader
 
-    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
-        """Why this layer's loaded tensors cannot be served (empty: they can)."""
+    def _load_problems(self, layer, name, key, shape, value) -> list[str]:
+        """Why one checkpoint tensor does not fit the layer (metadata only)."""
+        if layer is None:
+            return []
         rows = checkpoint_rows(layer)
         k_full = getattr(layer, "input_size", None) if rows is not None else None
+        return self._shape_problems(name, key, shape, value, rows, k_full)
+
+    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
+        """Why this layer's loaded tensors cannot be served (empty: they can):
+        the tensors that did not fit (recorded while loading), then what the
+        loads show at the end."""
+        return self.stats.problems.describe(self.layer_name) + self._final_problems(layer)
+
+    def _final_problems(self, layer: torch.nn.Module) -> list[str]:
+        rows = checkpoint_rows(layer)
         if rows is not None:
             partitions = {key for key in rows if key is not None}
             if not partitions:
@@ -266,8 +292,8 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
                     problems.append(
                         f"{name} was loaded for shards {sorted(map(str, partitions - missing))} "
                         f"but not for {sorted(map(str, missing))}")
-            for key, shape, value in loads:
-                problems.extend(self._shape_problems(name, key, shape, value, rows, k_full))
+        if self.stats.problems.describe(self.layer_name):
+            return problems  # a tensor did not fit: named already, the rest follows from it
         # the three tensors of each shard must describe the same matrix
         packed = {key: shape for key, shape, _ in self._loads.get("weight_packed", [])}
         for key, shape, value in self._loads.get("weight_shape", []):
@@ -308,11 +334,12 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self._check_loads:
-            problems = self.loading_problems(layer)
-            if problems:
+            final = self._final_problems(layer)
+            if final or self.stats.problems:
                 self.stats.layer_failed(None, self.layer_name)
-                raise ValueError(f"{METHOD_NAME}: layer {self.layer_name} cannot be served: "
-                                 + "; ".join(problems))
+                err = self.stats.problems.error(self.layer_name, "layer", final)
+                self.stats.problems.clear()
+                raise err
         packed_w = layer.weight_packed.data
         scales = layer.weight_scale.data
         token = self.stats.begin_layer(packed_w.device)
@@ -324,12 +351,14 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
                 _replace(layer, "weight_packed", ops.prepare_weight(packed_w))
                 del packed_w
                 group_scales, chan_scales = ops.prepare_scales(scales, path)
+                nonfinite = count_nonfinite_rows(chan_scales)
                 del scales
                 _replace(layer, "weight_scale", group_scales)
                 _replace(layer, "weight_chan_scale", chan_scales)
             else:
                 w8, chan = fallback_weight(packed_w, scales, scale_path_of(self.quant_fp8),
                                            self.params_dtype)
+                nonfinite = count_nonfinite_rows(chan)
                 del packed_w, scales
                 # the checkpoint tensors go; the dense weight stays
                 del layer.weight_packed, layer.weight_scale
@@ -338,10 +367,11 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         except BaseException:
             self.stats.layer_failed(token, self.layer_name)
             raise
-        self.stats.end_layer(token, self.layer_name, weight_bytes, scale_bytes,
-                             fallback=self.kernel is None)
         for loads in self._loads.values():
             loads.clear()  # a reload records afresh
+        self.stats.end_layer(token, self.layer_name, weight_bytes, scale_bytes,
+                             fallback=self.kernel is None, nonfinite=nonfinite,
+                             rows=layer.weight_chan_scale.shape[0])
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
