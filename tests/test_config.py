@@ -209,16 +209,16 @@ def test_claim_line_does_not_promise_gpu_preparation(log_lines, monkeypatch):
     """The line logged on claiming a checkpoint holds wherever it is served:
     no GPU claim (on a CPU-only machine every layer takes the fallback, which
     warns by itself)."""
-    from vllm_w4a8_fastprep import config
+    from vllm_w4a8_fastprep import config, registration
 
-    monkeypatch.setattr(config, "_logged", set())
-    monkeypatch.delenv(config.AUTO_ENV, raising=False)
+    monkeypatch.setattr(registration, "_logged", set())
+    monkeypatch.delenv(registration.AUTO_ENV, raising=False)
     assert config.W4A8FastPrepConfig.override_quantization_method(
         quantization_config(), None) == NAME
     claims = [r.getMessage() for r in log_lines if "serving this W4AFP8" in r.getMessage()]
     assert len(claims) == 1, [r.getMessage() for r in log_lines]
     assert "GPU" not in claims[0], claims[0]
-    assert "weight preparation" in claims[0] and f"{config.AUTO_ENV}=0" in claims[0]
+    assert "weight preparation" in claims[0] and f"{registration.AUTO_ENV}=0" in claims[0]
 
 
 # ----------------------------------------------------------- MoE routing

@@ -35,11 +35,12 @@ def test_register_is_idempotent_and_initialises_no_cuda():
     code = """
 import torch, vllm_w4a8_fastprep as v
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 v.register(); v.register()
-from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
-from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm_w4a8_fastprep.registration import W4A8FastPrepLazyConfig
 cls = get_quantization_config("w4a8_fastprep")
-assert cls is W4A8FastPrepConfig and issubclass(cls, CompressedTensorsConfig)
+# the thin class (tests/test_registration.py): from_config gives the real config
+assert cls is W4A8FastPrepLazyConfig and issubclass(cls, QuantizationConfig)
 assert QUANTIZATION_METHODS.count("w4a8_fastprep") == 1
 assert not torch.cuda.is_initialized()
 print("ok")
@@ -63,11 +64,17 @@ print("w4a8_fastprep" in QUANTIZATION_METHODS)
 # ----------------------------------------------- which checkpoints are ours
 
 
-@pytest.fixture(scope="module")
-def config_cls():
+@pytest.fixture(scope="module", params=["registered", "real"])
+def config_cls(request):
+    """The class vLLM's registry holds (asked by ModelConfig) and the real
+    config (its from_config result): both claim the same checkpoints."""
     import vllm_w4a8_fastprep
 
     vllm_w4a8_fastprep.register()
+    if request.param == "registered":
+        from vllm.model_executor.layers.quantization import get_quantization_config
+
+        return get_quantization_config(NAME)
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
     return W4A8FastPrepConfig

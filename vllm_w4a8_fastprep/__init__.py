@@ -4,8 +4,11 @@ preparation on the GPU for vLLM, bit-identical to upstream.
 ``register()`` is vLLM's ``vllm.general_plugins`` entry point: it registers
 the quantization method ``w4a8_fastprep`` on a supported vLLM (see
 ``compat``); on any other it logs one line naming the supported range and
-registers nothing. Importing this package is cheap
-(no vLLM, no CUDA); the ops live in ``vllm_w4a8_fastprep.ops``.
+registers nothing. vLLM runs it in every process it starts, so it registers
+a thin class (``registration``) that imports nothing of vLLM's
+compressed-tensors or MoE stack; the real config (``config``) is imported
+when vLLM builds one for a W4AFP8 checkpoint. Importing this package is
+cheap (no vLLM, no CUDA); the ops live in ``vllm_w4a8_fastprep.ops``.
 """
 
 __version__ = "0.1.0"
@@ -16,7 +19,9 @@ _registered = False
 def register() -> None:
     """Register the ``w4a8_fastprep`` quantization config with vLLM.
 
-    Safe to call any number of times, in any process; initialises no CUDA.
+    Safe to call any number of times, in any process; initialises no CUDA
+    and imports none of vLLM's quantization methods or MoE layers (the
+    registered class imports the real config in ``from_config``).
     On a vLLM outside the supported range it logs that, once, and registers
     nothing: vLLM then serves every checkpoint as it does without this package.
     """
@@ -34,7 +39,7 @@ def register() -> None:
         return
     from .checkpoint_format import METHOD_NAME
     from .compat import register_quantization_config
-    from .config import W4A8FastPrepConfig
+    from .registration import W4A8FastPrepLazyConfig
 
-    register_quantization_config(METHOD_NAME)(W4A8FastPrepConfig)
+    register_quantization_config(METHOD_NAME)(W4A8FastPrepLazyConfig)
     _registered = True

@@ -115,6 +115,7 @@ _VLLM_NAMES = {
     "GroupShape": "vllm.model_executor.layers.quantization.utils.quant_utils",
     "convert_bf16_scales_to_fp8": "vllm.model_executor.layers.quantization.utils.quant_utils",
     "register_quantization_config": "vllm.model_executor.layers.quantization",
+    "QuantizationConfig": "vllm.model_executor.layers.quantization.base_config",
     "BasevLLMParameter": "vllm.model_executor.parameter",
     "GroupQuantScaleParameter": "vllm.model_executor.parameter",
     "PackedvLLMParameter": "vllm.model_executor.parameter",

@@ -18,41 +18,25 @@ upstream's behaviour:
   whose top-level format is NVFP4 are therefore not claimed automatically.
 * ROCm's allow-list of quantization names: vLLM's
   ``register_quantization_config`` adds ``w4a8_fastprep`` to it.
+
+vLLM's registry does not hold this class: importing it imports vLLM's
+compressed-tensors and MoE stack, and vLLM loads plugins in every process.
+It holds ``registration.W4A8FastPrepLazyConfig``, whose ``from_config``
+returns an instance of this class; which checkpoints are claimed
+(``override_quantization_method``) is decided there, for both.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-from .checkpoint_format import METHOD_NAME, checkpoint_problem, scheme_problem
+from .checkpoint_format import METHOD_NAME, scheme_problem
 from .compat import CompressedTensorsConfig, RoutedExperts
 from .load_stats import LoadStats
+from .registration import claim, log_once
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
-AUTO_ENV = "VLLM_W4A8_FASTPREP_AUTO"
-_logged: set[str] = set()
-
-
-def auto_claim_enabled() -> bool:
-    return os.environ.get(AUTO_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _log_once(level: int, key: str, msg: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, msg, *args)
-
-
-def name_gated_problem(hf_quant_cfg: dict) -> str | None:
-    """Why vLLM would treat this checkpoint differently under a name other
-    than ``compressed-tensors`` (so it is not claimed automatically)."""
-    fmt = str(hf_quant_cfg.get("format") or "")
-    if "nvfp4" in fmt.lower():
-        return (f"its format is {fmt!r}: vLLM enables NVFP4 fusion defaults only for "
-                "--quantization compressed-tensors (ModelConfig.is_nvfp4_quantized)")
-    return None
 
 
 def _get_moe_method(config, layer, prefix: str):
@@ -60,8 +44,8 @@ def _get_moe_method(config, layer, prefix: str):
     try:
         from .moe import get_moe_method
     except ImportError as e:  # the MoE module is not part of this install
-        _log_once(logging.INFO, "no-moe", "%s: no MoE support here (%s); MoE layers get "
-                  "upstream's compressed-tensors handling", METHOD_NAME, e)
+        log_once(logging.INFO, "no-moe", "%s: no MoE support here (%s); MoE layers get "
+                 "upstream's compressed-tensors handling", METHOD_NAME, e)
         return None
     return get_moe_method(config, layer, prefix)
 
@@ -83,30 +67,8 @@ class W4A8FastPrepConfig(CompressedTensorsConfig):
     def override_quantization_method(
         cls, hf_quant_cfg: dict, user_quant: str | None, hf_config: Any = None
     ) -> str | None:
-        problem = checkpoint_problem(hf_quant_cfg)
-        if user_quant == METHOD_NAME:
-            if problem is not None:
-                raise ValueError(
-                    f"--quantization {METHOD_NAME} serves llm-compressor W4AFP8 checkpoints "
-                    "(compressed-tensors, pack-quantized, int4 group-128 symmetric weights, "
-                    f"dynamic per-token fp8 activations), but this model has: {problem}")
-            gated = name_gated_problem(hf_quant_cfg)
-            if gated is not None:
-                logger.warning("%s: serving as asked, but %s", METHOD_NAME, gated)
-            return METHOD_NAME
-        if user_quant is None and problem is None and auto_claim_enabled():
-            gated = name_gated_problem(hf_quant_cfg)
-            if gated is not None:
-                _log_once(logging.INFO, f"gated:{gated}", "%s: not claiming this W4AFP8 "
-                          "checkpoint automatically: %s (pass --quantization %s to use it)",
-                          METHOD_NAME, gated, METHOD_NAME)
-                return None
-            # where a layer cannot take the GPU path, the scheme's fallback warning says so
-            _log_once(logging.INFO, "claimed", "%s: serving this W4AFP8 compressed-tensors "
-                      "checkpoint with this package's weight preparation (set %s=0 to use "
-                      "vLLM's own path)", METHOD_NAME, AUTO_ENV)
-            return METHOD_NAME
-        return None
+        """The registered class's answer (``registration.claim``)."""
+        return claim(hf_quant_cfg, user_quant)
 
     def get_quant_method(self, layer, prefix: str):
         if isinstance(layer, RoutedExperts):

@@ -1,0 +1,168 @@
+"""Registration costs nothing where no W4AFP8 checkpoint is served: vLLM
+loads general plugins in every process it starts (the API server front-end,
+``vllm serve --help``, the engine core, every worker), for unquantized models
+too, so ``register()`` gives vLLM a thin class and the real config (vLLM's
+compressed-tensors and MoE stack, this package's scheme and MoE method) is
+imported only when vLLM builds a config for a checkpoint. Real vLLM, fresh
+processes where it matters; no GPU needed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+
+NAME = "w4a8_fastprep"
+#: What registering must not import (a name and everything under it).
+HEAVY = (
+    "vllm.model_executor.layers.quantization.compressed_tensors",
+    "vllm.model_executor.layers.fused_moe",
+    "compressed_tensors",
+    "vllm_w4a8_fastprep.config",
+    "vllm_w4a8_fastprep.scheme",
+    "vllm_w4a8_fastprep.moe",
+    "vllm_w4a8_fastprep.ops",
+    "vllm_w4a8_fastprep.load_stats",
+)
+
+_REPORT = """
+import json, sys, time, torch, vllm.plugins  # timed: what follows, not importing vLLM
+t = time.perf_counter()
+{register}
+seconds = time.perf_counter() - t
+heavy = {heavy!r}
+heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))
+# (vLLM's get_quantization_config imports every quantization config it has)
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+cls = get_quantization_config("w4a8_fastprep") if "w4a8_fastprep" in QUANTIZATION_METHODS else None
+print(json.dumps({{
+    "heavy": heavy,
+    "registered": None if cls is None else cls.__module__ + "." + cls.__qualname__,
+    "count": QUANTIZATION_METHODS.count("w4a8_fastprep"),
+    "cuda_initialised": torch.cuda.is_initialized(),
+    "seconds": seconds,
+}}))
+"""
+
+
+def _report(register: str, **env) -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    e.update(env)
+    code = _REPORT.format(register=register, heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LAZY = "vllm_w4a8_fastprep.registration.W4A8FastPrepLazyConfig"
+
+
+def test_register_imports_nothing_heavy_and_is_idempotent():
+    got = _report("import vllm_w4a8_fastprep as v\nv.register(); v.register()")
+    print(f"register(): {got['seconds']:.3f} s")
+    assert got["heavy"] == [], got
+    assert got["registered"] == LAZY and got["count"] == 1, got
+    assert got["cuda_initialised"] is False
+
+
+def test_vllms_plugin_loader_imports_nothing_heavy():
+    load = "from vllm.plugins import load_general_plugins\nload_general_plugins()"
+    got = _report(load)
+    print(f"load_general_plugins(): {got['seconds']:.3f} s")
+    assert got["heavy"] == [], got
+    assert got["registered"] == LAZY and got["count"] == 1, got
+    # the same process without this plugin (VLLM_PLUGINS names the others)
+    without = _report(load, VLLM_PLUGINS="lora_filesystem_resolver,lora_hf_hub_resolver")
+    print(f"load_general_plugins() without the plugin: {without['seconds']:.3f} s")
+    assert without["heavy"] == [] and without["registered"] is None, without
+
+
+# ------------------------------------------- the registered class in vLLM
+
+
+@pytest.fixture(scope="module")
+def registered():
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    return get_quantization_config(NAME)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_from_config_returns_the_real_config(registered, moe):
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    qc = registered.from_config(quantization_config(moe=moe))
+    assert type(qc) is W4A8FastPrepConfig and isinstance(qc, CompressedTensorsConfig)
+    direct = W4A8FastPrepConfig.from_config(quantization_config(moe=moe))
+    assert qc.target_scheme_map == direct.target_scheme_map
+
+
+def test_class_level_answers_are_the_real_configs(registered):
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+    from vllm_w4a8_fastprep.registration import UPSTREAM_NAME
+
+    real = W4A8FastPrepConfig.from_config(quantization_config())
+    assert registered.get_min_capability() == W4A8FastPrepConfig.get_min_capability()
+    # upstream's get_supported_act_dtypes is an instance method (its
+    # parameter is called cls, without @classmethod); vLLM asks the instance
+    assert registered.get_supported_act_dtypes() == real.get_supported_act_dtypes()
+    assert registered.get_config_filenames() == W4A8FastPrepConfig.get_config_filenames()
+    assert UPSTREAM_NAME == real.get_name()
+
+
+def _model_config(path, **kw):
+    from vllm.config import ModelConfig
+
+    return ModelConfig(model=str(path), tokenizer=str(path), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from vllm_w4a8_fastprep.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+def test_vllm_builds_the_real_config_through_the_registry(registered, tiny_ckpt, monkeypatch):
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader.weight_utils import get_quant_config
+
+    from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
+
+    monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
+    for kw in ({}, {"quantization": NAME}):
+        mc = _model_config(tiny_ckpt, **kw)
+        assert mc.quantization == NAME
+        assert type(get_quant_config(mc, LoadConfig())) is W4A8FastPrepConfig
+
+
+def test_asked_for_on_a_model_without_quantization_config(registered, tiny_ckpt, tmp_path):
+    # vLLM runs no override check without a quantization_config and then
+    # constructs the registered class without arguments: one clear error
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader.weight_utils import get_quant_config
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.is_file():
+            (plain / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((plain / "config.json").read_text())
+    del cfg["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(cfg))
+    mc = _model_config(plain, quantization=NAME)
+    with pytest.raises(ValueError, match=f"--quantization {NAME} serves .* no quantization_config"):
+        get_quant_config(mc, LoadConfig())
