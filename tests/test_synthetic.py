@@ -154,3 +154,139 @@ def test_write_checkpoint_refuses_a_non_empty_folder_or_a_file(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert write_checkpoint(empty, "tiny", layers=1) == empty
+
+
+# ------------------------------------------------ interrupted writes
+
+
+class _Stop(Exception):
+    """An error met in the middle of writing (a full disk, a bad tensor...)."""
+
+
+def _fail_after(monkeypatch, calls, exc):
+    """``random_w4afp8_linear`` raises ``exc`` on its ``calls``-th call: the
+    tokenizer, the config and (with small shards) some weight files are
+    already on disk by then."""
+    from vllm_w4a8_fastprep import synthetic
+
+    real, n = synthetic.random_w4afp8_linear, [0]
+
+    def linear(*a, **k):
+        n[0] += 1
+        if n[0] == calls:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(synthetic, "random_w4afp8_linear", linear)
+
+
+def _tree(folder):
+    """Every path under ``folder`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Stop("disk full"),
+                                 OSError(28, "No space left on device")])
+@pytest.mark.parametrize("calls", [1, 9])
+def test_an_interrupted_write_leaves_no_folder_behind(tmp_path, monkeypatch, exc, calls):
+    """The old writer left OUT with a config and a tokenizer but no (or only
+    some) weights: a folder that looks like a checkpoint and is not one."""
+    _fail_after(monkeypatch, calls, exc)
+    with pytest.raises(type(exc)):
+        write_checkpoint(tmp_path / "out", "tiny", shard_bytes=64 << 10)
+    assert list(tmp_path.iterdir()) == []  # no OUT, no temporary folder beside it
+
+
+def test_an_interrupted_write_into_an_empty_folder_leaves_it_empty(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    _fail_after(monkeypatch, 9, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(out, "tiny", shard_bytes=64 << 10)
+    assert _tree(tmp_path) == {"out": None}
+
+
+def test_an_interrupted_forced_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """--force replaces files of the same names, but only once the new
+    checkpoint is complete: an old checkpoint survives a failed rewrite."""
+    out = tmp_path / "out"
+    write_checkpoint(out, "tiny", layers=1, seed=1)
+    (out / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    _fail_after(monkeypatch, 9, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(out, "tiny", seed=2, shard_bytes=64 << 10, force=True)
+    assert _tree(tmp_path) == before
+    monkeypatch.undo()
+    write_checkpoint(out, "tiny", layers=1, seed=2, force=True)
+    after = _tree(tmp_path)
+    assert after.keys() == before.keys() and after["out/notes.txt"] == b"mine"
+    assert after["out/model-00001.safetensors"] != before["out/model-00001.safetensors"]
+
+
+def test_a_written_folder_gets_the_usual_permissions(tmp_path):
+    """The temporary folder is renamed into place: OUT must not keep a
+    private temporary folder's mode (0700)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = write_checkpoint(tmp_path / "a" / "out", "tiny", layers=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]
+
+
+def test_make_checkpoint_synthetic_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """``python -m evals.make_checkpoint synthetic`` writes through
+    write_checkpoint, so it gets the same guarantee."""
+    from evals import make_checkpoint as mc
+
+    _fail_after(monkeypatch, 3, KeyboardInterrupt())
+    assert mc.main(["synthetic", str(tmp_path / "m"), "--layers", "1"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_signal_while_putting_the_checkpoint_in_place_waits_for_it(tmp_path, monkeypatch,
+                                                                     existing):
+    """SIGTERM arriving during the final renames is delivered after them: the
+    checkpoint is complete (never half moved), and the temporary folder gone."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from vllm_w4a8_fastprep.errors import Terminated, exit_on_signals
+    from vllm_w4a8_fastprep.synthetic import PARTIAL
+
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    real = {"replace": os.replace, "rename": Path.rename}
+
+    def signal_if_final(src):  # only the final moves (others may use them too)
+        if PARTIAL in str(src):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def replace(src, dst, **kw):
+        signal_if_final(src)
+        real["replace"](src, dst, **kw)
+
+    def rename(self, target):
+        signal_if_final(self)
+        return real["rename"](self, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(Terminated):
+        with exit_on_signals():
+            write_checkpoint(out, "tiny", layers=1)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "model.safetensors.index.json" in names
+    assert not any(n.startswith(".") for n in names)

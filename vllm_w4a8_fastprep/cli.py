@@ -230,8 +230,13 @@ def cmd_prepare(args) -> int:
             except ValueError as e:
                 raise OneLineError(str(e), USAGE) from None
             tmp = Path(tempfile.mkdtemp(prefix="w4a8_fastprep_"))
-            if not args.keep:
-                cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+            written = False
+
+            def remove():  # --keep keeps a complete checkpoint only
+                if not (args.keep and written):
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+            cleanup.callback(remove)
             print(f"no checkpoint given: writing a synthetic '{args.preset}' W4AFP8 checkpoint "
                   f"to {tmp}{'' if args.keep else ' (removed afterwards; --keep keeps it)'}",
                   flush=True)
@@ -239,6 +244,7 @@ def cmd_prepare(args) -> int:
                 ckpt = write_checkpoint(tmp, args.preset, progress=args.progress)
             except ValueError as e:
                 raise OneLineError(str(e), USAGE) from None
+            written = True
         else:
             ckpt = Path(args.checkpoint)
         return _prepare(ckpt, device, up, args)

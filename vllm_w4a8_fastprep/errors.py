@@ -6,7 +6,9 @@ bad arguments, ``FAILED`` (1) for a problem met while running (a bad
 checkpoint, a failed check, a missing GPU). ``OneLineError`` carries the line
 and the status; ``OneLineParser`` makes argparse's usage errors one line too;
 ``exit_on_signals`` turns SIGTERM (and SIGHUP) into an exception, so cleanup
-code (``finally``, ``ExitStack``) runs before the process ends.
+code (``finally``, ``ExitStack``) runs before the process ends;
+``signals_deferred`` holds Ctrl-C, SIGTERM and SIGHUP back for a few steps that
+must not be cut in half (putting a finished result in place).
 """
 
 from __future__ import annotations
@@ -64,3 +66,36 @@ def exit_on_signals():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While inside: SIGINT, SIGTERM and SIGHUP are held back; on leaving,
+    the first one that came is handed to the handler that was in place (which
+    raises ``KeyboardInterrupt`` or ``Terminated``; a default action ends the
+    process), so it acts after the block, not in the middle of it. For short
+    steps only (a few renames, the removal of a partial result). Python's
+    handlers are swapped, not the OS's signal mask (which is per thread: a
+    library's threads would still take the signal). Outside the main thread,
+    or for a signal whose handler was not set from Python, nothing is held."""
+    caught: list[int] = []
+    old = {}
+    try:
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not None:
+                old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = old[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])

@@ -9,14 +9,19 @@ meaningless but deterministic, which is what bit-exactness checks need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import secrets
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint_format import GROUP_SIZE
+from .errors import signals_deferred
 from .model_shapes import ARCHS
 
 WEIGHT_ARGS = {
@@ -263,7 +268,13 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
 
     ``out_dir`` must not exist or be an empty folder (``force``: write into a
     non-empty one, replacing files of the same names); ``ValueError``
-    otherwise, naming it."""
+    otherwise, naming it.
+
+    Never leaves a half-written checkpoint at ``out_dir``: the checkpoint is
+    written into a hidden temporary folder (see ``staged_folder``) and put in
+    place only once complete; an error, Ctrl-C or SIGTERM (made an exception
+    by ``errors.exit_on_signals``) removes the temporary folder and leaves
+    ``out_dir`` as it was."""
     p = preset(preset_name, layers)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -271,7 +282,62 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
     if out.is_dir() and not force and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty (choose a new folder, or --force "
                          "to write into it)")
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out) as stage:
+        _write(stage, p, preset_name, seed, device, shard_bytes, progress)
+    return out
+
+
+PARTIAL = ".w4a8_fastprep-partial-"  # the temporary folders' names start so
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` (mode as the umask allows, unlike mkdtemp's
+    0700: it may become the checkpoint's folder)."""
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A temporary folder to write ``out``'s files into, put in place when the
+    block ends without an exception and removed when it raises (anything,
+    KeyboardInterrupt and ``errors.Terminated`` included).
+
+    A new ``out``: the temporary folder is its sibling and is renamed to
+    ``out`` (one atomic rename; the parents are made first). An existing
+    folder: the temporary folder is inside it (the same file system even when
+    ``out`` is a mount point or a link) and its files are moved into ``out``
+    one rename each, replacing files of the same names and keeping the others,
+    with Ctrl-C and SIGTERM held back meanwhile."""
+    new = not out.is_dir()
+    if new:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = _new_folder(out.parent, f".{out.name}{PARTIAL}")
+    else:
+        stage = _new_folder(out, PARTIAL)
+    try:
+        yield stage
+        with signals_deferred():
+            if new:  # fails, changing nothing, if a non-empty out appeared meanwhile
+                stage.rename(out)
+            else:
+                for f in sorted(stage.iterdir()):
+                    os.replace(f, out / f.name)
+                stage.rmdir()
+    except BaseException:
+        with signals_deferred():
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _write(out: Path, p: Preset, preset_name: str, seed: int, device: str, shard_bytes: int,
+           progress: bool) -> None:
+    """The checkpoint's files, written into the folder ``out``."""
     tok_vocab = write_tokenizer(out, p.vocab)
     vocab = max(p.vocab, tok_vocab)
     config = {**hf_config(p, vocab), "quantization_config": quantization_config(moe=p.moe)}
@@ -320,4 +386,3 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (out / "w4a8_fastprep_synthetic.json").write_text(
         json.dumps({"preset": preset_name, **asdict(p), "seed": seed}, indent=1))
-    return out
