@@ -635,3 +635,40 @@ def test_sigterm_during_synth_leaves_no_folder(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ help
+
+
+def _actions(parser):
+    """(command, action) for every argument of the parser and its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        yield parser.prog, action
+        if isinstance(action, argparse._SubParsersAction):
+            yield from ((parser.prog, a) for a in action._choices_actions)  # the command list
+            for sub in action.choices.values():
+                yield from _actions(sub)
+
+
+def test_every_argument_of_every_command_has_a_help_text():
+    import argparse
+
+    missing = [(prog, a.dest) for prog, a in _actions(cli.build_parser())
+               if not (a.help and a.help.strip()) or a.help == argparse.SUPPRESS]
+    assert missing == []
+
+
+@pytest.mark.parametrize("argv", [[], ["prepare"], ["synth"]])
+def test_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out and ".. " not in out, out
+    if not argv:  # what the tool does, each command with its one line, the exit status
+        assert "W4AFP8" in out and "exit status" in out.lower()
+        listing = " ".join(out.split())
+        for cmd in ("prepare", "synth"):
+            assert f"{cmd} {cli.COMMANDS[cmd]}" in listing, (cmd, out)

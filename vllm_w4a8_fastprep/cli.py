@@ -1,27 +1,8 @@
-"""``vllm-w4a8-fastprep`` (also ``python -m vllm_w4a8_fastprep``).
+"""The command line, vllm-w4a8-fastprep (also python -m vllm_w4a8_fastprep).
 
-    vllm-w4a8-fastprep prepare [CKPT_DIR]   prepare every W4AFP8 layer of a
-        checkpoint on the device at hand (GPU if present, else the CPU
-        reference): per-layer and total time and bytes, and a byte-for-byte
-        check of a sample of layers against an independent computation:
-        vLLM's own preparation chain where its compiled ops load (GPU), else
-        this package's PyTorch reference (GPU without vLLM's ops); on the CPU
-        the ops are the reference, so no independent check is available.
-        Which layers are W4AFP8 is decided per layer from the checkpoint's
-        config groups (targets, ignore); the others are skipped and counted.
-        The checkpoint is validated first (checkpoint_check.inspect, the
-        same validator as ``evals.make_checkpoint check``); layers whose
-        group scales hold NaN or inf are prepared and compared, then
-        reported as an error. Without CKPT_DIR a small synthetic checkpoint
-        is written to a temporary folder first (removed afterwards unless
-        --keep, also on SIGTERM or Ctrl-C).
-    vllm-w4a8-fastprep synth OUT_DIR         write a synthetic checkpoint
-        (refuses a non-empty OUT_DIR unless --force).
-
-Exit status: 0 done (and every check equal), 1 a check differed, a layer
-could not be prepared, a damaged checkpoint or non-finite scales, 2 bad
-arguments or a folder that is not a W4AFP8 checkpoint, 128 + N on signal N.
-Errors are one line on stderr.
+Its --help is DESCRIPTION, COMMANDS (one line per command) and EPILOG below,
+plain text; each command's --help adds its description and one help line per
+argument.
 """
 
 from __future__ import annotations
@@ -44,6 +25,53 @@ from .errors import USAGE, OneLineError, OneLineParser, Terminated, exit_on_sign
 from .synthetic import PRESETS
 
 PROG = "vllm-w4a8-fastprep"
+
+DESCRIPTION = """\
+Prepare the W4AFP8 layers of a checkpoint (int4 weights in groups of 128, fp8
+activations: llm-compressor's W4AFP8 scheme) for vLLM's CUTLASS W4A8 kernels, as
+this plugin does when vLLM loads the model, and check a sample of them byte for
+byte; or write a synthetic W4AFP8 checkpoint. Also runs as
+python -m vllm_w4a8_fastprep."""
+
+COMMANDS = {
+    "prepare": "prepare (and check) every W4AFP8 layer of a checkpoint",
+    "synth": "write a synthetic W4AFP8 checkpoint",
+}
+
+PREPARE = """\
+Prepare every W4AFP8 layer of CHECKPOINT (dense and MoE) on the device at hand
+(the GPU if there is one, else the CPU reference): time and bytes per layer and
+in all, and a byte-for-byte check of a sample of layers against an independent
+computation: vLLM's own preparation chain where its compiled ops load (GPU),
+else this package's PyTorch reference (GPU without vLLM's ops); on the CPU the
+ops are the reference, so no independent check is available.
+
+Which layers are W4AFP8 is decided per layer from the checkpoint's config
+groups (targets, ignore); the others are skipped and counted. The checkpoint is
+validated first (the validator of python -m evals.make_checkpoint check);
+layers whose group scales hold NaN or inf are prepared and compared, then
+reported as an error. Without CHECKPOINT a small synthetic checkpoint is written
+to a temporary folder first and removed afterwards (--keep keeps it), also on
+Ctrl-C or SIGTERM."""
+
+SYNTH = """\
+Write a synthetic W4AFP8 checkpoint to OUT_DIR: random but valid tensors in
+llm-compressor's format (Llama-shaped dense presets, Qwen3-MoE-shaped MoE
+presets) and a tokenizer built offline. OUT_DIR must be new or empty (--force:
+a non-empty one). The checkpoint is written into a hidden temporary folder and
+put in place only once complete: an error, Ctrl-C or SIGTERM leaves no partial
+checkpoint (and, with --force, leaves OUT_DIR as it was)."""
+
+EPILOG = f"""\
+Run "{PROG} COMMAND --help" for a command's options.
+
+exit status:
+  0        done (and every check equal)
+  1        a check differed, a layer could not be prepared, a damaged
+           checkpoint or non-finite scales
+  2        bad arguments, or a folder that is not a W4AFP8 checkpoint
+  128 + N  stopped by signal N (130: Ctrl-C, 143: SIGTERM)
+Errors are one line on stderr."""
 
 
 def positive_int(text: str) -> int:
@@ -422,10 +450,15 @@ def cmd_synth(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
-    p = sub.add_parser("prepare", help="prepare (and check) every W4AFP8 layer of a checkpoint")
-    p.add_argument("checkpoint", nargs="?", help="model folder (default: a synthetic one)")
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = OneLineParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=raw)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser,
+                            title="commands", metavar="COMMAND",
+                            help=f"one of: {', '.join(COMMANDS)}")
+    p = sub.add_parser("prepare", help=COMMANDS["prepare"], description=PREPARE,
+                       formatter_class=raw)
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                   help="model folder (default: a synthetic one, in a temporary folder)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--path", choices=ops.SCALE_PATHS, default="native",
                    help="upstream QuantFP8 path to reproduce (native: vllm serve's default)")
@@ -439,21 +472,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"synthetic preset when no checkpoint: {', '.join(PRESETS)} "
                         "(default: tiny)")
     p.add_argument("--keep", action="store_true",
-                   help="keep the synthetic checkpoint written when none is given")
-    p.add_argument("--seed", type=int, default=0)
+                   help="keep the synthetic checkpoint written when none is given (once it is "
+                        "complete)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random choice of the checked layers beyond the first and "
+                        "the last (default: 0)")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per layer")
     p.add_argument("--progress", action="store_true", help="progress bar even without a tty")
     p.set_defaults(func=cmd_prepare)
-    s = sub.add_parser("synth", help="write a synthetic W4AFP8 checkpoint")
-    s.add_argument("out_dir")
+    s = sub.add_parser("synth", help=COMMANDS["synth"], description=SYNTH, formatter_class=raw)
+    s.add_argument("out_dir", metavar="OUT_DIR",
+                   help="the checkpoint's folder: new or empty (made with its parents)")
     s.add_argument("--preset", default="tiny",
                    help=f"{', '.join(PRESETS)} (default: tiny)")
     s.add_argument("--layers", type=positive_int, help="override the preset's layer count")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", help="where to draw the random tensors (cuda is faster)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the random tensors (default: 0)")
+    s.add_argument("--device", help="where to draw the random tensors (cuda is faster; "
+                                    "default: cpu)")
     s.add_argument("--force", action="store_true",
                    help="write into OUT_DIR even if it is not empty (files of the same names "
-                        "are replaced)")
+                        "are replaced once the new checkpoint is complete; others are kept)")
     s.set_defaults(func=cmd_synth)
     return ap
 
