@@ -5,7 +5,8 @@
 # to $OUT (or ./gpu-out). The oracle is found by tests/oracle.py
 # ($W4A8_FASTPREP_ORACLE, a vLLM _C library in .oracle/, or the installed vllm).
 #   bash benchmarks/gpu_suite.sh [pytest args...]
-# SKIP_VARIANTS=1, SKIP_BENCH=1, SKIP_MOE_BENCH=1 leave those parts out.
+# SKIP_VARIANTS=1, SKIP_BENCH=1, SKIP_MOE_BENCH=1 leave those parts out; SKIP_BUILD=1 uses the
+# extension already in vllm_w4a8_fastprep/ (e.g. the one built for the wheel being tested).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -17,10 +18,15 @@ else echo "oracle: $found (GPU comparisons with upstream will skip)"; fi
   python3 -c 'from vllm_w4a8_fastprep.provenance import source_commit; print("commit", source_commit())'; } \
   2>&1 | tee "$OUT/env.log"
 t0=$(date +%s)
-W4A8_FASTPREP_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-grep -E "registers|spill" "$OUT/build.log" | sort -u | head -20
-echo "build: $(( $(date +%s) - t0 )) s"
+if [[ ${SKIP_BUILD:-0} == 1 ]]; then
+  ls vllm_w4a8_fastprep/_C*.so > /dev/null 2>&1 || { echo "SKIP_BUILD=1 but no built extension"; exit 1; }
+  sha256sum vllm_w4a8_fastprep/_C*.so | tee -a "$OUT/env.log"
+else
+  W4A8_FASTPREP_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+  grep -E "registers|spill" "$OUT/build.log" | sort -u | head -20
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
 if [[ ${SKIP_VARIANTS:-0} != 1 ]]; then
   shapes=$(python3 -c "from vllm_w4a8_fastprep.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))")
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \

@@ -12,6 +12,12 @@
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
+#   reload    tiny dense and tiny MoE checkpoints, each mode: generate, vLLM's reload_weights
+#             (layer-wise reload from the checkpoint), generate again; outputs must be identical
+#             before and after, and ours identical to upstream (vLLM's compiled default)
+#   registration  what the plugin costs every vLLM process: load_general_plugins(), `vllm serve
+#             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
+#             and without the plugin, RUNS (default 3) alternating runs each
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
 # vLLM starts per mode, STARTUP_ARGS adds startup_time arguments. Every startup_time run has
 # --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
@@ -48,6 +54,21 @@ synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is r
   python3 -m vllm_w4a8_fastprep synth "$dir" "$@" > "$WORK/synth.log" 2>&1 \
     || { tail -5 "$WORK/synth.log"; return 1; }
   du -sh "$dir" | cut -f1 | sed "s|^|$(basename "$dir"): |"
+}
+
+reload_check() {  # name, model dir: each mode generates, reloads its weights, generates again
+  local name=$1 model=$2 mode
+  for mode in upstream ours; do
+    rm -f "$OUT/reload-$name-$mode.json"
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$model" --mode $mode --reload \
+      --out "$OUT/reload-$name-$mode.json" > "$WORK/reload-$name-$mode.log" 2>&1
+    echo "reload $name $mode: rc=$? $(grep -h 'run_llm:' "$WORK/reload-$name-$mode.log" | tr '\n' ' ')"
+  done
+  python3 -c "import json, sys; a, b = (json.load(open(f)) for f in sys.argv[1:]); \
+print('$name ours vs upstream:', 'identical' if a['outputs'] == b['outputs'] else 'DIFFER')" \
+    "$OUT/reload-$name-ours.json" "$OUT/reload-$name-upstream.json" 2> /dev/null \
+    || echo "$name ours vs upstream: not comparable (a run wrote no result)"
+  done_with "$model"
 }
 
 done_with() {  # remove a synthetic checkpoint unless KEEP=1
@@ -98,12 +119,19 @@ for step in "$@"; do
       startup moe-tiny-eager "$WORK/moe-tiny" --runs 1 --enforce-eager
       startup moe-tiny-compiled "$WORK/moe-tiny" --runs 1
       done_with "$WORK/moe-tiny" ;;
+    reload)
+      synth "$WORK/tiny" --preset tiny && reload_check tiny "$WORK/tiny"
+      synth "$WORK/tiny-moe" --preset tiny-moe && reload_check tiny-moe "$WORK/tiny-moe" ;;
+    registration)
+      python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
+        ${MODEL:+--model "$MODEL" --serve-args "--max-model-len 1024"} 2>&1 | tail -8 ;;
     moe)
       synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
       df -h "$WORK" | tail -1
       startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe)"; exit 2 ;;
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe reload registration)"
+      exit 2 ;;
   esac
 done

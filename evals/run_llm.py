@@ -2,7 +2,12 @@
 logprobs, write the tokens and logprobs as JSON. startup_time.py runs this in
 fresh processes, once per mode (``ours`` / ``upstream``).
 
-    python -m evals.run_llm MODEL --mode ours|upstream --out result.json
+    python -m evals.run_llm MODEL --mode ours|upstream --out result.json [--reload]
+
+``--reload`` then reloads the weights through vLLM's own entry point
+(``collective_rpc("reload_weights")``: the workers' ``reload_weights``, the
+layer-wise reload that RL frameworks' weight sync uses), generates again and
+records whether the outputs are identical to those before (exit 1 if not).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=positive_int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--tensor-parallel-size", type=positive_int, default=1)
+    ap.add_argument("--reload", action="store_true",
+                    help="reload the weights from the checkpoint through vLLM's reload_weights, "
+                         "generate again, compare")
     args = ap.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"{args.model}: not a model folder (no config.json)")
@@ -90,25 +98,40 @@ def run(args) -> int:
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs,
                             ignore_eos=True)
-    outs = llm.generate(PROMPTS, params)
+    outputs = _outputs(llm.generate(PROMPTS, params))
     result = {
         "mode": args.mode, "quantization": quantization, "engine_startup_s": startup,
         "enforce_eager": args.enforce_eager,
-        "outputs": [{
-            "prompt": o.prompt,
-            "token_ids": list(o.outputs[0].token_ids),
-            "text": o.outputs[0].text,
-            "logprobs": [{str(t): lp.logprob for t, lp in step.items()}
-                         for step in (o.outputs[0].logprobs or [])],
-        } for o in outs],
+        "outputs": outputs,
     }
+    status = 0
+    if args.reload:
+        t0 = time.perf_counter()
+        llm.collective_rpc("reload_weights")
+        seconds = time.perf_counter() - t0
+        again = _outputs(llm.generate(PROMPTS, params))
+        same = again == outputs
+        result["reload"] = {"seconds": seconds, "identical": same, "outputs": again}
+        print(f"run_llm: {args.mode}: reload_weights {seconds:.2f} s; outputs after it "
+              f"{'identical to' if same else 'DIFFER from'} those before (tokens and logprobs)")
+        status = 0 if same else 1
     try:
         with open(args.out, "w") as f:
             json.dump(result, f)
     except OSError as e:
         raise OneLineError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
-    return 0
+    return status
+
+
+def _outputs(outs) -> list[dict]:
+    return [{
+        "prompt": o.prompt,
+        "token_ids": list(o.outputs[0].token_ids),
+        "text": o.outputs[0].text,
+        "logprobs": [{str(t): lp.logprob for t, lp in step.items()}
+                     for step in (o.outputs[0].logprobs or [])],
+    } for o in outs]
 
 
 if __name__ == "__main__":

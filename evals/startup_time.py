@@ -1,7 +1,8 @@
 """Startup time, ours vs upstream, from vLLM's own log lines.
 
 Runs vLLM on a checkpoint in fresh processes -- upstream's compressed-tensors
-path and ``w4a8_fastprep`` -- several times each (interleaved), parses
+path and ``w4a8_fastprep`` -- several times each (interleaved, the first mode of each
+pair alternating), parses
 ``Model loading took X GiB memory and Y seconds``, ``Loading weights took Z
 seconds`` and this package's ``w4a8_fastprep: prepared ...`` summary
 (``load_stats.parse_summary``: its own preparation time, dense and MoE
@@ -245,6 +246,17 @@ def remove_earlier_results(out: Path) -> None:
                 f.unlink()
 
 
+def start_order(modes: list[str], runs: int) -> list[tuple[int, str]]:
+    """``(run index, mode)`` in the order the starts happen: the modes
+    alternate which goes first (A B, B A, A B, ...), so that neither always
+    takes the first, slower start of a fresh machine or always follows the
+    other."""
+    jobs = []
+    for i in range(runs):
+        jobs += [(i, m) for m in (modes if i % 2 == 0 else modes[::-1])]
+    return jobs
+
+
 def run(args) -> int:
     out = Path(args.out_dir)  # checked by main (check_out_dir) before any GPU work
     prepare_out_dir(out)
@@ -254,7 +266,7 @@ def run(args) -> int:
     results: dict[str, list[dict]] = {m: [] for m in modes}
     from tqdm import tqdm
 
-    jobs = [(i, m) for i in range(args.runs) for m in modes]
+    jobs = start_order(modes, args.runs)
     env = child_env(args.in_process_engine)
     with tqdm(jobs, desc="vLLM starts", unit="run") as bar:
         for i, mode in bar:
@@ -398,7 +410,8 @@ def main(argv=None) -> int:
                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--model", help="checkpoint folder")
     ap.add_argument("--runs", type=positive_int, default=3,
-                    help="vLLM starts per mode, interleaved (default: 3)")
+                    help="vLLM starts per mode, interleaved, the order alternating: A B, B A, "
+                         "A B, ... (default: 3)")
     ap.add_argument("--modes", default="upstream,ours",
                     help=f"comma-separated, each once, from {', '.join(MODES)} (default: "
                          "upstream,ours; outputs are compared only when both run)")

@@ -646,7 +646,8 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     startup = re.search(r"^startup\(\) \{.*?^\}", text, re.M | re.S).group(0)
     assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
-    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe"}
+    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe", "reload",
+                     "registration"}
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
                VB=str(tmp_path / "vb"))
     proc = subprocess.run(["bash", str(script), "no-such-step"], capture_output=True, text=True,
@@ -675,3 +676,11 @@ def test_gpu_gsm8k_needs_the_checkpoint_named(tmp_path):
     p = subprocess.run(["bash", str(script), "gsm8k", "ours"], capture_output=True, text=True,
                        env=env, cwd=tmp_path)
     assert p.returncode == 2 and "not a model folder (no config.json)" in p.stderr
+
+
+def test_startup_order_alternates_which_mode_starts_first():
+    """A one-order interleave gave upstream every first start (the slower one
+    on a fresh machine) and ours every second."""
+    assert startup_time.start_order(["upstream", "ours"], 3) == [
+        (0, "upstream"), (0, "ours"), (1, "ours"), (1, "upstream"), (2, "upstream"), (2, "ours")]
+    assert startup_time.start_order(["ours"], 2) == [(0, "ours"), (1, "ours")]

@@ -226,3 +226,60 @@ def test_preparation_does_not_synchronise(gpu_ctx):
         torch.cuda.set_sync_debug_mode("default")
     _prepare(runners[1])
     assert qc.load_stats.last_summary["moe_layers"] == 2
+
+
+# ------------------------------------------ K % 256 == 128 vs a padded oracle
+
+INT4_ZEROS = -2004318072  # int32 0x88888888: eight uint4b8 nibbles of value 8 (zero)
+
+
+def _pad_experts(tensors: dict, experts: int, inter: int, padded: int) -> dict:
+    """The same experts at intermediate size ``padded``: zero int4 rows of
+    gate/up, zero int4 columns of down; the pad group scales of down are the
+    smallest real scale of their row (no larger than any, so no row maximum
+    and no fp8 channel scale changes), gate/up's pad rows copy a real row's
+    scales (their weights are zero: their outputs are 0 whatever the scale)."""
+    out = dict(tensors)
+    extra = padded - inter
+    for e in range(experts):
+        for proj in ("gate_proj", "up_proj"):
+            w, s = tensors[f"{e}.{proj}.weight_packed"], tensors[f"{e}.{proj}.weight_scale"]
+            out[f"{e}.{proj}.weight_packed"] = torch.cat(
+                [w, torch.full((extra, w.shape[1]), INT4_ZEROS, dtype=w.dtype)])
+            out[f"{e}.{proj}.weight_scale"] = torch.cat([s, s[:1].expand(extra, -1)])
+            out[f"{e}.{proj}.weight_shape"] = torch.tensor([padded, w.shape[1] * 8])
+        w, s = tensors[f"{e}.down_proj.weight_packed"], tensors[f"{e}.down_proj.weight_scale"]
+        out[f"{e}.down_proj.weight_packed"] = torch.cat(
+            [w, torch.full((w.shape[0], extra // 8), INT4_ZEROS, dtype=w.dtype)], dim=1)
+        smallest = s.float().amin(dim=1, keepdim=True).to(s.dtype)
+        out[f"{e}.down_proj.weight_scale"] = torch.cat(
+            [s, smallest.expand(-1, extra // 128)], dim=1)
+        out[f"{e}.down_proj.weight_shape"] = torch.tensor([w.shape[0], padded])
+    return out
+
+
+@pytest.mark.parametrize("experts, hidden, inter", [
+    (8, 2048, 384), (3, 1024, 384), (16, 2048, 640), (5, 1536, 896), (32, 2048, 1408),
+    (128, 2048, 384)])
+def test_odd_k_layers_equal_upstream_serving_the_same_experts_zero_padded(
+        gpu_ctx, experts, hidden, inter):
+    """intermediate_size_per_partition % 256 == 128, which upstream refuses,
+    against an oracle upstream accepts: the same expert weights zero-padded
+    to the next multiple of 256 compute the same function, so our layer at I
+    and upstream's own method at the padded size must give identical outputs
+    (the zero terms add nothing to the fp32 accumulation)."""
+    padded = (inter + 255) // 256 * 256
+    assert inter % 256 == 128 and padded == inter + 128
+    tensors = _per_expert({}, experts, hidden, inter)
+    ours = _ours(f"odd.{experts}.{inter}.ours", (experts, hidden, inter))
+    theirs = _upstream(f"odd.{experts}.{inter}.up", (experts, hidden, padded))
+    _load(ours, tensors)
+    _load(theirs, _pad_experts(tensors, experts, inter, padded))
+    _prepare(ours)
+    _prepare(theirs)
+    for tokens, seed in ((1, 1), (37, 2), (256, 3)):
+        x, logits = _inputs(experts, hidden, tokens=tokens, seed=seed + inter)
+        a, b = _forward(gpu_ctx, ours, x, logits), _forward(gpu_ctx, theirs, x, logits)
+        assert torch.isfinite(a).all()
+        assert_same(a, b, f"MoE output, {tokens} tokens, I={inter} vs upstream at {padded}")
+    assert _rel(a, _dense_moe(tensors, experts, x, logits)) < 0.1
