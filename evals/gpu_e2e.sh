@@ -13,8 +13,9 @@
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
 #   reload    tiny dense and tiny MoE checkpoints, each mode: generate, vLLM's reload_weights
-#             (layer-wise reload from the checkpoint), generate again; outputs must be identical
-#             before and after, and ours identical to upstream (vLLM's compiled default)
+#             (layer-wise reload from the checkpoint), generate again (identical to before), then
+#             reload from a second checkpoint of other weights (seed 1) and generate; ours must be
+#             identical to upstream at every stage (vLLM's compiled default)
 #   registration  what the plugin costs every vLLM process: load_general_plugins(), `vllm serve
 #             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
 #             and without the plugin, RUNS (default 3) alternating runs each
@@ -56,19 +57,28 @@ synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is r
   du -sh "$dir" | cut -f1 | sed "s|^|$(basename "$dir"): |"
 }
 
-reload_check() {  # name, model dir: each mode generates, reloads its weights, generates again
-  local name=$1 model=$2 mode
+reload_check() {  # name, model dir, second model dir: generate, reload, generate, reload from the
+  local name=$1 model=$2 other=$3 mode  # second, generate; ours vs upstream at each stage
   for mode in upstream ours; do
     rm -f "$OUT/reload-$name-$mode.json"
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$model" --mode $mode --reload \
-      --out "$OUT/reload-$name-$mode.json" > "$WORK/reload-$name-$mode.log" 2>&1
+      --reload-from "$other" --out "$OUT/reload-$name-$mode.json" > "$WORK/reload-$name-$mode.log" 2>&1
     echo "reload $name $mode: rc=$? $(grep -h 'run_llm:' "$WORK/reload-$name-$mode.log" | tr '\n' ' ')"
   done
-  python3 -c "import json, sys; a, b = (json.load(open(f)) for f in sys.argv[1:]); \
-print('$name ours vs upstream:', 'identical' if a['outputs'] == b['outputs'] else 'DIFFER')" \
-    "$OUT/reload-$name-ours.json" "$OUT/reload-$name-upstream.json" 2> /dev/null \
-    || echo "$name ours vs upstream: not comparable (a run wrote no result)"
-  done_with "$model"
+  python3 - "$OUT/reload-$name-ours.json" "$OUT/reload-$name-upstream.json" <<'PY' \
+    || echo "$name: not comparable (a run wrote no result)"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:])
+for what, x, y in (("first load", a["outputs"], b["outputs"]),
+                   ("after reload", a["reload"]["outputs"], b["reload"]["outputs"]),
+                   ("after reload from the second checkpoint", a["reload_from"]["outputs"],
+                    b["reload_from"]["outputs"])):
+    print(f"ours vs upstream, {what}:", "identical" if x == y else "DIFFER")
+print("ours: 'prepared' summaries after load, reload, reload from:", a["prepared_summaries"],
+      a["reload"]["prepared_summaries"], a["reload_from"]["prepared_summaries"],
+      "| new weights give other outputs:", not a["reload_from"]["same_as_before"])
+PY
+  done_with "$model"; done_with "$other"
 }
 
 done_with() {  # remove a synthetic checkpoint unless KEEP=1
@@ -120,8 +130,10 @@ for step in "$@"; do
       startup moe-tiny-compiled "$WORK/moe-tiny" --runs 1
       done_with "$WORK/moe-tiny" ;;
     reload)
-      synth "$WORK/tiny" --preset tiny && reload_check tiny "$WORK/tiny"
-      synth "$WORK/tiny-moe" --preset tiny-moe && reload_check tiny-moe "$WORK/tiny-moe" ;;
+      synth "$WORK/tiny" --preset tiny && synth "$WORK/tiny-2" --preset tiny --seed 1 \
+        && reload_check tiny "$WORK/tiny" "$WORK/tiny-2"
+      synth "$WORK/tiny-moe" --preset tiny-moe && synth "$WORK/tiny-moe-2" --preset tiny-moe --seed 1 \
+        && reload_check tiny-moe "$WORK/tiny-moe" "$WORK/tiny-moe-2" ;;
     registration)
       python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
         ${MODEL:+--model "$MODEL" --serve-args "--max-model-len 1024"} 2>&1 | tail -8 ;;

@@ -8,6 +8,12 @@ fresh processes, once per mode (``ours`` / ``upstream``).
 (``collective_rpc("reload_weights")``: the workers' ``reload_weights``, the
 layer-wise reload that RL frameworks' weight sync uses), generates again and
 records whether the outputs are identical to those before (exit 1 if not).
+``--reload-from DIR`` then also reloads from another checkpoint of the same
+model (new weights, as an RL update brings) and records those outputs, to be
+compared with another mode's. With the engine in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) the result also counts this package's
+"prepared" summary lines: one per load, so a reload that really prepared the
+layers again adds one.
 """
 
 from __future__ import annotations
@@ -48,11 +54,19 @@ def main(argv=None) -> int:
     ap.add_argument("--reload", action="store_true",
                     help="reload the weights from the checkpoint through vLLM's reload_weights, "
                          "generate again, compare")
+    ap.add_argument("--reload-from", metavar="DIR",
+                    help="with --reload: then reload from this checkpoint (same model, other "
+                         "weights) and record the outputs")
     args = ap.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"{args.model}: not a model folder (no config.json)")
     if not 0 < args.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.reload_from is not None:
+        if not args.reload:
+            ap.error("--reload-from goes with --reload")
+        if not (Path(args.reload_from) / "config.json").is_file():
+            ap.error(f"--reload-from {args.reload_from}: not a model folder (no config.json)")
     if problem := unwritable(Path(args.out)):
         ap.error(f"--out {args.out}: {problem}")  # found before the model loads, not after
 
@@ -88,6 +102,7 @@ def run(args) -> int:
         raise OneLineError(f"--tensor-parallel-size {args.tensor_parallel_size} needs that many "
                            f"GPUs, found {torch.cuda.device_count()}", USAGE)
     quantization = use_mode(args.mode)
+    summaries = _count_summaries()
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -105,16 +120,30 @@ def run(args) -> int:
         "outputs": outputs,
     }
     status = 0
+    result["prepared_summaries"] = summaries()
     if args.reload:
         t0 = time.perf_counter()
         llm.collective_rpc("reload_weights")
         seconds = time.perf_counter() - t0
         again = _outputs(llm.generate(PROMPTS, params))
         same = again == outputs
-        result["reload"] = {"seconds": seconds, "identical": same, "outputs": again}
+        result["reload"] = {"seconds": seconds, "identical": same, "outputs": again,
+                            "prepared_summaries": summaries()}
         print(f"run_llm: {args.mode}: reload_weights {seconds:.2f} s; outputs after it "
-              f"{'identical to' if same else 'DIFFER from'} those before (tokens and logprobs)")
+              f"{'identical to' if same else 'DIFFER from'} those before (tokens and logprobs); "
+              f"'prepared' summaries {result['prepared_summaries']} -> {summaries()}")
         status = 0 if same else 1
+    if args.reload_from:
+        t0 = time.perf_counter()
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": args.reload_from})
+        seconds = time.perf_counter() - t0
+        new = _outputs(llm.generate(PROMPTS, params))
+        result["reload_from"] = {"path": args.reload_from, "seconds": seconds, "outputs": new,
+                                 "same_as_before": new == outputs,
+                                 "prepared_summaries": summaries()}
+        print(f"run_llm: {args.mode}: reload_weights from {args.reload_from} {seconds:.2f} s; "
+              f"outputs {'the same as' if new == outputs else 'other than'} the first "
+              f"checkpoint's")
     try:
         with open(args.out, "w") as f:
             json.dump(result, f)
@@ -122,6 +151,22 @@ def run(args) -> int:
         raise OneLineError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
     return status
+
+
+def _count_summaries():
+    """A counter of this package's "prepared ..." summary lines logged in this
+    process from now on (the engine must run in this process to see them)."""
+    import logging
+
+    seen = []
+
+    class Counter(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("w4a8_fastprep: prepared "):
+                seen.append(record)
+
+    logging.getLogger("vllm.w4a8_fastprep").addHandler(Counter(logging.INFO))
+    return lambda: len(seen)
 
 
 def _outputs(outs) -> list[dict]:

@@ -577,6 +577,14 @@ def test_run_llm_usage_errors(tmp_path, model_dir, capsys):
             run_llm.main([str(model_dir), "--mode", "ours", "--out", str(out)])
         assert e.value.code == 2
         _one_line(capsys, f"run_llm: error: --out {out}: {phrase}")
+    out = str(tmp_path / "o.json")
+    for extra, phrase in ((["--reload-from", str(model_dir)], "--reload-from goes with --reload"),
+                          (["--reload", "--reload-from", str(tmp_path / "nope")],
+                           "not a model folder")):
+        with pytest.raises(SystemExit) as e:
+            run_llm.main([str(model_dir), "--mode", "ours", "--out", out, *extra])
+        assert e.value.code == 2
+        _one_line(capsys, "run_llm: error: ", phrase)
 
 
 def test_run_llm_without_a_gpu_one_line(tmp_path, capsys):

@@ -271,8 +271,8 @@ def test_odd_k_layers_equal_upstream_serving_the_same_experts_zero_padded(
     padded = (inter + 255) // 256 * 256
     assert inter % 256 == 128 and padded == inter + 128
     tensors = _per_expert({}, experts, hidden, inter)
-    ours = _ours(f"odd.{experts}.{inter}.ours", (experts, hidden, inter))
-    theirs = _upstream(f"odd.{experts}.{inter}.up", (experts, hidden, padded))
+    ours = _ours(f"odd.{experts}.{inter}.ours.experts", (experts, hidden, inter))
+    theirs = _upstream(f"odd.{experts}.{inter}.up.experts", (experts, hidden, padded))
     _load(ours, tensors)
     _load(theirs, _pad_experts(tensors, experts, inter, padded))
     _prepare(ours)
