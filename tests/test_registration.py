@@ -83,6 +83,31 @@ def test_vllms_plugin_loader_imports_nothing_heavy():
     assert without["heavy"] == [] and without["registered"] is None, without
 
 
+@pytest.mark.parametrize("caller", ["vllm.engine.arg_utils", "vllm.v1.engine.core",
+                                    "vllm.v1.worker.worker_base"])
+def test_in_vllms_own_processes_registering_imports_only_this_packages_small_modules(caller):
+    # the modules that call load_general_plugins() (front-end and --help,
+    # engine core, workers) import vLLM's quantization registry themselves
+    code = f"""
+import sys, {caller}
+from vllm.plugins import load_general_plugins
+before = set(sys.modules)
+load_general_plugins()
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+    e = {**os.environ, "VLLM_PLUGINS": NAME}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added = set(proc.stdout.strip().splitlines()[-1].split())
+    ours = {m for m in added if m.split(".")[0] == "vllm_w4a8_fastprep"}
+    assert ours == {"vllm_w4a8_fastprep", "vllm_w4a8_fastprep.checkpoint_format",
+                    "vllm_w4a8_fastprep.compat", "vllm_w4a8_fastprep.registration"}, ours
+    # nothing of vLLM, torch, transformers or compressed-tensors
+    assert not {m for m in added if m.split(".")[0] in
+                ("vllm", "torch", "transformers", "compressed_tensors")}, sorted(added)
+
+
 # ------------------------------------------- the registered class in vLLM
 
 
