@@ -6,8 +6,10 @@ engine core, every worker -- also for models this package does not serve.
 Three measures, each in fresh processes, the two modes alternating which goes
 first (A B, B A, ...):
 
-* ``plugins``: the seconds of ``vllm.plugins.load_general_plugins()`` alone
-  (after ``import vllm``, which both modes pay);
+* ``plugins``: the seconds of ``vllm.plugins.load_general_plugins()`` alone,
+  after importing ``vllm.engine.arg_utils`` (which both modes pay: every vLLM
+  module that loads plugins -- the engine arguments, the engine core, the
+  workers -- has imported it, and with it vLLM's quantization registry);
 * ``help``: the wall time of ``vllm serve --help``;
 * ``health`` (with ``--model``): the seconds from starting ``vllm serve MODEL``
   until ``GET /health`` answers 200 (the process group is then ended).
@@ -43,7 +45,7 @@ from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa
 
 MODES = ("with", "without")
 CHILD = """
-import time, vllm
+import time, vllm.engine.arg_utils
 t0 = time.perf_counter()
 from vllm.plugins import load_general_plugins
 load_general_plugins()
