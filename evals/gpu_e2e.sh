@@ -18,7 +18,8 @@
 #             identical to upstream at every stage (vLLM's compiled default)
 #   registration  what the plugin costs every vLLM process: load_general_plugins(), `vllm serve
 #             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
-#             and without the plugin, RUNS (default 3) alternating runs each
+#             and without the plugin, RUNS (default 3) alternating runs each (SERVE_ARGS: the
+#             `vllm serve` arguments, default --max-model-len 1024)
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
 # vLLM starts per mode, STARTUP_ARGS adds startup_time arguments. Every startup_time run has
 # --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
@@ -136,7 +137,7 @@ for step in "$@"; do
         && reload_check tiny-moe "$WORK/tiny-moe" "$WORK/tiny-moe-2" ;;
     registration)
       python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
-        ${MODEL:+--model "$MODEL" --serve-args "--max-model-len 1024"} 2>&1 | tail -8 ;;
+        ${MODEL:+--model "$MODEL" --serve-args "${SERVE_ARGS:---max-model-len 1024}"} 2>&1 | tail -8 ;;
     moe)
       synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
       df -h "$WORK" | tail -1
