@@ -539,6 +539,70 @@ def test_synth_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
 
 
+def _error_line(capsys, *phrases):
+    """The one error line on stderr (beside synth's progress bar), no traceback."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vllm-w4a8-fastprep")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for p in phrases:
+        assert p in lines[0], (p, err)
+
+
+def _disk_full(monkeypatch, exc):
+    """safetensors' writer raises ``exc`` (what a full disk gives)."""
+    import safetensors.torch
+
+    def save_file(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+_WRITE_ERRORS = [
+    pytest.param(__import__("safetensors").SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+        "No space left on device", id="safetensors"),
+    pytest.param(OSError(28, "No space left on device"), "No space left on device", id="oserror"),
+    pytest.param(RuntimeError("first line\nsecond line"), "first line", id="multiline"),
+]
+
+
+@pytest.mark.parametrize("exc, cause", _WRITE_ERRORS)
+def test_synth_write_error_is_one_line_exit_1(tmp_path, monkeypatch, capsys, exc, cause):
+    """A full disk while writing is a failure (1), not bad arguments (2): one
+    line naming OUT and the cause, and nothing left behind."""
+    _disk_full(monkeypatch, exc)
+    out = tmp_path / "a" / "out"
+    assert cli.main(["synth", str(out), "--layers", "1"]) == 1
+    _error_line(capsys, f"error: {out}: cannot write the checkpoint", cause)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_synthetic_write_error_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _disk_full(monkeypatch, OSError(28, "No space left on device"))
+    assert cli.main(["prepare", "--device", "cpu"]) == 1
+    _error_line(capsys, f"{tmp_path}", "cannot write the checkpoint (No space left on device)")
+    assert _ours(tmp_path) == []
+
+
+def test_synth_on_a_full_disk_in_a_real_process(tmp_path):
+    """No traceback: the real tool, its real safetensors writer failing."""
+    code = ("import sys, safetensors, safetensors.torch as st\n"
+            "def full(*a, **k): raise safetensors.SafetensorError("
+            "'Error while serializing: I/O error: No space left on device (os error 28)')\n"
+            "st.save_file = full\n"
+            "from vllm_w4a8_fastprep import cli\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, "synth", str(out), "--layers", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("vllm-w4a8-fastprep")]
+    assert str(out) in line and "No space left on device" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sigterm_removes_the_synthetic_checkpoint(tmp_path):
     import os
     import signal

@@ -198,6 +198,36 @@ def test_an_interrupted_write_leaves_no_folder_behind(tmp_path, monkeypatch, exc
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary folder beside it
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_an_interrupted_write_removes_the_parents_it_made(tmp_path, monkeypatch, exc):
+    """``synth a/b/c``: the parents made for OUT go too; those that were there stay."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "keep").mkdir()
+    before = _tree(tmp_path)
+    _fail_after(monkeypatch, 3, exc)
+    with pytest.raises(type(exc)):
+        write_checkpoint(tmp_path / "a" / "b" / "c" / "out", "tiny", layers=1)
+    assert _tree(tmp_path) == before
+
+
+def test_a_failure_making_the_parents_removes_those_made(tmp_path, monkeypatch):
+    """Making the parents is guarded too: a failure part way removes the ones made."""
+    from pathlib import Path
+
+    real, made = Path.mkdir, []
+
+    def mkdir(self, *a, **k):
+        if self.name == "c":
+            raise PermissionError(13, "Permission denied", str(self))
+        real(self, *a, **k)
+        made.append(self.name)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(PermissionError):
+        write_checkpoint(tmp_path / "a" / "b" / "c" / "out", "tiny", layers=1)
+    assert made == ["a", "b"] and list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_write_into_an_empty_folder_leaves_it_empty(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

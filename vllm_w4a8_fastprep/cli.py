@@ -60,7 +60,8 @@ llm-compressor's format (Llama-shaped dense presets, Qwen3-MoE-shaped MoE
 presets) and a tokenizer built offline. OUT_DIR must be new or empty (--force:
 a non-empty one). The checkpoint is written into a hidden temporary folder and
 put in place only once complete: an error, Ctrl-C or SIGTERM leaves no partial
-checkpoint (and, with --force, leaves OUT_DIR as it was)."""
+checkpoint (and, with --force, leaves OUT_DIR as it was). An error while
+writing (a full disk, no permission) is one line naming OUT_DIR, exit 1."""
 
 EPILOG = f"""\
 Run "{PROG} COMMAND --help" for a command's options.
@@ -68,7 +69,8 @@ Run "{PROG} COMMAND --help" for a command's options.
 exit status:
   0        done (and every check equal)
   1        a check differed, a layer could not be prepared, a damaged
-           checkpoint or non-finite scales
+           checkpoint or non-finite scales, a checkpoint could not be
+           written (a full disk, no permission)
   2        bad arguments, or a folder that is not a W4AFP8 checkpoint
   128 + N  stopped by signal N (130: Ctrl-C, 143: SIGTERM)
 Errors are one line on stderr."""
@@ -251,7 +253,7 @@ def cmd_prepare(args) -> int:
         raise OneLineError("--upstream needs a CUDA device (vLLM's ops run on the GPU)", USAGE)
     with contextlib.ExitStack() as cleanup:
         if args.checkpoint is None:
-            from .synthetic import preset, write_checkpoint
+            from .synthetic import preset
 
             try:
                 preset(args.preset)
@@ -268,10 +270,7 @@ def cmd_prepare(args) -> int:
             print(f"no checkpoint given: writing a synthetic '{args.preset}' W4AFP8 checkpoint "
                   f"to {tmp}{'' if args.keep else ' (removed afterwards; --keep keeps it)'}",
                   flush=True)
-            try:
-                ckpt = write_checkpoint(tmp, args.preset, progress=args.progress)
-            except ValueError as e:
-                raise OneLineError(str(e), USAGE) from None
+            ckpt = write_synthetic(tmp, args.preset, progress=args.progress)
             written = True
         else:
             ckpt = Path(args.checkpoint)
@@ -434,17 +433,39 @@ def _device(spec: str | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def cmd_synth(args) -> int:
-    from .synthetic import write_checkpoint
+def write_synthetic(out, preset_name: str, layers: int | None = None, force: bool = False,
+                    **kw) -> Path:
+    """``synthetic.write_checkpoint`` with one-line errors: a bad preset, layer
+    count or OUT is a usage error (exit 2, nothing written); anything that goes
+    wrong while writing (a full disk, no permission, safetensors' own errors)
+    a failure (exit 1) naming OUT and the cause."""
+    from .synthetic import check_out_dir, preset, write_checkpoint
 
-    device = _device(args.device or "cpu")
     try:
-        out = write_checkpoint(args.out_dir, args.preset, layers=args.layers, seed=args.seed,
-                               device=str(device), progress=True, force=args.force)
+        preset(preset_name, layers)
+        check_out_dir(Path(out), force)
     except ValueError as e:
         raise OneLineError(str(e), USAGE) from None
-    except OSError as e:
-        raise OneLineError(f"{args.out_dir}: cannot write ({e.strerror or e})", USAGE) from None
+    try:
+        return write_checkpoint(out, preset_name, layers=layers, force=force, **kw)
+    except torch.OutOfMemoryError:
+        raise  # main's own line
+    except Exception as e:  # noqa: BLE001  (OSError, SafetensorError, ...: one line each)
+        raise OneLineError(f"{out}: cannot write the checkpoint ({_cause(e)})") from None
+
+
+def _cause(e: Exception) -> str:
+    """An exception in a few words on one line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def cmd_synth(args) -> int:
+    device = _device(args.device or "cpu")
+    out = write_synthetic(args.out_dir, args.preset, layers=args.layers, seed=args.seed,
+                          device=str(device), progress=True, force=args.force)
     print(f"wrote {out}")
     return 0
 

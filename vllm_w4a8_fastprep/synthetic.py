@@ -277,14 +277,20 @@ def write_checkpoint(out_dir: str | Path, preset_name: str = "tiny", layers: int
     ``out_dir`` as it was."""
     p = preset(preset_name, layers)
     out = Path(out_dir)
+    check_out_dir(out, force)
+    with staged_folder(out) as stage:
+        _write(stage, p, preset_name, seed, device, shard_bytes, progress)
+    return out
+
+
+def check_out_dir(out: Path, force: bool = False) -> None:
+    """``ValueError`` naming ``out`` unless a checkpoint may be written there:
+    a new folder or an empty one (``force``: any folder)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if out.is_dir() and not force and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty (choose a new folder, or --force "
                          "to write into it)")
-    with staged_folder(out) as stage:
-        _write(stage, p, preset_name, seed, device, shard_bytes, progress)
-    return out
 
 
 PARTIAL = ".w4a8_fastprep-partial-"  # the temporary folders' names start so
@@ -309,18 +315,21 @@ def staged_folder(out: Path):
     KeyboardInterrupt and ``errors.Terminated`` included).
 
     A new ``out``: the temporary folder is its sibling and is renamed to
-    ``out`` (one atomic rename; the parents are made first). An existing
-    folder: the temporary folder is inside it (the same file system even when
-    ``out`` is a mount point or a link) and its files are moved into ``out``
-    one rename each, replacing files of the same names and keeping the others,
+    ``out`` (one atomic rename; the missing parents are made first, and
+    removed again, those this call made, when it fails). An existing folder:
+    the temporary folder is inside it (the same file system even when ``out``
+    is a mount point or a link) and its files are moved into ``out`` one
+    rename each, replacing files of the same names and keeping the others,
     with Ctrl-C and SIGTERM held back meanwhile."""
     new = not out.is_dir()
-    if new:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = _new_folder(out.parent, f".{out.name}{PARTIAL}")
-    else:
-        stage = _new_folder(out, PARTIAL)
+    made: list[Path] = []  # the parents made here, outermost first
+    stage = None
     try:
+        if new:
+            _make_parents(out.parent, made)
+            stage = _new_folder(out.parent, f".{out.name}{PARTIAL}")
+        else:
+            stage = _new_folder(out, PARTIAL)
         yield stage
         with signals_deferred():
             if new:  # fails, changing nothing, if a non-empty out appeared meanwhile
@@ -331,8 +340,31 @@ def staged_folder(out: Path):
                 stage.rmdir()
     except BaseException:
         with signals_deferred():
-            shutil.rmtree(stage, ignore_errors=True)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            for parent in reversed(made):
+                try:
+                    parent.rmdir()
+                except OSError:  # no longer empty: someone else's files are in it
+                    break
         raise
+
+
+def _make_parents(folder: Path, made: list[Path]) -> None:
+    """``folder`` and its missing parents, each appended to ``made`` once made
+    (outermost first); those another process makes meanwhile are not listed."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        made.append(d)
 
 
 def _write(out: Path, p: Preset, preset_name: str, seed: int, device: str, shard_bytes: int,
