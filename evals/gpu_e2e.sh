@@ -136,7 +136,8 @@ for step in "$@"; do
         && reload_check tiny-moe "$WORK/tiny-moe" "$WORK/tiny-moe-2" ;;
     registration)
       python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
-        ${MODEL:+--model "$MODEL" --serve-args "${SERVE_ARGS:---max-model-len 1024}"} 2>&1 | tail -8 ;;
+        ${MODEL:+--model "$MODEL" --serve-args "${SERVE_ARGS:---max-model-len 1024}"} 2>&1 | tail -8
+      echo "registration_cost rc=${PIPESTATUS[0]}" ;;
     moe)
       synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
       df -h "$WORK" | tail -1

@@ -14,9 +14,8 @@ first (A B, B A, ...):
 * ``health`` (with ``--model``): the seconds from starting ``vllm serve MODEL``
   until ``GET /health`` answers 200 (the process group is then ended).
 
-Without the plugin means ``VLLM_PLUGINS=none`` (vLLM then loads no general
-plugin at all; on a machine with other plugins installed that leaves them out
-too). With ``--model`` of a W4AFP8 checkpoint, "with" serves it through this
+Without the plugin means ``VLLM_PLUGINS`` set to every other installed general
+plugin (vLLM's own among them), so only this package's is left out. With ``--model`` of a W4AFP8 checkpoint, "with" serves it through this
 package and "without" through vLLM's own path, so ``health`` also holds the
 faster preparation; the ``plugins`` and ``help`` rows hold registration only.
 
@@ -58,11 +57,19 @@ print("RESULT", t1 - t0, ",".join(heavy))
 """
 
 
+def other_plugins() -> list[str]:
+    """The installed ``vllm.general_plugins`` entry points but this package's."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group="vllm.general_plugins")
+                   if not ep.value.startswith("vllm_w4a8_fastprep")})
+
+
 def mode_env(mode: str) -> dict:
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     if mode == "without":
-        env["VLLM_PLUGINS"] = "none"
+        env["VLLM_PLUGINS"] = ",".join(other_plugins())  # "" loads none
     return env
 
 
@@ -170,6 +177,13 @@ def main(argv=None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"plugins", "help"}:
         ap.error(f"--skip takes plugins and help, got {sorted(skip - {'plugins', 'help'})}")
+    if skip == {"plugins", "help"} and not args.model:
+        ap.error("nothing to measure: --skip plugins,help without --model")
+    if args.json:
+        from evals.run_llm import unwritable
+
+        if problem := unwritable(Path(args.json)):
+            ap.error(f"--json {args.json}: {problem}")  # before the runs, not after
     try:
         return run(args, skip)
     except OneLineError as e:
@@ -194,7 +208,10 @@ def run(args, skip: set) -> int:
                 r = time_health(mode, args.model, args.serve_args.split(), args.timeout,
                                 logs, i)
             got[mode].append(r)
-            print(f"{measure} {mode}: {r['seconds']:.3f} s", flush=True)
+            extra = ""
+            if "plugin_active" in r:
+                extra = f" (this package prepared the layers: {r['plugin_active']})"
+            print(f"{measure} {mode}: {r['seconds']:.3f} s{extra}", flush=True)
         results[measure] = {m: {**_stats([r["seconds"] for r in rs]), "details": rs}
                             for m, rs in got.items()}
     print(f"{'measure':10} {'with plugin':>24} {'without':>24}   (median, min-max, seconds)")

@@ -13,7 +13,8 @@ model (new weights, as an RL update brings) and records those outputs, to be
 compared with another mode's. With the engine in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) the result also counts this package's
 "prepared" summary lines: one per load, so a reload that really prepared the
-layers again adds one.
+layers again adds one (null otherwise). After each reload the prefix cache is
+reset, so that no KV cache computed with the earlier weights is reused.
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def run(args) -> int:
         raise OneLineError(f"--tensor-parallel-size {args.tensor_parallel_size} needs that many "
                            f"GPUs, found {torch.cuda.device_count()}", USAGE)
     quantization = use_mode(args.mode)
-    summaries = _count_summaries()
+    # the summary lines are seen only where the model is loaded in this process
+    in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+                  and args.tensor_parallel_size == 1)
+    summaries = _count_summaries() if in_process else (lambda: None)
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -125,6 +129,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         llm.collective_rpc("reload_weights")
         seconds = time.perf_counter() - t0
+        llm.reset_prefix_cache()  # no KV computed with the weights before the reload
         again = _outputs(llm.generate(PROMPTS, params))
         same = again == outputs
         result["reload"] = {"seconds": seconds, "identical": same, "outputs": again,
@@ -137,6 +142,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         llm.collective_rpc("reload_weights", kwargs={"weights_path": args.reload_from})
         seconds = time.perf_counter() - t0
+        llm.reset_prefix_cache()
         new = _outputs(llm.generate(PROMPTS, params))
         result["reload_from"] = {"path": args.reload_from, "seconds": seconds, "outputs": new,
                                  "same_as_before": new == outputs,

@@ -664,13 +664,13 @@ def test_expert_projection_names_come_from_the_layer(vllm_ctx):
     layer = _fused_moe(_prepare_only_config(), "model.layers.50.mlp.experts", 4, 256, 256,
                        vllm_ctx).routed_experts
     names = moe.expert_proj_names(layer)
-    if hasattr(layer, "ckpt_gate_proj_name"):  # vLLM >= 0.33: the layer's own
+    if hasattr(layer, "ckpt_gate_proj_name"):  # the layer's own (0.26 and 0.33 have them)
         assert names == {"w1": layer.ckpt_gate_proj_name, "w2": layer.ckpt_down_proj_name,
                          "w3": layer.ckpt_up_proj_name}
     else:
         assert names == {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
-    class Mixtral:  # what vLLM 0.33 sets for a w1/w2/w3 checkpoint
+    class Mixtral:  # what vLLM sets for a w1/w2/w3 checkpoint
         ckpt_gate_proj_name, ckpt_down_proj_name, ckpt_up_proj_name = "w1", "w2", "w3"
 
     assert moe.expert_proj_names(Mixtral()) == {"w1": "w1", "w2": "w2", "w3": "w3"}
@@ -679,8 +679,8 @@ def test_expert_projection_names_come_from_the_layer(vllm_ctx):
 
 
 def _mixtral_names_runner(qc, prefix, experts, hidden, inter, device):
-    """vLLM's MoE layer for a checkpoint with w1/w2/w3 expert names, where
-    this vLLM takes them (0.33: the factory's ``ckpt_names``); None elsewhere."""
+    """vLLM's MoE layer for a checkpoint with w1/w2/w3 expert names (the
+    factory's ``ckpt_names``, in 0.26 and 0.33); None where a release lacks it."""
     import inspect
 
     import vllm.model_executor.layers.fused_moe as fused_moe
@@ -706,7 +706,7 @@ def test_a_w1_w2_w3_checkpoint_is_matched_loaded_and_named_by_its_names(vllm_ctx
     runner = _mixtral_names_runner(qc, "model.layers.51.block_sparse_moe.experts", 4, 256, 256,
                                    vllm_ctx)
     if runner is None:
-        pytest.skip("this vLLM takes no checkpoint expert names for its MoE layers (0.33 does)")
+        pytest.skip("this vLLM takes no checkpoint expert names for its MoE layers")
     layer = runner.routed_experts
     assert type(layer.quant_method) is moe.W4A8FastPrepMoEMethod
     tensors = _per_expert({}, 4, 256, 256)
@@ -781,3 +781,98 @@ def test_odd_k_layers_are_named_in_one_info_line_and_refused_by_the_switch(
                                          r".*VLLM_W4A8_FASTPREP_MOE_ODD_K=0 refuses"):
         _fused_moe(_prepare_only_config(), "model.layers.73.mlp.experts", 2, 256, 384, vllm_ctx)
     assert moe.moe_shape_problem(2048, 512) is None  # multiples of 256 are not affected
+
+
+def test_a_reload_with_tensors_that_do_not_fit_fails_at_once_and_leaves_no_state(vllm_ctx):
+    """During vLLM's layer-wise reload a layer none of whose tensors loaded is
+    skipped by vLLM, its old weights kept, without an error; problems kept
+    from such a reload refused the next good one. Now the first tensor that
+    does not fit raises, and a later reload of good tensors works."""
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
+
+    from vllm_w4a8_fastprep.load_checks import LoadError
+    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+
+    qc = _prepare_only_config()
+    model = _reloadable_model(qc, vllm_ctx, name="m2")
+    g = torch.Generator().manual_seed(23)
+    good = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
+    _load_model(model, *good)
+    _process(model)
+    small = {k: v for k, v in _per_expert({}, 4, 256, 128).items()
+             if not k.endswith("weight_shape")}  # every expert at I/2
+    initialize_layerwise_reload(model)
+    with pytest.raises(LoadError, match=r"MoE layer m2\.layers\.0\.mlp\.experts cannot be "
+                                        r"reloaded: expert 0: gate_proj\.weight_packed \(shard w1\) "
+                                        r"has shape \[128, 32\]"):
+        _load_model(model, small, {})
+    dense = random_w4afp8_linear(384, 256, g)
+    dense["weight_scale"] = dense["weight_scale"][:, :1].clone()
+    with pytest.raises(LoadError, match=r"layer m2\.layers\.0\.mlp\.up cannot be reloaded: "
+                                        r"checkpoint weight_scale has shape \[384, 1\]"):
+        _load_model(model, {}, dense)
+    # a fresh model of the same config, reloaded with good tensors: nothing left over
+    model = _reloadable_model(qc, vllm_ctx, name="m3")
+    _load_model(model, *good)
+    _process(model)
+    initialize_layerwise_reload(model)
+    _load_model(model, *good)
+    finalize_layerwise_reload(model, None)
+    _check_prepared(model.moe.routed_experts, _expected(good[0], list(range(4))), 256, 256,
+                    reloaded=True)
+
+
+def test_a_dummy_load_then_a_weight_sync_is_checked(vllm_ctx):
+    """--load-format dummy loads nothing through the loaders (nothing is then
+    'missing'), but a later weight sync through them (RL: dummy start, then
+    reload) gets every check."""
+    from vllm.config import DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device=vllm_ctx.type),
+                                            load_config=LoadConfig(load_format="dummy"))):
+        model = _reloadable_model(_prepare_only_config(), vllm_ctx, name="m4")
+    for p in model.parameters():
+        if p.dtype == torch.bfloat16:
+            p.data.fill_(0.01)
+    _process(model)  # dummy weights: no loading check
+    t = _per_expert({}, 4, 256, 256)
+    t["1.down_proj.weight_packed"] = t["1.down_proj.weight_packed"][:, :16].clone()
+    initialize_layerwise_reload(model)
+    with pytest.raises(LoadError, match=r"expert 1: down_proj\.weight_packed \(shard w2\) has "
+                                        r"shape \[256, 16\]"):
+        _load_model(model, t, {})
+
+
+def test_layers_are_freed_with_their_model(vllm_ctx):
+    """vLLM keeps meta copies of every parameter, loader attributes included,
+    in a dictionary weak on the layer alone: a loader holding the layer's
+    bound method kept every W4AFP8 layer and its tensors alive after the
+    model was gone."""
+    import gc
+    import weakref
+
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
+
+    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+
+    qc = _prepare_only_config()
+    model = _reloadable_model(qc, vllm_ctx, name="m5")
+    _load_model(model, _per_expert({}, 4, 256, 256),
+                random_w4afp8_linear(384, 256, torch.Generator().manual_seed(24)))
+    _process(model)
+    record_metadata_for_reloading(model)
+    refs = [weakref.ref(model.dense), weakref.ref(model.moe.routed_experts)]
+    # vLLM's forward context names MoE layers (a model's config holds them): drop ours
+    context = get_current_vllm_config().compilation_config.static_forward_context
+    for key in [k for k in context if k.startswith("m5.")]:
+        del context[key]
+    del model
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True]

@@ -18,9 +18,16 @@ def test_modes_alternate_which_goes_first():
                                           "without"]
 
 
-def test_without_the_plugin_means_no_general_plugins(monkeypatch):
+def test_without_the_plugin_means_every_other_general_plugin(monkeypatch):
+    """Only this package's plugin is left out (VLLM_PLUGINS=none also dropped
+    vLLM's own, whose cost was then charged to ours)."""
+    from importlib.metadata import entry_points
+
     monkeypatch.setenv("VLLM_PLUGINS", "something")
-    assert registration_cost.mode_env("without")["VLLM_PLUGINS"] == "none"
+    names = registration_cost.mode_env("without")["VLLM_PLUGINS"].split(",")
+    installed = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert set(names) == set(installed) - {"w4a8_fastprep"} or names == [""]
+    assert "w4a8_fastprep" in installed and "w4a8_fastprep" not in names
     assert "VLLM_PLUGINS" not in registration_cost.mode_env("with")
 
 
@@ -28,6 +35,8 @@ def test_without_the_plugin_means_no_general_plugins(monkeypatch):
     (["--runs", "0"], "--runs must be >= 1"),
     (["--model", "no/such/dir"], "not a model folder"),
     (["--skip", "plugins,bogus"], "--skip takes plugins and help"),
+    (["--skip", "plugins,help"], "nothing to measure"),
+    (["--json", "no/such/dir/r.json"], "--json no/such/dir/r.json: no folder"),
 ])
 def test_bad_arguments_are_one_line(args, message):
     proc = subprocess.run([sys.executable, "-m", "evals.registration_cost", *args], cwd=ROOT,

@@ -397,3 +397,16 @@ def test_nan_and_inf_group_scales_are_counted_and_named_or_refused(vllm_ctx, log
     with pytest.raises(LoadError, match=r"group scales in 3 output channels: l7\.a \(3 of 384 "
                                         r"output channels\); refused"):
         _prepare(b)
+
+
+def test_a_weight_shape_of_another_shape_is_refused_without_vllms_assert(vllm_ctx):
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    for bad in (torch.tensor([384, 256, 1]), torch.tensor([[384, 256]])):
+        layer = _col(vllm_ctx, name=f"l8.{bad.dim()}")
+        t = random_w4afp8_linear(384, 256, torch.Generator().manual_seed(15))
+        t["weight_shape"] = bad
+        _load(layer, t)  # vLLM's loader stopped at a bare AssertionError
+        with pytest.raises(LoadError, match=rf"layer l8\.{bad.dim()} cannot be served: checkpoint "
+                                            r"weight_shape has shape \[.*\], the layer needs \[2\]"):
+            _prepare(layer)

@@ -8,13 +8,18 @@ before vLLM's weight loader sees it (shapes are metadata: no device sync, for
 CPU- and GPU-resident tensors alike); a tensor that does not fit is not
 loaded and recorded here. The first layer whose ``process_weights_after_loading``
 runs afterwards raises :class:`LoadError` listing every layer's problems
-(vLLM loads every tensor of a model before it processes any layer; with vLLM's
-layer-wise reload each layer is processed once its own tensors are loaded).
+(vLLM loads every tensor of a model before it processes any layer). During
+vLLM's layer-wise reload (the loaders see the layer's parameters on the meta
+device while vLLM buffers the tensors) the first tensor that does not fit
+raises at once: vLLM would otherwise skip a layer none of whose tensors
+loaded and keep its old weights, without an error.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
+import weakref
 
 from .checkpoint_format import METHOD_NAME
 
@@ -24,6 +29,25 @@ MAX_LAYERS_IN_ERROR = 8
 
 class LoadError(ValueError):
     """A checkpoint tensor that this package's layers cannot serve."""
+
+
+def weak_callable(fn):
+    """A callable returning ``fn`` without keeping its object alive, for
+    loaders stored on parameters: vLLM keeps meta copies of every parameter
+    (with their attributes) for reloading, in a dictionary weak on the layer
+    only, so a loader closure holding the layer's bound method would keep the
+    layer and its GPU tensors alive after the model is gone."""
+    if inspect.ismethod(fn):
+        ref = weakref.WeakMethod(fn)
+
+        def get():
+            got = ref()
+            if got is None:
+                raise RuntimeError(f"{METHOD_NAME}: the layer of this weight loader was freed")
+            return got
+
+        return get
+    return lambda: fn
 
 
 def id_ranges(ids) -> str:

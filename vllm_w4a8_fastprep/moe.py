@@ -40,6 +40,7 @@ from .compat import (
     set_weight_attrs,
     w13_num_shards,
 )
+from .load_checks import LoadError, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
 from .scheme import scale_path_of
 
@@ -108,7 +109,9 @@ def moe_shape_problem(hidden: int, intermediate_per_partition: int,
         why = (f"intermediate_size_per_partition={intermediate_per_partition} is an odd "
                "multiple of 128, but vLLM's CUTLASS W4A8 grouped GEMM needs a multiple of 256")
         if _GEMM_SUPPORTS_K_MOD_256_EQ_128:
-            why += f" ({ODD_K_ENV}=0 refuses such layers; unset it to serve them)"
+            why = (f"intermediate_size_per_partition={intermediate_per_partition} is an odd "
+                   "multiple of 128, which vLLM's own W4A8 MoE method refuses and "
+                   f"{ODD_K_ENV}=0 refuses here too (unset it to serve such layers)")
         if intermediate_full is not None and intermediate_full % 256 == 0:
             return (why + "; tensor parallelism splits this model's expert intermediate size "
                     f"({intermediate_full}) too finely: serve it with --enable-expert-parallel "
@@ -245,6 +248,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._loaded: dict[tuple[str, str], set[int]] = {}
         self._proj: dict[str, str] = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
         self._local_expert = None  # global expert id -> local id (-1: not on this rank)
+        # False for --load-format dummy: a layer no tensor was loaded into is
+        # then not refused (a later weight sync through the loaders is checked)
         self._check_loads = True
 
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
@@ -257,7 +262,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                              f"{problem}")
         self._check_loads = not _dummy_weights()
         self._proj = expert_proj_names(layer)
-        self._local_expert = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
+        local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
+        self._local_expert = weak_callable(local) if local is not None else None
         if intermediate_size_per_partition % 256 == 0:
             super().create_weights(layer, num_experts, hidden_size,
                                    intermediate_size_per_partition, params_dtype,
@@ -303,18 +309,23 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         not loaded: recorded for one error at ``process_weights_after_loading``)
         and recording which experts of which shard it stored."""
 
+        get_loader = weak_callable(weight_loader)
+
         def loader(param, loaded_weight, weight_name, shard_id, expert_id,
                    return_success=False):
             problem = self._shape_problem(name, loaded_weight, shard_id, param)
             if problem is not None:
-                local = self._local_expert(expert_id) if self._local_expert else expert_id
+                local = self._local_expert()(expert_id) if self._local_expert else expert_id
                 if local == -1:  # another rank's expert: vLLM would skip it too
                     return False if return_success else None
-                if self._check_loads:
-                    self.stats.problems.add(self.layer_name, problem, expert_id)
-                    return True if return_success else None
-            ok = weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
-                               return_success=True)
+                if param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
+                    self._loaded.clear()
+                    raise LoadError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be "
+                                    f"reloaded: expert {expert_id}: {problem}")
+                self.stats.problems.add(self.layer_name, problem, expert_id)
+                return True if return_success else None
+            ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
+                              return_success=True)
             if ok:
                 if loaded_weight.dim() == 3:  # every local expert at once
                     self._loaded.setdefault((name, shard_id), set()).update(
@@ -325,7 +336,6 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                     self._check_weight_shape(loaded_weight, shard_id, expert_id)
             return ok if return_success else None
 
-        loader.w4a8_fastprep_tracks = name
         return loader
 
     def _shape_problem(self, name: str, loaded: torch.Tensor, shard_id, param) -> str | None:
@@ -346,7 +356,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                 f"size {self.moe.intermediate_size}, before tensor-parallel sharding)")
 
     def _check_weight_shape(self, loaded: torch.Tensor, shard_id: str, expert_id) -> None:
-        if loaded.device.type != "cpu" or loaded.numel() != 2 or not self._check_loads:
+        if loaded.device.type != "cpu" or loaded.numel() != 2:
             return  # its value is read only where that costs no device sync
         got = [int(v) for v in loaded.reshape(-1).tolist()]
         i, h = self.moe.intermediate_size, self.moe.hidden_dim_unpadded or self.moe.hidden_dim
@@ -356,14 +366,6 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                 self.layer_name,
                 f"{self._proj_name(shard_id)}.weight_shape is {got}, the layer's experts are "
                 f"{want} (the full tensor, before tensor-parallel sharding)", expert_id)
-
-    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
-        """Why this layer's loaded tensors cannot be served (empty: they can):
-        a checkpoint tensor that did not fit (``load_checks``), or a tensor
-        of some local expert never stored."""
-        problems = self.stats.problems.describe(self.layer_name)
-        problems += self._missing(layer)
-        return problems
 
     def _missing(self, layer: torch.nn.Module) -> list[str]:
         experts = layer.w13_weight_packed.shape[0]
@@ -381,12 +383,13 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         name = self.layer_name
-        if self._check_loads:
+        if self._check_loads or self._loaded or self.stats.problems:
             missing = self._missing(layer)
             if missing or self.stats.problems:
                 self.stats.layer_failed(None, name)
                 err = self.stats.problems.error(name, "MoE layer", missing)
                 self.stats.problems.clear()
+                self._loaded.clear()  # a later load records afresh
                 raise err
         # the names upstream's forward reads the weights under (vLLM >= 0.31
         # renames them first, as upstream's preparation does)

@@ -55,6 +55,7 @@ from .compat import (
     scalar_types,
     verify_group_size_divides_partition,
 )
+from .load_checks import LoadError, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -237,6 +238,7 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         shard id and the shape (and value, for a weight_shape on the CPU)."""
         loads = self._loads.setdefault(name, [])
         layer_ref = weakref.ref(layer)  # the layer object survives vLLM's reload
+        get_loader = weak_callable(weight_loader)  # nor keep it alive after the model
 
         def loader(param, loaded_weight, *args, **kwargs):
             shard = _shard_key(args[0] if args else kwargs.get("loaded_shard_id"))
@@ -246,15 +248,19 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
                 value = [int(v) for v in loaded_weight.reshape(-1).tolist()]
             shape = tuple(loaded_weight.shape)
             problems = self._load_problems(layer_ref(), name, shard, shape, value)
+            if problems and param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
+                for loads_of in self._loads.values():
+                    loads_of.clear()
+                raise LoadError(f"{METHOD_NAME}: layer {self.layer_name} cannot be reloaded: "
+                                + "; ".join(problems))
             loads.append((shard, shape, value))
-            if problems and self._check_loads:
+            if problems:
                 for p in problems:
                     self.stats.problems.add(self.layer_name, p)
-                if name != "weight_shape":
+                if name != "weight_shape" or list(shape) != [2]:
                     return None  # not loaded: vLLM's loader would assert
-            return weight_loader(param, loaded_weight, *args, **kwargs)
+            return get_loader()(param, loaded_weight, *args, **kwargs)
 
-        loader.w4a8_fastprep_tracks = name
         return loader
 
     def _load_problems(self, layer, name, key, shape, value) -> list[str]:
@@ -264,12 +270,6 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         rows = checkpoint_rows(layer)
         k_full = getattr(layer, "input_size", None) if rows is not None else None
         return self._shape_problems(name, key, shape, value, rows, k_full)
-
-    def loading_problems(self, layer: torch.nn.Module) -> list[str]:
-        """Why this layer's loaded tensors cannot be served (empty: they can):
-        the tensors that did not fit (recorded while loading), then what the
-        loads show at the end."""
-        return self.stats.problems.describe(self.layer_name) + self._final_problems(layer)
 
     def _final_problems(self, layer: torch.nn.Module) -> list[str]:
         rows = checkpoint_rows(layer)
@@ -333,12 +333,14 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if self._check_loads:
+        if self._check_loads or any(self._loads.values()) or self.stats.problems:
             final = self._final_problems(layer)
             if final or self.stats.problems:
                 self.stats.layer_failed(None, self.layer_name)
                 err = self.stats.problems.error(self.layer_name, "layer", final)
                 self.stats.problems.clear()
+                for loads in self._loads.values():
+                    loads.clear()  # a later load records afresh
                 raise err
         packed_w = layer.weight_packed.data
         scales = layer.weight_scale.data
