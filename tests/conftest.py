@@ -128,3 +128,67 @@ def log_lines():
         log.removeHandler(handler)
         log.setLevel(old_level)
 
+
+
+@pytest.fixture
+def fail_after(monkeypatch):
+    """``fail_after(calls, exc=KeyboardInterrupt)``: the synthetic writer's
+    ``random_w4afp8_linear`` raises ``exc`` (a class or an instance) on its
+    ``calls``-th call: the tokenizer, the config and (with small shards) some
+    weight files are already on disk by then. ``monkeypatch.undo()`` ends it."""
+    from vllm_w4a8_fastprep import synthetic
+
+    def arm(calls, exc=KeyboardInterrupt):
+        real, n = synthetic.random_w4afp8_linear, [0]
+
+        def linear(*a, **k):
+            n[0] += 1
+            if n[0] == calls:
+                raise exc
+            return real(*a, **k)
+
+        monkeypatch.setattr(synthetic, "random_w4afp8_linear", linear)
+
+    return arm
+
+
+@pytest.fixture
+def model_config():
+    """``model_config(path, **kw)``: vLLM's ModelConfig of the model folder
+    ``path`` (its own tokenizer)."""
+    from vllm.config import ModelConfig
+
+    def make(path, **kw):
+        return ModelConfig(model=str(path), tokenizer=str(path), **kw)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A synthetic 'tiny' W4AFP8 checkpoint, one per test module."""
+    from vllm_w4a8_fastprep.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path):
+    """``copy_ckpt(src, name, edit_config=None)``: a copy of the checkpoint
+    ``src``'s files in ``tmp_path/name``, ``edit_config(cfg)`` applied to its
+    config.json (a dict, edited in place)."""
+    import json
+
+    def copy(src, name, edit_config=None):
+        dst = tmp_path / name
+        dst.mkdir()
+        for f in src.iterdir():
+            if f.is_file():
+                (dst / f.name).write_bytes(f.read_bytes())
+        if edit_config is not None:
+            cfg = json.loads((dst / "config.json").read_text())
+            edit_config(cfg)
+            (dst / "config.json").write_text(json.dumps(cfg))
+        return dst
+
+    return copy

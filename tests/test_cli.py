@@ -603,28 +603,40 @@ def test_synth_on_a_full_disk_in_a_real_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _sigterm_when(proc, ready, poll_s, not_ready=None, wait_s=120):
+    """Send ``proc`` SIGTERM once ``ready()`` (or after ``wait_s``; failing if
+    it ends before, or, with ``not_ready`` the message, if never ready);
+    returns its stderr. Killed if it is still running after."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not ready():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(poll_s)
+        if not_ready is not None:
+            assert ready(), not_ready
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return err
+
+
 def test_sigterm_removes_the_synthetic_checkpoint(tmp_path):
     import os
     import signal
-    import time
 
     env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "vllm_w4a8_fastprep", "prepare", "--preset",
                              "1b", "--device", "cpu", "--progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        # the first shard is being written once some of it exists on disk
-        while time.monotonic() < deadline and not any(
-                p.stat().st_size for d in _ours(tmp_path) for p in d.iterdir()):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        assert _ours(tmp_path), "the synthetic checkpoint was never started"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # the first shard is being written once some of it exists on disk
+    err = _sigterm_when(proc, lambda: any(
+        p.stat().st_size for d in _ours(tmp_path) for p in d.iterdir()), poll_s=0.2,
+        not_ready="the synthetic checkpoint was never started")
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     assert _ours(tmp_path) == []
@@ -633,44 +645,28 @@ def test_sigterm_removes_the_synthetic_checkpoint(tmp_path):
 # ------------------------------------------- interrupted synthetic writes
 
 
-def _interrupt_after(monkeypatch, calls, exc=KeyboardInterrupt):
-    """The synthetic writer raises ``exc`` midway (tokenizer and config
-    written, some layers drawn)."""
-    from vllm_w4a8_fastprep import synthetic
-
-    real, n = synthetic.random_w4afp8_linear, [0]
-
-    def linear(*a, **k):
-        n[0] += 1
-        if n[0] == calls:
-            raise exc()
-        return real(*a, **k)
-
-    monkeypatch.setattr(synthetic, "random_w4afp8_linear", linear)
-
-
-def test_interrupted_synth_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    _interrupt_after(monkeypatch, 5)
+def test_interrupted_synth_leaves_no_folder(tmp_path, fail_after, capsys):
+    fail_after(5)
     assert cli.main(["synth", str(tmp_path / "out")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary folder
 
 
-def test_interrupted_synth_force_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys):
+def test_interrupted_synth_force_keeps_the_old_checkpoint(tmp_path, fail_after, capsys):
     out = tmp_path / "out"
     assert cli.main(["synth", str(out), "--layers", "1"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _interrupt_after(monkeypatch, 5)
+    fail_after(5)
     assert cli.main(["synth", str(out), "--force", "--seed", "3"]) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_interrupted_prepare_keep_leaves_no_half_written_checkpoint(tmp_path, monkeypatch,
-                                                                    capsys):
+                                                                    fail_after, capsys):
     """--keep keeps a synthetic checkpoint once it is written, not a half-written one."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    _interrupt_after(monkeypatch, 5)
+    fail_after(5)
     assert cli.main(["prepare", "--device", "cpu", "--keep"]) == 130
     assert _ours(tmp_path) == []
 
@@ -678,24 +674,14 @@ def test_interrupted_prepare_keep_leaves_no_half_written_checkpoint(tmp_path, mo
 def test_sigterm_during_synth_leaves_no_folder(tmp_path):
     import os
     import signal
-    import time
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vllm_w4a8_fastprep", "synth", str(out),
                              "--preset", "1b"], env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        # config and tokenizer are on disk (the first tensors are being drawn)
-        while time.monotonic() < deadline and not any(
-                p.name == "config.json" for p in tmp_path.rglob("*")):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # config and tokenizer are on disk (the first tensors are being drawn)
+    err = _sigterm_when(proc, lambda: any(p.name == "config.json" for p in tmp_path.rglob("*")),
+                        poll_s=0.1)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

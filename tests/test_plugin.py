@@ -1,7 +1,6 @@
 """The vLLM plugin: entry point, registration, which checkpoints it claims.
 Real vLLM (the pinned version), real plugin discovery; no GPU needed."""
 
-import json
 import os
 import subprocess
 import sys
@@ -100,37 +99,21 @@ def test_override_leaves_other_checkpoints(config_cls, cfg):
         config_cls.override_quantization_method(cfg, NAME)
 
 
-def _model_config(path, **kw):
-    from vllm.config import ModelConfig
-
-    return ModelConfig(model=str(path), tokenizer=str(path), **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from vllm_w4a8_fastprep.synthetic import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
-
-
-def test_vllm_model_config_picks_the_plugin(config_cls, tiny_ckpt, monkeypatch):
+def test_vllm_model_config_picks_the_plugin(config_cls, tiny_ckpt, model_config, monkeypatch):
     monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
-    assert _model_config(tiny_ckpt).quantization == NAME
-    assert _model_config(tiny_ckpt, quantization=NAME).quantization == NAME
-    assert _model_config(tiny_ckpt, quantization="compressed-tensors").quantization == \
+    assert model_config(tiny_ckpt).quantization == NAME
+    assert model_config(tiny_ckpt, quantization=NAME).quantization == NAME
+    assert model_config(tiny_ckpt, quantization="compressed-tensors").quantization == \
         "compressed-tensors"
     monkeypatch.setenv("VLLM_W4A8_FASTPREP_AUTO", "0")
-    assert _model_config(tiny_ckpt).quantization == "compressed-tensors"
+    assert model_config(tiny_ckpt).quantization == "compressed-tensors"
 
 
-def test_vllm_model_config_explicit_request_on_other_checkpoint(config_cls, tiny_ckpt, tmp_path):
-    cfg = json.loads((tiny_ckpt / "config.json").read_text())
-    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
-    other = tmp_path / "g64"
-    other.mkdir()
-    for f in tiny_ckpt.iterdir():
-        if f.is_file():
-            (other / f.name).write_bytes(f.read_bytes())
-    (other / "config.json").write_text(json.dumps(cfg))
+def test_vllm_model_config_explicit_request_on_other_checkpoint(config_cls, tiny_ckpt,
+                                                                model_config, copy_ckpt):
+    def g64(cfg):
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+
+    other = copy_ckpt(tiny_ckpt, "g64", g64)
     with pytest.raises(Exception, match="group_size=64"):
-        _model_config(other, quantization=NAME)
+        model_config(other, quantization=NAME)

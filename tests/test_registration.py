@@ -148,20 +148,8 @@ def test_class_level_answers_are_the_real_configs(registered):
     assert UPSTREAM_NAME == real.get_name()
 
 
-def _model_config(path, **kw):
-    from vllm.config import ModelConfig
-
-    return ModelConfig(model=str(path), tokenizer=str(path), **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from vllm_w4a8_fastprep.synthetic import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
-
-
-def test_vllm_builds_the_real_config_through_the_registry(registered, tiny_ckpt, monkeypatch):
+def test_vllm_builds_the_real_config_through_the_registry(registered, tiny_ckpt, model_config,
+                                                          monkeypatch):
     from vllm.config import LoadConfig
     from vllm.model_executor.model_loader.weight_utils import get_quant_config
 
@@ -169,25 +157,19 @@ def test_vllm_builds_the_real_config_through_the_registry(registered, tiny_ckpt,
 
     monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
     for kw in ({}, {"quantization": NAME}):
-        mc = _model_config(tiny_ckpt, **kw)
+        mc = model_config(tiny_ckpt, **kw)
         assert mc.quantization == NAME
         assert type(get_quant_config(mc, LoadConfig())) is W4A8FastPrepConfig
 
 
-def test_asked_for_on_a_model_without_quantization_config(registered, tiny_ckpt, tmp_path):
+def test_asked_for_on_a_model_without_quantization_config(registered, tiny_ckpt, model_config,
+                                                          copy_ckpt):
     # vLLM runs no override check without a quantization_config and then
     # constructs the registered class without arguments: one clear error
     from vllm.config import LoadConfig
     from vllm.model_executor.model_loader.weight_utils import get_quant_config
 
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for f in tiny_ckpt.iterdir():
-        if f.is_file():
-            (plain / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((plain / "config.json").read_text())
-    del cfg["quantization_config"]
-    (plain / "config.json").write_text(json.dumps(cfg))
-    mc = _model_config(plain, quantization=NAME)
+    plain = copy_ckpt(tiny_ckpt, "plain", lambda cfg: cfg.pop("quantization_config"))
+    mc = model_config(plain, quantization=NAME)
     with pytest.raises(ValueError, match=f"--quantization {NAME} serves .* no quantization_config"):
         get_quant_config(mc, LoadConfig())

@@ -163,23 +163,6 @@ class _Stop(Exception):
     """An error met in the middle of writing (a full disk, a bad tensor...)."""
 
 
-def _fail_after(monkeypatch, calls, exc):
-    """``random_w4afp8_linear`` raises ``exc`` on its ``calls``-th call: the
-    tokenizer, the config and (with small shards) some weight files are
-    already on disk by then."""
-    from vllm_w4a8_fastprep import synthetic
-
-    real, n = synthetic.random_w4afp8_linear, [0]
-
-    def linear(*a, **k):
-        n[0] += 1
-        if n[0] == calls:
-            raise exc
-        return real(*a, **k)
-
-    monkeypatch.setattr(synthetic, "random_w4afp8_linear", linear)
-
-
 def _tree(folder):
     """Every path under ``folder`` with its bytes (None for a folder)."""
     return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
@@ -189,22 +172,22 @@ def _tree(folder):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Stop("disk full"),
                                  OSError(28, "No space left on device")])
 @pytest.mark.parametrize("calls", [1, 9])
-def test_an_interrupted_write_leaves_no_folder_behind(tmp_path, monkeypatch, exc, calls):
+def test_an_interrupted_write_leaves_no_folder_behind(tmp_path, fail_after, exc, calls):
     """The old writer left OUT with a config and a tokenizer but no (or only
     some) weights: a folder that looks like a checkpoint and is not one."""
-    _fail_after(monkeypatch, calls, exc)
+    fail_after(calls, exc)
     with pytest.raises(type(exc)):
         write_checkpoint(tmp_path / "out", "tiny", shard_bytes=64 << 10)
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary folder beside it
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(28, "No space left on device")])
-def test_an_interrupted_write_removes_the_parents_it_made(tmp_path, monkeypatch, exc):
+def test_an_interrupted_write_removes_the_parents_it_made(tmp_path, fail_after, exc):
     """``synth a/b/c``: the parents made for OUT go too; those that were there stay."""
     (tmp_path / "a").mkdir()
     (tmp_path / "keep").mkdir()
     before = _tree(tmp_path)
-    _fail_after(monkeypatch, 3, exc)
+    fail_after(3, exc)
     with pytest.raises(type(exc)):
         write_checkpoint(tmp_path / "a" / "b" / "c" / "out", "tiny", layers=1)
     assert _tree(tmp_path) == before
@@ -228,23 +211,24 @@ def test_a_failure_making_the_parents_removes_those_made(tmp_path, monkeypatch):
     assert made == ["a", "b"] and list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupted_write_into_an_empty_folder_leaves_it_empty(tmp_path, monkeypatch):
+def test_an_interrupted_write_into_an_empty_folder_leaves_it_empty(tmp_path, fail_after):
     out = tmp_path / "out"
     out.mkdir()
-    _fail_after(monkeypatch, 9, KeyboardInterrupt())
+    fail_after(9, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(out, "tiny", shard_bytes=64 << 10)
     assert _tree(tmp_path) == {"out": None}
 
 
-def test_an_interrupted_forced_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+def test_an_interrupted_forced_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch,
+                                                                fail_after):
     """--force replaces files of the same names, but only once the new
     checkpoint is complete: an old checkpoint survives a failed rewrite."""
     out = tmp_path / "out"
     write_checkpoint(out, "tiny", layers=1, seed=1)
     (out / "notes.txt").write_text("mine")
     before = _tree(tmp_path)
-    _fail_after(monkeypatch, 9, KeyboardInterrupt())
+    fail_after(9, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(out, "tiny", seed=2, shard_bytes=64 << 10, force=True)
     assert _tree(tmp_path) == before
@@ -270,12 +254,12 @@ def test_a_written_folder_gets_the_usual_permissions(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]
 
 
-def test_make_checkpoint_synthetic_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_make_checkpoint_synthetic_interrupted_leaves_nothing(tmp_path, fail_after, capsys):
     """``python -m evals.make_checkpoint synthetic`` writes through
     write_checkpoint, so it gets the same guarantee."""
     from evals import make_checkpoint as mc
 
-    _fail_after(monkeypatch, 3, KeyboardInterrupt())
+    fail_after(3, KeyboardInterrupt())
     assert mc.main(["synthetic", str(tmp_path / "m"), "--layers", "1"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -51,22 +51,30 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
+def _handlers(signals, handler):
+    """While inside: ``handler`` handles ``signals``; yields the handlers it
+    replaced ({signal: old handler}) and puts them back on leaving. Outside
+    the main thread nothing is replaced (Python allows handlers only there)."""
+    old = {}
+    try:
+        for sig in signals:
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield old
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
 def exit_on_signals():
     """While inside: SIGTERM and SIGHUP raise ``Terminated`` in the main
     thread (SIGINT already raises KeyboardInterrupt). Outside the main thread
     this does nothing (Python allows handlers only there)."""
-    old = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            old[sig] = signal.signal(sig, _raise_terminated)
-    except ValueError:  # not the main thread
-        pass
-    try:
+    with _handlers((signal.SIGTERM, signal.SIGHUP), _raise_terminated):
         yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
 
 
 @contextlib.contextmanager
@@ -80,19 +88,14 @@ def signals_deferred():
     library's threads would still take the signal). Outside the main thread,
     or for a signal whose handler was not set from Python, nothing is held."""
     caught: list[int] = []
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    sigs = [sig for sig in (getattr(signal, name, None) for name in names)
+            if sig is not None and signal.getsignal(sig) is not None]
     old = {}
     try:
-        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) is not None:
-                old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield
+        with _handlers(sigs, lambda signum, frame: caught.append(signum)) as old:
+            yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
         if caught:
             handler = old[caught[0]]
             if callable(handler):
