@@ -5,7 +5,8 @@ fresh processes, once per mode (``ours`` / ``upstream``).
     python -m evals.run_llm MODEL --mode ours|upstream --out result.json [--reload]
 
 ``--reload`` then reloads the weights through vLLM's own entry point
-(``collective_rpc("reload_weights")``: the workers' ``reload_weights``, the
+(the workers' ``reload_weights``, under the worker's vLLM config: see
+``_reload_weights``; the
 layer-wise reload that RL frameworks' weight sync uses), generates again and
 records whether the outputs are identical to those before (exit 1 if not).
 ``--reload-from DIR`` then also reloads from another checkpoint of the same
@@ -127,7 +128,7 @@ def run(args) -> int:
     result["prepared_summaries"] = summaries()
     if args.reload:
         t0 = time.perf_counter()
-        llm.collective_rpc("reload_weights")
+        llm.collective_rpc(_reload_weights)
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()  # no KV computed with the weights before the reload
         again = _outputs(llm.generate(PROMPTS, params))
@@ -140,7 +141,7 @@ def run(args) -> int:
         status = 0 if same else 1
     if args.reload_from:
         t0 = time.perf_counter()
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": args.reload_from})
+        llm.collective_rpc(_reload_weights, kwargs={"weights_path": args.reload_from})
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()
         new = _outputs(llm.generate(PROMPTS, params))
@@ -157,6 +158,17 @@ def run(args) -> int:
         raise OneLineError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
     return status
+
+
+def _reload_weights(worker, **kwargs):
+    """The worker's ``reload_weights`` under its vLLM config: vLLM 0.26.0's
+    ``reload_weights`` sets none, and the W4A8 MoE preparation, upstream's as
+    ours, builds vLLM custom ops that need one (without it both fail with
+    ``Current vLLM config is not set``)."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        return worker.reload_weights(**kwargs)
 
 
 def _count_summaries():

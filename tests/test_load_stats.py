@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from vllm_w4a8_fastprep.load_stats import PREFIX as SUMMARY
 from vllm_w4a8_fastprep.load_stats import LoadStats, format_summary, parse_summary
 
 MIB = 1 << 20
@@ -15,7 +16,7 @@ MIB = 1 << 20
 @pytest.fixture
 def lines(log_lines):
     """Messages of the package logger, as the summary writes them."""
-    return lambda: [r.getMessage() for r in log_lines if "prepared" in r.getMessage()]
+    return lambda: [r.getMessage() for r in log_lines if r.getMessage().startswith(SUMMARY)]
 
 
 def _layer(stats, name, device="cpu", seconds=0.0, experts=0, fallback=False,

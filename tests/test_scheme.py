@@ -18,6 +18,7 @@ pytest.importorskip("vllm")
 
 import w4a8_math  # noqa: E402
 
+from vllm_w4a8_fastprep.load_stats import PREFIX as SUMMARY  # noqa: E402
 from vllm_w4a8_fastprep.synthetic import quantization_config, random_w4afp8_linear  # noqa: E402
 
 
@@ -260,7 +261,7 @@ def test_a_refused_layer_still_writes_the_summary(vllm_ctx, log_lines):
     _prepare(good)
     with pytest.raises(ValueError):
         _prepare(bad)
-    lines = [r.getMessage() for r in log_lines if "prepared" in r.getMessage()]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith(SUMMARY)]
     assert len(lines) == 1 and lines[0].startswith("w4a8_fastprep: prepared 1 dense layers")
     assert lines[0].endswith("FAILED: l4.b"), lines
 
@@ -319,9 +320,9 @@ def test_one_info_line_per_model_load(vllm_ctx, log_lines):
         _load(layer, random_w4afp8_linear(256, 256, g))
     for layer in layers[:2]:
         _prepare(layer)
-    assert not [r for r in log_lines if "prepared" in r.getMessage()]
+    assert not [r for r in log_lines if r.getMessage().startswith(SUMMARY)]
     _prepare(layers[2])
-    lines = [r.getMessage() for r in log_lines if "prepared" in r.getMessage()]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith(SUMMARY)]
     assert len(lines) == 1 and lines[0].startswith("w4a8_fastprep: prepared 3 dense layers ("), lines
     assert qc.load_stats.last_summary["layers"] == 3
     assert qc.load_stats.last_summary["seconds"] > 0
