@@ -107,8 +107,11 @@ def run(args) -> int:
     # the summary lines are seen only where the model is loaded in this process
     in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
                   and args.tensor_parallel_size == 1)
-    summaries = _count_summaries() if in_process else (lambda: None)
     from vllm import LLM, SamplingParams
+
+    # after vLLM's import: its logging set-up clears the handlers of existing
+    # "vllm.*" loggers
+    summaries = _count_summaries() if in_process else (lambda: None)
 
     t0 = time.perf_counter()
     llm = LLM(model=args.model, quantization=quantization, enforce_eager=args.enforce_eager,

@@ -692,3 +692,18 @@ def test_startup_order_alternates_which_mode_starts_first():
     assert startup_time.start_order(["upstream", "ours"], 3) == [
         (0, "upstream"), (0, "ours"), (1, "ours"), (1, "upstream"), (2, "upstream"), (2, "ours")]
     assert startup_time.start_order(["ours"], 2) == [(0, "ours"), (1, "ours")]
+
+
+def test_run_llm_counts_summary_lines_logged_after_vllms_logging_set_up():
+    """vLLM's logging set-up (at its import) clears the handlers of existing
+    vllm.* loggers: the counter is attached after it, and sees the lines."""
+    pytest.importorskip("vllm")
+    code = ("import logging, vllm\n"
+            "from evals.run_llm import _count_summaries\n"
+            "c = _count_summaries()\n"
+            "logging.getLogger('vllm.w4a8_fastprep').info('w4a8_fastprep: prepared 1 dense')\n"
+            "logging.getLogger('vllm.w4a8_fastprep').info('w4a8_fastprep: serving')\n"
+            "print('count', c())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "count 1", proc.stderr[-2000:]
