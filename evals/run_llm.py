@@ -109,8 +109,6 @@ def run(args) -> int:
                   and args.tensor_parallel_size == 1)
     from vllm import LLM, SamplingParams
 
-    # after vLLM's import: its logging set-up clears the handlers of existing
-    # "vllm.*" loggers
     summaries = _count_summaries() if in_process else (lambda: None)
 
     t0 = time.perf_counter()
@@ -176,17 +174,20 @@ def _reload_weights(worker, **kwargs):
 
 def _count_summaries():
     """A counter of this package's "prepared ..." summary lines logged in this
-    process from now on (the engine must run in this process to see them)."""
+    process from now on (the engine must run in this process to see them).
+    A filter on the package's logger, not a handler: vLLM's logging set-up
+    (``logging.config.dictConfig`` of the "vllm" logger, at import or later)
+    removes the handlers of existing "vllm.*" loggers but keeps their filters."""
     import logging
 
     seen = []
 
-    class Counter(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("w4a8_fastprep: prepared "):
-                seen.append(record)
+    def count(record) -> bool:
+        if record.getMessage().startswith("w4a8_fastprep: prepared "):
+            seen.append(record)
+        return True
 
-    logging.getLogger("vllm.w4a8_fastprep").addHandler(Counter(logging.INFO))
+    logging.getLogger("vllm.w4a8_fastprep").addFilter(count)
     return lambda: len(seen)
 
 

@@ -694,15 +694,19 @@ def test_startup_order_alternates_which_mode_starts_first():
     assert startup_time.start_order(["ours"], 2) == [(0, "ours"), (1, "ours")]
 
 
-def test_run_llm_counts_summary_lines_logged_after_vllms_logging_set_up():
-    """vLLM's logging set-up (at its import) clears the handlers of existing
-    vllm.* loggers: the counter is attached after it, and sees the lines."""
-    pytest.importorskip("vllm")
-    code = ("import logging, vllm\n"
+def test_run_llm_counts_summary_lines_across_a_logging_set_up():
+    """vLLM's logging set-up (dictConfig of the "vllm" logger, at its import or
+    later) removes the handlers of existing vllm.* loggers: the H200 reload
+    run counted 0 summary lines with a handler. The counter survives it."""
+    code = ("import logging, logging.config\n"
             "from evals.run_llm import _count_summaries\n"
             "c = _count_summaries()\n"
-            "logging.getLogger('vllm.w4a8_fastprep').info('w4a8_fastprep: prepared 1 dense')\n"
-            "logging.getLogger('vllm.w4a8_fastprep').info('w4a8_fastprep: serving')\n"
+            "logging.config.dictConfig({'version': 1, 'handlers': {'h': {\n"
+            "    'class': 'logging.StreamHandler'}}, 'loggers': {'vllm': {\n"
+            "    'handlers': ['h'], 'level': 'INFO', 'propagate': False}}})\n"
+            "log = logging.getLogger('vllm.w4a8_fastprep')\n"
+            "log.info('w4a8_fastprep: prepared 1 dense')\n"
+            "log.info('w4a8_fastprep: serving')\n"
             "print('count', c())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
