@@ -18,6 +18,7 @@ loaded and keep its old weights, without an error.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import weakref
 
@@ -25,6 +26,17 @@ from .checkpoint_format import METHOD_NAME
 
 #: at most this many layers are named in one error (the rest are counted)
 MAX_LAYERS_IN_ERROR = 8
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no environment switch: 1/true/yes/on, 0/false/no/off (any
+    case); unset, empty or anything else is ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
 
 
 class LoadError(ValueError):

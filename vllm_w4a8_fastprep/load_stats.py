@@ -32,14 +32,13 @@ Two more lines may follow the summary, from the same moment:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .load_checks import LoadError, LoadProblems, name_ranges
+from .load_checks import LoadError, LoadProblems, env_flag, name_ranges
 
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -51,7 +50,7 @@ REFUSE_NONFINITE_ENV = "VLLM_W4A8_FASTPREP_REFUSE_NONFINITE"
 
 def refuse_nonfinite() -> bool:
     """Whether a load with NaN/inf group scales fails (default: it warns)."""
-    return os.environ.get(REFUSE_NONFINITE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(REFUSE_NONFINITE_ENV, False)
 
 
 def count_nonfinite_rows(chan_scales: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ and the layer gets upstream's compressed-tensors handling.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -40,9 +39,9 @@ from .compat import (
     set_weight_attrs,
     w13_num_shards,
 )
-from .load_checks import LoadError, weak_callable
+from .load_checks import LoadError, env_flag, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
-from .scheme import scale_path_of
+from .scheme import PACK_FACTOR, scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 
@@ -67,9 +66,7 @@ ODD_K_ENV = "VLLM_W4A8_FASTPREP_MOE_ODD_K"
 def odd_k_allowed() -> bool:
     """Whether MoE layers with ``intermediate_size_per_partition % 256 ==
     128`` are served (default yes; ``VLLM_W4A8_FASTPREP_MOE_ODD_K=0`` refuses)."""
-    if not _GEMM_SUPPORTS_K_MOD_256_EQ_128:
-        return False
-    return os.environ.get(ODD_K_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _GEMM_SUPPORTS_K_MOD_256_EQ_128 and env_flag(ODD_K_ENV, True)
 
 _logged: set[str] = set()
 
@@ -285,20 +282,24 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
     def _proj_name(self, shard_id) -> str:
         return self._proj.get(shard_id, str(shard_id))
 
+    def _full_nk(self, shard_id) -> list[int] | None:
+        """``[N, K]`` of one expert's full checkpoint matrix for a shard
+        (before tensor-parallel sharding); None for a shard vLLM's loader
+        does not take."""
+        i = self.moe.intermediate_size
+        h = self.moe.hidden_dim_unpadded or self.moe.hidden_dim
+        return {"w1": [i, h], "w3": [i, h], "w2": [h, i]}.get(shard_id)
+
     def expected_shape(self, name: str, shard_id: str) -> list[int] | None:
         """The shape of one expert's checkpoint tensor for the parameter
         ``name`` and shard (the full tensor, before tensor-parallel
         sharding); None for a shard vLLM's loader does not take."""
-        i = self.moe.intermediate_size
-        h = self.moe.hidden_dim_unpadded or self.moe.hidden_dim
-        if shard_id in ("w1", "w3"):
-            n, k = i, h
-        elif shard_id == "w2":
-            n, k = h, i
-        else:
+        nk = self._full_nk(shard_id)
+        if nk is None:
             return None
+        n, k = nk
         if name.endswith("weight_packed"):
-            return [n, k // 8]
+            return [n, k // PACK_FACTOR]
         if name.endswith("weight_scale"):
             return [n, k // GROUP_SIZE]
         return [2]  # weight_shape
@@ -350,18 +351,17 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         if got == want:
             return None
         tensor = name.split("_", 1)[1]
+        n, k = self._full_nk(shard_id)
         return (f"{self._proj_name(shard_id)}.{tensor} (shard {shard_id}) has shape {got} in "
-                f"the checkpoint, the layer needs {want} (hidden size "
-                f"{self.moe.hidden_dim_unpadded or self.moe.hidden_dim}, expert intermediate "
-                f"size {self.moe.intermediate_size}, before tensor-parallel sharding)")
+                f"the checkpoint, the layer needs {want} (the full [N, K] = [{n}, {k}], "
+                "before tensor-parallel sharding)")
 
     def _check_weight_shape(self, loaded: torch.Tensor, shard_id: str, expert_id) -> None:
         if loaded.device.type != "cpu" or loaded.numel() != 2:
             return  # its value is read only where that costs no device sync
         got = [int(v) for v in loaded.reshape(-1).tolist()]
-        i, h = self.moe.intermediate_size, self.moe.hidden_dim_unpadded or self.moe.hidden_dim
-        want = [h, i] if shard_id == "w2" else [i, h]
-        if got != want:
+        want = self._full_nk(shard_id)
+        if want is not None and got != want:
             self.stats.problems.add(
                 self.layer_name,
                 f"{self._proj_name(shard_id)}.weight_shape is {got}, the layer's experts are "
