@@ -4,7 +4,8 @@ it; its prepared tensors, ``b_strides`` and forward equal those of upstream's
 own ``CompressedTensorsW4A8Fp8MoEMethod`` on the same checkpoint tensors; the
 forward equals a dequantised float MoE within fp8 error (also for
 ``intermediate_size_per_partition % 256 == 128`` when that is enabled); the
-preparation holds at most one extra copy of the layer and does not synchronise.
+preparation holds at most one extra copy of the layer and does not synchronise;
+a weight reload keeps what a captured CUDA graph of the layer reads.
 
 Run: ``.venv/bin/python -m pytest -q tests/test_moe_gpu.py -rs``. Where the
 CUTLASS MoE path cannot run it skips, saying why; on compute capability 9.x
@@ -283,3 +284,65 @@ def test_odd_k_layers_equal_upstream_serving_the_same_experts_zero_padded(
         assert torch.isfinite(a).all()
         assert_same(a, b, f"MoE output, {tokens} tokens, I={inter} vs upstream at {padded}")
     assert _rel(a, _dense_moe(tensors, experts, x, logits)) < 0.1
+
+
+# --------------------------------------------------- reload under a CUDA graph
+
+
+def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
+    """vLLM serves with CUDA graphs by default; its layer-wise reload copies
+    the prepared tensors back into the parameters the graphs captured. The
+    quant config, the kernel (whose experts own stride tensors) and b_strides
+    are not parameters: rebuilt on reload, the graph read freed memory
+    (upstream's method: an illegal memory access on the H200). Ours writes a
+    reload of the same shapes into the first preparation's tensors and keeps
+    them, so the captured graph computes with the new weights."""
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+        record_metadata_for_reloading,
+    )
+
+    shape = (16, 1024, 512)
+    model = torch.nn.Module()
+    model.moe = _ours("graph.l0.experts", shape)
+    record_metadata_for_reloading(model)
+    first, second = _per_expert({}, *shape), _per_expert({}, *shape)
+    for t in second.values():
+        if t.dtype == torch.int32:
+            t.random_(-(2**31), 2**31 - 1)
+    _load(model.moe, first)
+    layer = _prepare(model.moe)
+    method = layer.quant_method
+    kernel, config = method.moe_kernel, method.moe_quant_config
+    x, logits = _inputs(shape[0], shape[1], tokens=8, seed=5)
+    eager_first = _forward(gpu_ctx, model.moe, x, logits)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture, as torch asks
+        for _ in range(2):
+            _forward(gpu_ctx, model.moe, x, logits)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _forward(gpu_ctx, model.moe, x, logits)
+    graph.replay()
+    assert_same(out, eager_first, "graph replay before the reload")
+
+    initialize_layerwise_reload(model)
+    _load(model.moe, second)
+    finalize_layerwise_reload(model, None)
+    assert method.moe_kernel is kernel and method.moe_quant_config is config
+    # memory freed by the reload is handed out again and overwritten
+    junk = [torch.full((n,), -1, dtype=torch.int64, device="cuda")
+            for n in (shape[0], 2 * shape[0], 1 << 16, 1 << 20) for _ in range(8)]
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = _ours("graph.fresh.experts", shape)
+    _load(fresh, second)
+    _prepare(fresh)
+    want = _forward(gpu_ctx, fresh, x, logits)
+    assert_same(_forward(gpu_ctx, model.moe, x, logits), want, "eager forward after the reload")
+    assert_same(out, want, "graph replay after the reload")
+    del junk

@@ -9,7 +9,10 @@ same CUTLASS grouped GEMM ``cutlass_w4a8_moe_mm``, same forward); only
 one pass on the current stream, without a device sync, bit-identical to
 upstream's ``convert_to_w4a8_moe_kernel_format``. Everything upstream sets
 afterwards is set the same way: the prepared parameters, the channel scales,
-``b_strides1``/``b_strides2``, ``moe_quant_config`` and ``moe_kernel``.
+``b_strides1``/``b_strides2``, ``moe_quant_config`` and ``moe_kernel``. A
+reload of the same shapes writes into the tensors of the first preparation and
+keeps the quant config and kernel built on them (CUDA graphs captured their
+addresses); upstream rebuilds them, freeing tensors a captured graph reads.
 
 ``get_moe_method`` picks it for W4AFP8 MoE layers where the CUTLASS MoE path
 runs (an SM90 GPU with vLLM's compiled ops); elsewhere it returns None, logged,
@@ -239,6 +242,13 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self.build_kernel = kernel
         self.b_strides1: torch.Tensor | None = None
         self.b_strides2: torch.Tensor | None = None
+        # the tensors of the last preparation: a preparation of the same
+        # shapes writes into them and keeps the quant config and kernel built
+        # on them, so what CUDA graphs captured stays valid after a reload
+        self._prepared: dict[str, torch.Tensor] = {}
+        # upstream's QuantFP8 path, decided under the load's vLLM config
+        # (vLLM 0.26's reload_weights runs without a current config)
+        self._scale_path: str | None = None
         # what the expert weight loaders stored: (parameter name, shard) ->
         # expert ids. Keyed by name, not by parameter object: vLLM's
         # layer-wise reload replaces every parameter object of the layer.
@@ -259,6 +269,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                              f"{problem}")
         self._check_loads = not _dummy_weights()
         self._proj = expert_proj_names(layer)
+        # the QuantFP8 that upstream's conversion builds: its code path
+        # decides how the scales round
+        self._scale_path = scale_path_of(QuantFP8(static=False,
+                                                  group_shape=GroupShape.PER_TOKEN))
         local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         self._local_expert = weak_callable(local) if local is not None else None
         if intermediate_size_per_partition % 256 == 0:
@@ -402,26 +416,33 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         weight_bytes = (w13.numel() + w2.numel()) * w13.element_size()
         scale_bytes = (s13.numel() + s2.numel()) * s13.element_size()
         del w13, w2, s13, s2  # the layer holds them; each is freed once replaced
-        # the QuantFP8 that upstream's conversion builds at this point: its
-        # code path decides how the scales round
-        path = scale_path_of(QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN))
+        path = self._scale_path
 
         token = self.stats.begin_layer(device)
         nonfinite = None
+        in_place = bool(self._prepared)
         try:
             for param in (w13_name, w2_name):
-                replace_parameter(layer, param,
-                                  ops.prepare_weight_grouped(getattr(layer, param).data))
+                in_place &= self._place(
+                    layer, param, ops.prepare_weight_grouped(getattr(layer, param).data))
             for w in ("w13", "w2"):
                 group_scales, chan_scales = ops.prepare_scales_grouped(
                     getattr(layer, f"{w}_weight_scale").data, path)
                 bad = count_nonfinite_rows(chan_scales)
                 nonfinite = bad if nonfinite is None else nonfinite + bad
-                replace_parameter(layer, f"{w}_weight_scale", group_scales)
-                replace_parameter(layer, f"{w}_weight_chan_scale", chan_scales)
+                in_place &= self._place(layer, f"{w}_weight_scale", group_scales)
+                in_place &= self._place(layer, f"{w}_weight_chan_scale", chan_scales)
                 del group_scales, chan_scales
-            self.b_strides1 = ops.b_strides_grouped(experts, n13, k13, device)
-            self.b_strides2 = ops.b_strides_grouped(experts, n2, k2, device)
+            strides = (ops.b_strides_grouped(experts, n13, k13, device),
+                       ops.b_strides_grouped(experts, n2, k2, device))
+            if in_place and _same_layout(self.b_strides1, strides[0]) \
+                    and _same_layout(self.b_strides2, strides[1]):
+                self.b_strides1.copy_(strides[0])
+                self.b_strides2.copy_(strides[1])
+            else:
+                self.b_strides1, self.b_strides2 = strides
+                in_place = False
+            del strides
         except BaseException as e:
             self.stats.layer_failed(token, name)
             if type(e) in (ValueError, TypeError):  # our ops' checks: name the layer
@@ -431,10 +452,38 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self.stats.end_layer(token, name, weight_bytes, scale_bytes, experts=experts,
                              nonfinite=nonfinite, rows=experts * (n13 + n2))
 
+        if in_place and self.moe_quant_config is not None:
+            # a reload of the same shapes: every prepared tensor was written
+            # into the storage of the last preparation, which the quant config
+            # and the kernel (and its stride tensors) refer to and CUDA graphs
+            # captured; rebuilding them would free tensors a graph still reads
+            return
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         if self.build_kernel and self.moe_quant_config is not None:
             assert self.experts_cls is not None
             self.moe_kernel = build_w4a8_moe_kernel(self, layer)
+
+    def _place(self, layer: torch.nn.Module, name: str, data: torch.Tensor) -> bool:
+        """Make ``data`` the layer's ``name``; written into the tensor of the
+        last preparation where that has the same layout (True), else as a new
+        tensor (False)."""
+        old = self._prepared.get(name)
+        if _same_layout(old, data):
+            old.copy_(data)
+            del data
+            replace_parameter(layer, name, old)
+            return True
+        replace_parameter(layer, name, data)
+        del data
+        # the storage the layer now holds (vLLM >= 0.31's replace_parameter
+        # copies into the layer's own parameter where the shapes agree)
+        self._prepared[name] = getattr(layer, name).data
+        return False
+
+
+def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:
+    return (old is not None and old.shape == new.shape and old.dtype == new.dtype
+            and old.device == new.device and old.stride() == new.stride())
 
 
 # the parameters vLLM's expert weight loader fills from the checkpoint
