@@ -12,11 +12,15 @@
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
-#   reload    the tiny MoE checkpoint (W4AFP8 attention: dense layers, and MoE layers), each mode:
-#             generate, vLLM's reload_weights
-#             (layer-wise reload from the checkpoint), generate again (identical to before), then
-#             reload from a second checkpoint of other weights (seed 1) and generate; ours must be
-#             identical to upstream at every stage (vLLM's compiled default)
+#   reload    the tiny MoE checkpoint (W4AFP8 attention: dense layers, and MoE layers): generate,
+#             vLLM's reload_weights (layer-wise reload from the checkpoint), generate again
+#             (identical to before), reload from a second checkpoint of other weights (seed 1),
+#             generate. --enforce-eager, each mode: ours identical to upstream at every stage
+#             (upstream reloads under the worker's config: vLLM 0.26.0's own entry point sets
+#             none and its MoE preparation needs one; ours uses the entry point as it is). With
+#             CUDA graphs (vLLM's default), ours: after the reload from the second checkpoint
+#             identical to a fresh start on it (upstream's reload under CUDA graphs reads freed
+#             memory: UPSTREAM_GRAPHS=1 runs it too)
 #   registration  what the plugin costs every vLLM process: load_general_plugins(), `vllm serve
 #             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
 #             and without the plugin, RUNS (default 3) alternating runs each (SERVE_ARGS: the
@@ -59,26 +63,47 @@ synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is r
   du -sh "$dir" | cut -f1 | sed "s|^|$(basename "$dir"): |"
 }
 
-reload_check() {  # name, model dir, second model dir: generate, reload, generate, reload from the
-  local name=$1 model=$2 other=$3 mode  # second, generate; ours vs upstream at each stage
-  for mode in upstream ours; do
-    rm -f "$OUT/reload-$name-$mode.json"
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$model" --mode $mode --reload \
-      --reload-from "$other" --out "$OUT/reload-$name-$mode.json" > "$WORK/reload-$name-$mode.log" 2>&1
-    echo "reload $name $mode: rc=$? $(grep -h 'run_llm:' "$WORK/reload-$name-$mode.log" | tr '\n' ' ')"
-  done
-  python3 - "$OUT/reload-$name-ours.json" "$OUT/reload-$name-upstream.json" <<'PY' \
-    || echo "$name: not comparable (a run wrote no result)"
+reload_run() {  # name, model dir, second model dir, mode, tag, run_llm arguments...
+  local name=$1 model=$2 other=$3 mode=$4 tag=$5; shift 5
+  local out="$OUT/reload-$name-$tag-$mode.json" log="$WORK/reload-$name-$tag-$mode.log"
+  rm -f "$out"
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$model" --mode $mode --reload \
+    --reload-from "$other" --out "$out" "$@" > "$log" 2>&1
+  echo "reload $name $tag $mode: rc=$? $(grep -h 'run_llm:' "$log" | tr '\n' ' ')"
+  [[ -f $out ]] || grep -h -m3 -E 'Error|error:' "$log"
+}
+
+reload_check() {  # name, model dir, second model dir: see the step's description above
+  local name=$1 model=$2 other=$3
+  reload_run "$name" "$model" "$other" upstream eager --enforce-eager --reload-under-config
+  reload_run "$name" "$model" "$other" ours eager --enforce-eager
+  reload_run "$name" "$model" "$other" ours graphs
+  [[ ${UPSTREAM_GRAPHS:-0} == 1 ]] \
+    && reload_run "$name" "$model" "$other" upstream graphs --reload-under-config
+  rm -f "$OUT/fresh-$name-graphs-ours.json"
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$other" --mode ours \
+    --out "$OUT/fresh-$name-graphs-ours.json" > "$WORK/fresh-$name.log" 2>&1
+  echo "fresh start on the second checkpoint, ours, CUDA graphs: rc=$?"
+  python3 - "$OUT" "$name" <<'PY' || echo "$name: not comparable (a run wrote no result)"
 import json, sys
-a, b = (json.load(open(f)) for f in sys.argv[1:])
+out, name = sys.argv[1:]
+a, b, g, f = (json.load(open(f"{out}/{x}")) for x in (
+    f"reload-{name}-eager-ours.json", f"reload-{name}-eager-upstream.json",
+    f"reload-{name}-graphs-ours.json", f"fresh-{name}-graphs-ours.json"))
 for what, x, y in (("first load", a["outputs"], b["outputs"]),
                    ("after reload", a["reload"]["outputs"], b["reload"]["outputs"]),
                    ("after reload from the second checkpoint", a["reload_from"]["outputs"],
                     b["reload_from"]["outputs"])):
-    print(f"ours vs upstream, {what}:", "identical" if x == y else "DIFFER")
-print("ours: 'prepared' summaries after load, reload, reload from:", a["prepared_summaries"],
-      a["reload"]["prepared_summaries"], a["reload_from"]["prepared_summaries"],
-      "| new weights give other outputs:", not a["reload_from"]["same_as_before"])
+    print(f"eager, ours vs upstream, {what}:", "identical" if x == y else "DIFFER")
+print("CUDA graphs, ours: after reload", "identical" if g["reload"]["identical"] else "DIFFER",
+      "to before; after reload from the second checkpoint",
+      "identical" if g["reload_from"]["outputs"] == f["outputs"] else "DIFFER",
+      "to a fresh start on it; new weights give other outputs:",
+      not g["reload_from"]["same_as_before"])
+for tag, r in (("eager", a), ("graphs", g)):
+    print(f"ours {tag}: 'prepared' summaries after load, reload, reload from:",
+          r["prepared_summaries"], r["reload"]["prepared_summaries"],
+          r["reload_from"]["prepared_summaries"])
 PY
   done_with "$model"; done_with "$other"
 }

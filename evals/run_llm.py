@@ -5,9 +5,10 @@ fresh processes, once per mode (``ours`` / ``upstream``).
     python -m evals.run_llm MODEL --mode ours|upstream --out result.json [--reload]
 
 ``--reload`` then reloads the weights through vLLM's own entry point
-(the workers' ``reload_weights``, under the worker's vLLM config: see
-``_reload_weights``; the
-layer-wise reload that RL frameworks' weight sync uses), generates again and
+(``collective_rpc("reload_weights")``: the layer-wise reload that RL
+frameworks' weight sync uses; ``--reload-under-config`` runs it under the
+worker's vLLM config, which vLLM 0.26.0's upstream W4A8 MoE preparation
+needs: see ``_reload_weights``), generates again and
 records whether the outputs are identical to those before (exit 1 if not).
 ``--reload-from DIR`` then also reloads from another checkpoint of the same
 model (new weights, as an RL update brings) and records those outputs, to be
@@ -59,11 +60,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reload-from", metavar="DIR",
                     help="with --reload: then reload from this checkpoint (same model, other "
                          "weights) and record the outputs")
+    ap.add_argument("--reload-under-config", action="store_true",
+                    help="with --reload: reload under the worker's vLLM config (vLLM 0.26.0 sets "
+                         "none there, and upstream's W4A8 MoE preparation needs one)")
     args = ap.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"{args.model}: not a model folder (no config.json)")
     if not 0 < args.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.reload_under_config and not args.reload:
+        ap.error("--reload-under-config goes with --reload")
     if args.reload_from is not None:
         if not args.reload:
             ap.error("--reload-from goes with --reload")
@@ -122,14 +128,15 @@ def run(args) -> int:
     outputs = _outputs(llm.generate(PROMPTS, params))
     result = {
         "mode": args.mode, "quantization": quantization, "engine_startup_s": startup,
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": args.enforce_eager, "reload_under_config": args.reload_under_config,
         "outputs": outputs,
     }
     status = 0
     result["prepared_summaries"] = summaries()
+    reload = _reload_weights if args.reload_under_config else "reload_weights"
     if args.reload:
         t0 = time.perf_counter()
-        llm.collective_rpc(_reload_weights)
+        llm.collective_rpc(reload)
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()  # no KV computed with the weights before the reload
         again = _outputs(llm.generate(PROMPTS, params))
@@ -142,7 +149,7 @@ def run(args) -> int:
         status = 0 if same else 1
     if args.reload_from:
         t0 = time.perf_counter()
-        llm.collective_rpc(_reload_weights, kwargs={"weights_path": args.reload_from})
+        llm.collective_rpc(reload, kwargs={"weights_path": args.reload_from})
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()
         new = _outputs(llm.generate(PROMPTS, params))

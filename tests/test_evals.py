@@ -579,6 +579,7 @@ def test_run_llm_usage_errors(tmp_path, model_dir, capsys):
         _one_line(capsys, f"run_llm: error: --out {out}: {phrase}")
     out = str(tmp_path / "o.json")
     for extra, phrase in ((["--reload-from", str(model_dir)], "--reload-from goes with --reload"),
+                          (["--reload-under-config"], "--reload-under-config goes with --reload"),
                           (["--reload", "--reload-from", str(tmp_path / "nope")],
                            "not a model folder")):
         with pytest.raises(SystemExit) as e:
