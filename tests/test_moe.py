@@ -481,16 +481,19 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
 
 def _reloadable_model(qc, device, name="m0", experts=4, hidden=256, inter=256):
     """A MoE layer and a dense layer in one module, built as vLLM builds a
-    model (its reload metadata recorded right after construction)."""
+    model (on the load device, its reload metadata recorded right after
+    construction)."""
     from vllm.model_executor.layers.linear import ColumnParallelLinear
     from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
 
-    model = torch.nn.Module()
-    model.moe = _fused_moe(qc, f"{name}.layers.0.mlp.experts", experts, hidden, inter, device)
-    model.dense = ColumnParallelLinear(hidden, 384, bias=False, quant_config=qc,
-                                       prefix=f"{name}.layers.0.mlp.up", params_dtype=torch.bfloat16
-                                       ).to(device)
-    record_metadata_for_reloading(model)
+    with torch.device(device):  # as vLLM's loader: the reload materialises layers there
+        model = torch.nn.Module()
+        model.moe = _fused_moe(qc, f"{name}.layers.0.mlp.experts", experts, hidden, inter,
+                               device)
+        model.dense = ColumnParallelLinear(hidden, 384, bias=False, quant_config=qc,
+                                           prefix=f"{name}.layers.0.mlp.up",
+                                           params_dtype=torch.bfloat16).to(device)
+        record_metadata_for_reloading(model)
     return model
 
 

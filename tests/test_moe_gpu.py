@@ -304,9 +304,10 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
     )
 
     shape = (16, 1024, 512)
-    model = torch.nn.Module()
-    model.moe = _ours("graph.l0.experts", shape)
-    record_metadata_for_reloading(model)
+    with torch.device("cuda"):  # as vLLM's loader builds a model and records it
+        model = torch.nn.Module()
+        model.moe = _ours("graph.l0.experts", shape)
+        record_metadata_for_reloading(model)
     first, second = _per_expert({}, *shape), _per_expert({}, *shape)
     for t in second.values():
         if t.dtype == torch.int32:
