@@ -45,14 +45,15 @@ oracle() {  # the one lookup (tests/oracle.py); empty when there is none
 
 startup() {  # name, model dir, extra args
   local name=$1 model=$2; shift 2
-  rm -rf "$WORK/$name" "$OUT/$name.json" "$OUT/$name.png"  # no earlier results left to copy
-  python3 -m evals.startup_time --model "$model" --out-dir "$WORK/$name" --in-process-engine \
+  local dir="$WORK/startup-$name"  # not "$WORK/$name": the checkpoint folders are named so
+  rm -rf "$dir" "$OUT/$name.json" "$OUT/$name.png"  # no earlier results left to copy
+  python3 -m evals.startup_time --model "$model" --out-dir "$dir" --in-process-engine \
     "$@" 2>&1 \
     | grep -v "it/s\]$" | tail -14
   local rc=${PIPESTATUS[0]}
   echo "$name: startup_time rc=$rc"
-  cp "$WORK/$name/summary.json" "$OUT/$name.json" 2>/dev/null
-  cp "$WORK/$name/startup_time.png" "$OUT/$name.png" 2>/dev/null
+  cp "$dir/summary.json" "$OUT/$name.json" 2>/dev/null
+  cp "$dir/startup_time.png" "$OUT/$name.png" 2>/dev/null
 }
 
 synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is replaced)
