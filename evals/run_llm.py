@@ -134,9 +134,24 @@ def run(args) -> int:
     status = 0
     result["prepared_summaries"] = summaries()
     reload = _reload_weights if args.reload_under_config else "reload_weights"
+
+    def reload_or_stop(what: str, **kwargs) -> None:
+        """Run the reload; if it fails, write what this run has and stop
+        with one line."""
+        try:
+            llm.collective_rpc(reload, kwargs=kwargs)
+        except Exception as e:  # vLLM's error, from the worker
+            result[what] = {"error": f"{type(e).__name__}: {e}"}
+            _write(args.out, result)
+            hint = ("; upstream's W4A8 MoE preparation on vLLM 0.26.0 needs "
+                    "--reload-under-config" if "vLLM config is not set" in str(e) else "")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise OneLineError(f"{what}: vLLM's reload_weights failed: {type(e).__name__}: "
+                               f"{first}{hint} (the outputs so far are in {args.out})") from None
+
     if args.reload:
         t0 = time.perf_counter()
-        llm.collective_rpc(reload)
+        reload_or_stop("reload")
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()  # no KV computed with the weights before the reload
         again = _outputs(llm.generate(PROMPTS, params))
@@ -149,7 +164,7 @@ def run(args) -> int:
         status = 0 if same else 1
     if args.reload_from:
         t0 = time.perf_counter()
-        llm.collective_rpc(reload, kwargs={"weights_path": args.reload_from})
+        reload_or_stop("reload_from", weights_path=args.reload_from)
         seconds = time.perf_counter() - t0
         llm.reset_prefix_cache()
         new = _outputs(llm.generate(PROMPTS, params))
@@ -159,20 +174,24 @@ def run(args) -> int:
         print(f"run_llm: {args.mode}: reload_weights from {args.reload_from} {seconds:.2f} s; "
               f"outputs {'the same as' if new == outputs else 'other than'} the first "
               f"checkpoint's")
-    try:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-    except OSError as e:
-        raise OneLineError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
+    _write(args.out, result)
     print(f"run_llm: {args.mode}: startup {startup:.1f} s, wrote {args.out}")
     return status
 
 
+def _write(out: str, result: dict) -> None:
+    try:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    except OSError as e:
+        raise OneLineError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+
+
 def _reload_weights(worker, **kwargs):
     """The worker's ``reload_weights`` under its vLLM config: vLLM 0.26.0's
-    ``reload_weights`` sets none, and the W4A8 MoE preparation, upstream's as
-    ours, builds vLLM custom ops that need one (without it both fail with
-    ``Current vLLM config is not set``)."""
+    ``reload_weights`` sets none, and upstream's W4A8 MoE preparation builds
+    vLLM custom ops that need one (without it: ``Current vLLM config is not
+    set``). This package's decides that at weight creation and needs none."""
     from vllm.config import set_current_vllm_config
 
     with set_current_vllm_config(worker.vllm_config):

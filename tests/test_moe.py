@@ -152,8 +152,12 @@ def _expected(tensors: dict, experts: list[int], path: str = "native",
     }
 
 
-def _check_prepared(layer, want: dict, hidden: int, intermediate: int) -> None:
-    """``layer``: a prepared RoutedExperts; ``want``: from ``_expected``."""
+def _check_prepared(layer, want: dict, hidden: int, intermediate: int,
+                    config_on_layer: bool = True) -> None:
+    """``layer``: a prepared RoutedExperts; ``want``: from ``_expected``.
+    ``config_on_layer``: the quant config holds the layer's own tensors
+    (else equal ones: a layer-wise reload that built the config anew on the
+    outputs before vLLM copied them back into the first load's tensors)."""
     w13, w2 = (getattr(layer, name) for name in moe_weight_names())
     assert_weight_equal(w13.data, want["w13_weight_packed"], "w13 weights")
     assert_weight_equal(w2.data, want["w2_weight_packed"], "w2 weights")
@@ -179,7 +183,10 @@ def _check_prepared(layer, want: dict, hidden: int, intermediate: int) -> None:
              (qc.g1_alphas, layer.w13_weight_chan_scale),
              (qc.g2_alphas, layer.w2_weight_chan_scale))
     for used, held in pairs:
-        assert used is held
+        if config_on_layer:
+            assert used is held
+        else:
+            assert_same(used.data, held.data, "the quant config's tensors")
 
 
 # -------------------------------------------------------------------- tests
@@ -571,9 +578,13 @@ def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx, mo
     import vllm.config.vllm as vllm_config_module
     with monkeypatch.context() as m:
         m.setattr(vllm_config_module, "_current_vllm_config", None)
-        initialize_layerwise_reload(model)
-        _load_model(model, *second)
-        finalize_layerwise_reload(model, None)
+        vllm_config_module.get_cached_compilation_config.cache_clear()  # as on leaving one
+        try:
+            initialize_layerwise_reload(model)
+            _load_model(model, *second)
+            finalize_layerwise_reload(model, None)
+        finally:
+            vllm_config_module.get_cached_compilation_config.cache_clear()
     _check_prepared(model.moe.routed_experts, _expected(second[0], list(range(4))), 256, 256)
     assert method.moe_quant_config is kept["config"]
     assert method.b_strides1.data_ptr() == kept["b_strides1_ptr"]
@@ -583,6 +594,153 @@ def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx, mo
     want = _prepared(fresh)
     for n, p in _prepared(model).items():
         assert_same(p, want[n], f"{n} after a reload of new weights")
+
+
+def _reload(model, experts: dict, dense: dict | None = None) -> None:
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
+
+    initialize_layerwise_reload(model)
+    _load_model(model, experts, dense or {})
+    finalize_layerwise_reload(model, None)
+
+
+def _other_weights(experts: int, hidden: int, inter: int) -> dict:
+    out = _per_expert({}, experts, hidden, inter)
+    for t in out.values():
+        if t.dtype == torch.int32:
+            t.random_(-(2**31), 2**31 - 1)
+    return out
+
+
+def _moe_only_model(vllm_ctx, name: str):
+    with torch.device(vllm_ctx):
+        from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
+
+        model = torch.nn.Module()
+        model.moe = _fused_moe(_prepare_only_config(), f"{name}.layers.0.mlp.experts", 4, 256,
+                               256, vllm_ctx)
+        record_metadata_for_reloading(model)
+    return model
+
+
+def test_a_reload_refreshes_the_kept_kernels_own_tensors(vllm_ctx):
+    """The kept kernel's experts own a/c/s stride tensors, allocated once in
+    memory that vLLM's sleep level 2 discards (wake_up restores buffers, not
+    these): an in-place reload writes them again, from a kernel built as
+    upstream's method builds it. The kernel is vLLM's CUTLASS one, built on
+    the CPU (it only allocates there)."""
+    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsW4A8Fp8
+
+    from vllm_w4a8_fastprep.compat import build_w4a8_moe_kernel
+
+    model = _moe_only_model(vllm_ctx, "ks")
+    weights = _per_expert({}, 4, 256, 256)
+    _load_model(model, weights, {})
+    layer = model.moe.routed_experts
+    method = layer.quant_method
+    method.experts_cls, method.build_kernel = CutlassExpertsW4A8Fp8, True
+    method.process_weights_after_loading(layer)
+    kernel = method.moe_kernel
+    own = moe._kernel_tensors(kernel)
+    assert {"fused_experts.a_strides1", "fused_experts.c_strides1", "fused_experts.s_strides2",
+            "fused_experts.b_strides1"} <= own.keys()
+    want = {k: t.clone() for k, t in own.items()}
+    for t in own.values():
+        t.fill_(-7)  # what sleep level 2 leaves
+    _reload(model, weights)
+    assert method.moe_kernel is kernel and moe._kernel_tensors(kernel).keys() == own.keys()
+    for k, t in moe._kernel_tensors(kernel).items():
+        assert t is own[k]  # the tensors CUDA graphs captured ...
+        assert_same(t, want[k], k)  # ... hold what a new kernel holds
+    assert isinstance(build_w4a8_moe_kernel(method, layer), type(kernel))
+
+
+def test_a_reload_that_fails_leaves_the_kept_tensors_untouched(vllm_ctx, monkeypatch):
+    """Nothing a reload keeps is written before every output exists: a
+    preparation that fails midway (here the scales: out of memory) leaves
+    the tensors CUDA graphs read all of the last good load, not new weights
+    with old scales."""
+    from vllm_w4a8_fastprep import ops
+
+    model = _moe_only_model(vllm_ctx, "fail")
+    first = _per_expert({}, 4, 256, 256)
+    _load_model(model, first, {})
+    _process(model)
+    method = model.moe.routed_experts.quant_method
+    before = {n: p.data.clone() for n, p in method._prepared.items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "prepare_scales_grouped", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            _reload(model, _other_weights(4, 256, 256))
+    for n, p in method._prepared.items():
+        assert_same(p.data, before[n], f"{n} after a failed reload")
+
+
+def test_what_the_method_keeps_follows_offloading(vllm_ctx):
+    """vLLM's CPU offloading moves each parameter's ``.data`` off the GPU
+    after the preparation (``device_loading_context``): the method keeps the
+    parameter objects, so no prepared tensor stays alive that the layer no
+    longer holds (emulated here by a copy)."""
+    model = _moe_only_model(vllm_ctx, "off")
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    layer = model.moe.routed_experts
+    layer.quant_method.process_weights_after_loading(layer)
+    for p in layer.parameters():
+        p.data = p.data.clone()
+    held = {p.data.data_ptr() for p in layer.quant_method._prepared.values()}
+    assert held <= {p.data_ptr() for p in layer.parameters()}
+
+
+def test_a_reload_of_other_layouts_builds_the_quant_config_anew(vllm_ctx):
+    """Where a reload's outputs do not all have the layouts of the last
+    preparation (here one kept tensor is given another dtype), nothing is
+    written in place: the quant config is built anew on the new tensors."""
+    model = _moe_only_model(vllm_ctx, "lay")
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    _process(model)
+    layer = model.moe.routed_experts
+    method = layer.quant_method
+    config = method.moe_quant_config
+    method._prepared["w2_weight_chan_scale"] = torch.nn.Parameter(
+        method._prepared["w2_weight_chan_scale"].data.double(), requires_grad=False)
+    second = _other_weights(4, 256, 256)
+    _reload(model, second)
+    assert method.moe_quant_config is not config
+    _check_prepared(layer, _expected(second, list(range(4))), 256, 256, config_on_layer=False)
+
+
+def test_a_reload_where_replace_parameter_copies(vllm_ctx, monkeypatch):
+    """vLLM 0.33's ``replace_parameter`` copies into the layer's parameter
+    where shapes agree (an extra copy, the storage kept): the reload then
+    gives the same prepared tensors and keeps the quant config."""
+    def copying_replace(layer, name, data):
+        old = getattr(layer, name, None)
+        if (isinstance(old, torch.nn.Parameter) and old.shape == data.shape
+                and old.dtype == data.dtype and old.device == data.device):
+            if old.data_ptr() != data.data_ptr():
+                old.data.copy_(data)
+            return
+        if old is not None:
+            delattr(layer, name)
+        layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+
+    monkeypatch.setattr(moe, "replace_parameter", copying_replace)
+    model = _moe_only_model(vllm_ctx, "cpy")
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    _process(model)
+    method = model.moe.routed_experts.quant_method
+    config = method.moe_quant_config
+    second = _other_weights(4, 256, 256)
+    _reload(model, second)
+    assert method.moe_quant_config is config
+    _check_prepared(model.moe.routed_experts, _expected(second, list(range(4))), 256, 256)
 
 
 def _bad_expert_case(vllm_ctx, prefix, damage):

@@ -10,9 +10,11 @@ one pass on the current stream, without a device sync, bit-identical to
 upstream's ``convert_to_w4a8_moe_kernel_format``. Everything upstream sets
 afterwards is set the same way: the prepared parameters, the channel scales,
 ``b_strides1``/``b_strides2``, ``moe_quant_config`` and ``moe_kernel``. A
-reload of the same shapes writes into the tensors of the first preparation and
-keeps the quant config and kernel built on them (CUDA graphs captured their
-addresses); upstream rebuilds them, freeing tensors a captured graph reads.
+reload whose outputs have the layouts of the first preparation's writes them,
+once all exist, into the first preparation's tensors and keeps the quant config
+and kernel built on them (CUDA graphs captured their addresses), the kernel's own
+tensors written again; upstream rebuilds them, freeing tensors a captured graph
+reads.
 
 ``get_moe_method`` picks it for W4AFP8 MoE layers where the CUTLASS MoE path
 runs (an SM90 GPU with vLLM's compiled ops); elsewhere it returns None, logged,
@@ -242,10 +244,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self.build_kernel = kernel
         self.b_strides1: torch.Tensor | None = None
         self.b_strides2: torch.Tensor | None = None
-        # the tensors of the last preparation: a preparation of the same
-        # shapes writes into them and keeps the quant config and kernel built
+        # the parameters of the last preparation: a preparation of the same
+        # layouts writes into them and keeps the quant config and kernel built
         # on them, so what CUDA graphs captured stays valid after a reload
-        self._prepared: dict[str, torch.Tensor] = {}
+        self._prepared: dict[str, torch.nn.Parameter] = {}
         # upstream's QuantFP8 path, decided under the load's vLLM config
         # (vLLM 0.26's reload_weights runs without a current config)
         self._scale_path: str | None = None
@@ -420,28 +422,28 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
         token = self.stats.begin_layer(device)
         nonfinite = None
-        in_place = bool(self._prepared)
+        names = [w13_name, w2_name, "w13_weight_scale", "w13_weight_chan_scale",
+                 "w2_weight_scale", "w2_weight_chan_scale"]
         try:
             for param in (w13_name, w2_name):
-                in_place &= self._place(
-                    layer, param, ops.prepare_weight_grouped(getattr(layer, param).data))
+                replace_parameter(layer, param,
+                                  ops.prepare_weight_grouped(getattr(layer, param).data))
             for w in ("w13", "w2"):
                 group_scales, chan_scales = ops.prepare_scales_grouped(
                     getattr(layer, f"{w}_weight_scale").data, path)
                 bad = count_nonfinite_rows(chan_scales)
                 nonfinite = bad if nonfinite is None else nonfinite + bad
-                in_place &= self._place(layer, f"{w}_weight_scale", group_scales)
-                in_place &= self._place(layer, f"{w}_weight_chan_scale", chan_scales)
+                replace_parameter(layer, f"{w}_weight_scale", group_scales)
+                replace_parameter(layer, f"{w}_weight_chan_scale", chan_scales)
                 del group_scales, chan_scales
             strides = (ops.b_strides_grouped(experts, n13, k13, device),
                        ops.b_strides_grouped(experts, n2, k2, device))
-            if in_place and _same_layout(self.b_strides1, strides[0]) \
-                    and _same_layout(self.b_strides2, strides[1]):
-                self.b_strides1.copy_(strides[0])
-                self.b_strides2.copy_(strides[1])
+            # every output exists: only now is anything a reload keeps written
+            kernel_tensors = self._in_place_targets(layer, names, strides)
+            if kernel_tensors is not None:
+                self._write_in_place(layer, names, strides, kernel_tensors)
             else:
                 self.b_strides1, self.b_strides2 = strides
-                in_place = False
             del strides
         except BaseException as e:
             self.stats.layer_failed(token, name)
@@ -451,34 +453,67 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._loaded.clear()  # a reload records afresh
         self.stats.end_layer(token, name, weight_bytes, scale_bytes, experts=experts,
                              nonfinite=nonfinite, rows=experts * (n13 + n2))
-
-        if in_place and self.moe_quant_config is not None:
-            # a reload of the same shapes: every prepared tensor was written
-            # into the storage of the last preparation, which the quant config
-            # and the kernel (and its stride tensors) refer to and CUDA graphs
-            # captured; rebuilding them would free tensors a graph still reads
-            return
+        if kernel_tensors is not None:
+            return  # the quant config and kernel built on the first preparation stay
+        # the Parameter objects, not their data: vLLM's CPU offloading swaps
+        # .data after this method returns
+        self._prepared = {n: getattr(layer, n) for n in names}
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         if self.build_kernel and self.moe_quant_config is not None:
             assert self.experts_cls is not None
             self.moe_kernel = build_w4a8_moe_kernel(self, layer)
 
-    def _place(self, layer: torch.nn.Module, name: str, data: torch.Tensor) -> bool:
-        """Make ``data`` the layer's ``name``; written into the tensor of the
-        last preparation where that has the same layout (True), else as a new
-        tensor (False)."""
-        old = self._prepared.get(name)
-        if _same_layout(old, data):
-            old.copy_(data)
-            del data
-            replace_parameter(layer, name, old)
-            return True
-        replace_parameter(layer, name, data)
-        del data
-        # the storage the layer now holds (vLLM >= 0.31's replace_parameter
-        # copies into the layer's own parameter where the shapes agree)
-        self._prepared[name] = getattr(layer, name).data
-        return False
+    def _in_place_targets(self, layer, names, strides) -> dict | None:
+        """On a re-preparation (a weight reload) whose every output has the
+        layout of the last preparation's: the tensors of the kernel to
+        refresh, as ``{name: (kept, fresh)}`` (empty without a kernel). None
+        where the quant config and kernel are to be built anew."""
+        kernel = getattr(self, "moe_kernel", None)
+        if (self.moe_quant_config is None or (self.build_kernel and kernel is None)
+                or set(self._prepared) != set(names)
+                or not all(_same_layout(self._prepared[n].data, getattr(layer, n).data)
+                           for n in names)
+                or not _same_layout(self.b_strides1, strides[0])
+                or not _same_layout(self.b_strides2, strides[1])):
+            return None
+        if kernel is None:
+            return {}
+        # the experts' own tensors (a/c/s strides: allocated once, in memory
+        # that vLLM's sleep level 2 discards) are refreshed from a kernel
+        # built now, as upstream's method would build it
+        kept, fresh = (_kernel_tensors(k) for k in
+                       (kernel, build_w4a8_moe_kernel(self, layer)))
+        if kept.keys() != fresh.keys() or not all(
+                _same_layout(kept[k], fresh[k]) for k in kept):
+            return None
+        return {k: (kept[k], fresh[k]) for k in kept}
+
+    def _write_in_place(self, layer, names, strides, kernel_tensors) -> None:
+        """Write a reload's outputs into the tensors of the first preparation
+        (the quant config's and kernel's, which CUDA graphs captured) and
+        make those the layer's parameters again."""
+        for n in names:
+            kept = self._prepared[n].data
+            kept.copy_(getattr(layer, n).data)
+            replace_parameter(layer, n, kept)
+        self.b_strides1.copy_(strides[0])
+        self.b_strides2.copy_(strides[1])
+        for kept, fresh in kernel_tensors.values():
+            if kept is not fresh:
+                kept.copy_(fresh)
+
+
+def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
+    """The tensors a fused-MoE kernel's parts hold as their own attributes
+    (parameters are the layer's, refreshed by the reload itself)."""
+    impl = getattr(kernel, "impl", kernel)
+    out = {}
+    for part in ("prepare_finalize", "fused_experts"):
+        obj = getattr(impl, part, None)
+        for key, value in (vars(obj).items() if obj is not None else ()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                out[f"{part}.{key}"] = value
+    return out
 
 
 def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:
