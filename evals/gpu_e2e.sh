@@ -85,12 +85,16 @@ reload_check() {  # name, model dir, second model dir: see the step's descriptio
   VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m evals.run_llm "$other" --mode ours \
     --out "$OUT/fresh-$name-graphs-ours.json" > "$WORK/fresh-$name.log" 2>&1
   echo "fresh start on the second checkpoint, ours, CUDA graphs: rc=$?"
-  python3 - "$OUT" "$name" <<'PY' || echo "$name: not comparable (a run wrote no result)"
+  python3 - "$OUT" "$name" <<'PY' || echo "$name: not comparable (a run wrote no result, or a reload failed: above)"
 import json, sys
 out, name = sys.argv[1:]
 a, b, g, f = (json.load(open(f"{out}/{x}")) for x in (
     f"reload-{name}-eager-ours.json", f"reload-{name}-eager-upstream.json",
     f"reload-{name}-graphs-ours.json", f"fresh-{name}-graphs-ours.json"))
+failed = [f"{r['mode']} {t}: {r[k]['error']}" for t, r in (("eager", a), ("eager", b),
+          ("graphs", g)) for k in ("reload", "reload_from") if "error" in r.get(k, {})]
+if failed:
+    sys.exit(f"{name}: a reload failed: " + "; ".join(failed))
 for what, x, y in (("first load", a["outputs"], b["outputs"]),
                    ("after reload", a["reload"]["outputs"], b["reload"]["outputs"]),
                    ("after reload from the second checkpoint", a["reload_from"]["outputs"],

@@ -144,7 +144,9 @@ def run(args) -> int:
             result[what] = {"error": f"{type(e).__name__}: {e}"}
             _write(args.out, result)
             hint = ("; upstream's W4A8 MoE preparation on vLLM 0.26.0 needs "
-                    "--reload-under-config" if "vLLM config is not set" in str(e) else "")
+                    "--reload-under-config" if args.mode == "upstream"
+                    and not args.reload_under_config
+                    and "vLLM config is not set" in str(e) else "")
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"{what}: vLLM's reload_weights failed: {type(e).__name__}: "
                                f"{first}{hint} (the outputs so far are in {args.out})") from None

@@ -608,10 +608,15 @@ def _reload(model, experts: dict, dense: dict | None = None) -> None:
 
 
 def _other_weights(experts: int, hidden: int, inter: int) -> dict:
+    """Expert tensors of the same shapes as ``_per_expert``'s, other values
+    (weights and group scales)."""
     out = _per_expert({}, experts, hidden, inter)
-    for t in out.values():
-        if t.dtype == torch.int32:
-            t.random_(-(2**31), 2**31 - 1)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    for name, t in out.items():
+        if name.endswith("weight_packed"):
+            t.random_(-(2**31), 2**31 - 1, generator=g)
+        elif name.endswith("weight_scale"):
+            t.mul_((torch.rand(t.shape, generator=g) + 0.5).to(t.dtype))
     return out
 
 
@@ -656,6 +661,86 @@ def test_a_reload_refreshes_the_kept_kernels_own_tensors(vllm_ctx):
         assert t is own[k]  # the tensors CUDA graphs captured ...
         assert_same(t, want[k], k)  # ... hold what a new kernel holds
     assert isinstance(build_w4a8_moe_kernel(method, layer), type(kernel))
+
+
+def _kernel_model(vllm_ctx, name: str):
+    """A MoE-only model whose layer has vLLM's CUTLASS W4A8 kernel, built on
+    the CPU (the kernel only allocates there)."""
+    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsW4A8Fp8
+
+    model = _moe_only_model(vllm_ctx, name)
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    layer = model.moe.routed_experts
+    method = layer.quant_method
+    method.experts_cls, method.build_kernel = CutlassExpertsW4A8Fp8, True
+    method.process_weights_after_loading(layer)
+    return model, layer, method
+
+
+def test_a_configless_reload_builds_its_kernel_under_the_loads_config(vllm_ctx, monkeypatch):
+    """vLLM 0.26's reload_weights sets no current config; the kernel built on
+    a reload (to refresh the kept one's tensors) may read it (DeepEP v2's
+    prepare/finalize does): it is built under the config of the load."""
+    import importlib
+
+    import vllm.config.vllm as vllm_config_module
+    from vllm.config import get_current_vllm_config
+
+    model, layer, method = _kernel_model(vllm_ctx, "cfg")
+    kernel = method.moe_kernel
+    oracle = importlib.import_module("vllm.model_executor.layers.fused_moe.oracle.w4a8")
+    real = oracle.maybe_make_prepare_finalize
+    seen = []
+
+    def reads_config(*args, **kwargs):  # as DeepEP v2's branch does
+        seen.append(get_current_vllm_config())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oracle, "maybe_make_prepare_finalize", reads_config)
+    with monkeypatch.context() as m:
+        m.setattr(vllm_config_module, "_current_vllm_config", None)
+        vllm_config_module.get_cached_compilation_config.cache_clear()
+        try:
+            _reload(model, _other_weights(4, 256, 256))
+        finally:
+            vllm_config_module.get_cached_compilation_config.cache_clear()
+    assert method.moe_kernel is kernel and seen == [get_current_vllm_config()]
+
+
+def test_an_in_place_reload_puts_the_kept_parameters_back_itself(vllm_ctx, monkeypatch):
+    """Before vLLM's layer-wise reload copies the layer's tensors back (which
+    would hide it), the layer already holds the kept parameter objects, with
+    the new values (weights and scales); also where vLLM's replace_parameter
+    copies (0.33) and outside the layer-wise path (the layer's checkpoint
+    parameters created, loaded and prepared again)."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    model, layer, method = _kernel_model(vllm_ctx, "back")
+    kept = dict(method._prepared)
+    seen = {}
+    real = layerwise._copy_and_restore_kernel_tensors
+
+    def spy(lyr, info):
+        if lyr is layer:
+            seen.update({n: getattr(lyr, n) for n in kept})
+        return real(lyr, info)
+
+    monkeypatch.setattr(layerwise, "_copy_and_restore_kernel_tensors", spy)
+    second = _other_weights(4, 256, 256)
+    _reload(model, second)
+    assert all(seen[n] is kept[n] for n in kept), [n for n in kept if seen[n] is not kept[n]]
+    _check_prepared(layer, _expected(second, list(range(4))), 256, 256)
+    # outside the layer-wise path
+    for n in kept:
+        delattr(layer, n)
+    method.create_weights(layer, num_experts=4, hidden_size=256,
+                          intermediate_size_per_partition=256, params_dtype=torch.bfloat16,
+                          weight_loader=layer.weight_loader)
+    third = _other_weights(4, 256, 256)
+    _load_model(model, third, {})
+    method.process_weights_after_loading(layer)
+    assert all(getattr(layer, n) is kept[n] for n in kept)
+    _check_prepared(layer, _expected(third, list(range(4))), 256, 256)
 
 
 def test_a_reload_that_fails_leaves_the_kept_tensors_untouched(vllm_ctx, monkeypatch):

@@ -131,6 +131,7 @@ _VLLM_NAMES = {
     "verify_group_size_divides_partition": "vllm.distributed.utils",
     "current_platform": "vllm.platforms",
     "get_current_vllm_config_or_none": "vllm.config",
+    "set_current_vllm_config": "vllm.config",
     "ColumnParallelLinear": "vllm.model_executor.layers.linear",
     "MergedColumnParallelLinear": "vllm.model_executor.layers.linear",
     "QKVParallelLinear": "vllm.model_executor.layers.linear",

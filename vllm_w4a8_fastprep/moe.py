@@ -23,6 +23,7 @@ and the layer gets upstream's compressed-tensors handling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -37,10 +38,12 @@ from .compat import (
     QuantFP8,
     build_w4a8_moe_kernel,
     current_platform,
+    get_current_vllm_config_or_none,
     moe_backend_problem,
     moe_channel_scales_registered_at_creation,
     rename_moe_weights,
     replace_parameter,
+    set_current_vllm_config,
     set_weight_attrs,
     w13_num_shards,
 )
@@ -275,6 +278,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         # decides how the scales round
         self._scale_path = scale_path_of(QuantFP8(static=False,
                                                   group_shape=GroupShape.PER_TOKEN))
+        # the load's vLLM config, for building a kernel on a reload (vLLM
+        # 0.26's reload_weights sets none; some all2all set-ups read it)
+        self._vllm_config = get_current_vllm_config_or_none()
         local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         self._local_expert = weak_callable(local) if local is not None else None
         if intermediate_size_per_partition % 256 == 0:
@@ -469,22 +475,31 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         refresh, as ``{name: (kept, fresh)}`` (empty without a kernel). None
         where the quant config and kernel are to be built anew."""
         kernel = getattr(self, "moe_kernel", None)
-        if (self.moe_quant_config is None or (self.build_kernel and kernel is None)
-                or set(self._prepared) != set(names)
+        if self.moe_quant_config is None or (self.build_kernel and kernel is None):
+            return None  # a first preparation (or one that failed before its kernel)
+        if (set(self._prepared) != set(names)
                 or not all(_same_layout(self._prepared[n].data, getattr(layer, n).data)
                            for n in names)
                 or not _same_layout(self.b_strides1, strides[0])
                 or not _same_layout(self.b_strides2, strides[1])):
+            _log_once("rebuild:layout", logging.INFO, "%s: a reload of MoE layer %s gave "
+                      "tensors of other layouts than its first load: its quant config and "
+                      "kernel are built anew; CUDA graphs captured before it are not valid for "
+                      "it", METHOD_NAME, self.layer_name)
             return None
         if kernel is None:
             return {}
         # the experts' own tensors (a/c/s strides: allocated once, in memory
         # that vLLM's sleep level 2 discards) are refreshed from a kernel
         # built now, as upstream's method would build it
-        kept, fresh = (_kernel_tensors(k) for k in
-                       (kernel, build_w4a8_moe_kernel(self, layer)))
+        with _vllm_config_if_none(self._vllm_config):
+            fresh_kernel = build_w4a8_moe_kernel(self, layer)
+        kept, fresh = _kernel_tensors(kernel), _kernel_tensors(fresh_kernel)
         if kept.keys() != fresh.keys() or not all(
                 _same_layout(kept[k], fresh[k]) for k in kept):
+            _log_once("rebuild:kernel", logging.INFO, "%s: a reload of MoE layer %s builds its "
+                      "kernel anew (the kernel's tensors changed layout); CUDA graphs captured "
+                      "before it are not valid for it", METHOD_NAME, self.layer_name)
             return None
         return {k: (kept[k], fresh[k]) for k in kept}
 
@@ -493,14 +508,26 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         (the quant config's and kernel's, which CUDA graphs captured) and
         make those the layer's parameters again."""
         for n in names:
-            kept = self._prepared[n].data
-            kept.copy_(getattr(layer, n).data)
-            replace_parameter(layer, n, kept)
+            kept = self._prepared[n]
+            kept.data.copy_(getattr(layer, n).data)
+            delattr(layer, n)
+            layer.register_parameter(n, kept)  # the object the quant config holds
         self.b_strides1.copy_(strides[0])
         self.b_strides2.copy_(strides[1])
         for kept, fresh in kernel_tensors.values():
             if kept is not fresh:
                 kept.copy_(fresh)
+
+
+@contextlib.contextmanager
+def _vllm_config_if_none(config):
+    """``config`` as vLLM's current config where none is set (as in vLLM
+    0.26's ``reload_weights``); otherwise the current one stays."""
+    if config is None or get_current_vllm_config_or_none() is not None:
+        yield
+        return
+    with set_current_vllm_config(config):
+        yield
 
 
 def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
