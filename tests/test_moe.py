@@ -486,10 +486,10 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
 # ------------------------------------------------ reload, bad tensors, names
 
 
-def _reloadable_model(qc, device, name="m0", experts=4, hidden=256, inter=256):
-    """A MoE layer and a dense layer in one module, built as vLLM builds a
-    model (on the load device, its reload metadata recorded right after
-    construction)."""
+def _reloadable_model(qc, device, name="m0", experts=4, hidden=256, inter=256, dense=True):
+    """A MoE layer and (``dense``) a dense layer in one module, built as vLLM
+    builds a model (on the load device, its reload metadata recorded right
+    after construction)."""
     from vllm.model_executor.layers.linear import ColumnParallelLinear
     from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
 
@@ -497,9 +497,10 @@ def _reloadable_model(qc, device, name="m0", experts=4, hidden=256, inter=256):
         model = torch.nn.Module()
         model.moe = _fused_moe(qc, f"{name}.layers.0.mlp.experts", experts, hidden, inter,
                                device)
-        model.dense = ColumnParallelLinear(hidden, 384, bias=False, quant_config=qc,
-                                           prefix=f"{name}.layers.0.mlp.up",
-                                           params_dtype=torch.bfloat16).to(device)
+        if dense:
+            model.dense = ColumnParallelLinear(hidden, 384, bias=False, quant_config=qc,
+                                               prefix=f"{name}.layers.0.mlp.up",
+                                               params_dtype=torch.bfloat16).to(device)
         record_metadata_for_reloading(model)
     return model
 
@@ -521,79 +522,6 @@ def _process(model) -> None:
 def _prepared(model) -> dict:
     """Every parameter of the model, copied (bytes compared by the caller)."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx, monkeypatch):
-    """vLLM's reload path (``GPUModelRunner.reload_weights``, and the weight
-    transfer engines RL frameworks use): ``initialize_layerwise_reload``
-    replaces every parameter object, the checkpoint tensors go through the
-    layers' weight loaders again, ``finalize_layerwise_reload``. The MoE
-    method recorded loaded experts by parameter object, so a reload was
-    refused ('loaded for 0 of this rank's 4 experts')."""
-    from vllm.model_executor.model_loader.reload import (
-        finalize_layerwise_reload,
-        initialize_layerwise_reload,
-    )
-
-    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
-
-    qc = _prepare_only_config()
-    model = _reloadable_model(qc, vllm_ctx)
-    g = torch.Generator().manual_seed(21)
-    first = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
-    _load_model(model, *first)
-    _process(model)
-    before = _prepared(model)
-    _check_prepared(model.moe.routed_experts, _expected(first[0], list(range(4))), 256, 256)
-    kernel_params = {n: p for n, p in model.named_parameters()}
-    method = model.moe.routed_experts.quant_method
-    kept = {"config": method.moe_quant_config, "b_strides1": method.b_strides1,
-            "b_strides2": method.b_strides2, "b_strides1_ptr": method.b_strides1.data_ptr(),
-            "b_strides2_ptr": method.b_strides2.data_ptr()}
-
-    # the same weights again: every prepared tensor byte-identical, in place
-    initialize_layerwise_reload(model)
-    _load_model(model, *first)
-    finalize_layerwise_reload(model, None)
-    after = _prepared(model)
-    assert after.keys() == before.keys()
-    for n in before:
-        assert_same(after[n], before[n], f"{n} after a reload of the same weights")
-    assert all(p is kernel_params[n] for n, p in model.named_parameters())  # CUDA graphs
-    # what the forward reads besides the parameters, and CUDA graphs captured,
-    # is kept: the quant config (and so the kernel built on it) and b_strides
-    method = model.moe.routed_experts.quant_method
-    assert method.moe_quant_config is kept["config"]
-    for name in ("b_strides1", "b_strides2"):
-        assert getattr(method, name) is kept[name]
-        assert getattr(method, name).data_ptr() == kept[f"{name}_ptr"]
-    # new weights (an RL update): prepared like a first load of them
-    torch.manual_seed(22)
-    second = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
-    for t in second[0].values():
-        if t.dtype == torch.int32:
-            t.random_(-(2**31), 2**31 - 1)
-    # vLLM 0.26's GPUModelRunner.reload_weights sets no current vLLM config
-    # (upstream's MoE preparation then fails building its QuantFP8)
-    import vllm.config.vllm as vllm_config_module
-    with monkeypatch.context() as m:
-        m.setattr(vllm_config_module, "_current_vllm_config", None)
-        vllm_config_module.get_cached_compilation_config.cache_clear()  # as on leaving one
-        try:
-            initialize_layerwise_reload(model)
-            _load_model(model, *second)
-            finalize_layerwise_reload(model, None)
-        finally:
-            vllm_config_module.get_cached_compilation_config.cache_clear()
-    _check_prepared(model.moe.routed_experts, _expected(second[0], list(range(4))), 256, 256)
-    assert method.moe_quant_config is kept["config"]
-    assert method.b_strides1.data_ptr() == kept["b_strides1_ptr"]
-    fresh = _reloadable_model(_prepare_only_config(), vllm_ctx, name="m1")
-    _load_model(fresh, *second)
-    _process(fresh)
-    want = _prepared(fresh)
-    for n, p in _prepared(model).items():
-        assert_same(p, want[n], f"{n} after a reload of new weights")
 
 
 def _reload(model, experts: dict, dense: dict | None = None) -> None:
@@ -620,15 +548,78 @@ def _other_weights(experts: int, hidden: int, inter: int) -> dict:
     return out
 
 
-def _moe_only_model(vllm_ctx, name: str):
-    with torch.device(vllm_ctx):
-        from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
+def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx, monkeypatch):
+    """vLLM's reload path (``GPUModelRunner.reload_weights``, and the weight
+    transfer engines RL frameworks use): ``initialize_layerwise_reload``
+    replaces every parameter object, the checkpoint tensors go through the
+    layers' weight loaders again, ``finalize_layerwise_reload``. The MoE
+    method recorded loaded experts by parameter object, so a reload was
+    refused ('loaded for 0 of this rank's 4 experts')."""
+    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
 
-        model = torch.nn.Module()
-        model.moe = _fused_moe(_prepare_only_config(), f"{name}.layers.0.mlp.experts", 4, 256,
-                               256, vllm_ctx)
-        record_metadata_for_reloading(model)
-    return model
+    qc = _prepare_only_config()
+    model = _reloadable_model(qc, vllm_ctx)
+    g = torch.Generator().manual_seed(21)
+    first = (_per_expert({}, 4, 256, 256), random_w4afp8_linear(384, 256, g))
+    _load_model(model, *first)
+    _process(model)
+    before = _prepared(model)
+    _check_prepared(model.moe.routed_experts, _expected(first[0], list(range(4))), 256, 256)
+    kernel_params = {n: p for n, p in model.named_parameters()}
+    method = model.moe.routed_experts.quant_method
+    kept = {"config": method.moe_quant_config, "b_strides1": method.b_strides1,
+            "b_strides2": method.b_strides2, "b_strides1_ptr": method.b_strides1.data_ptr(),
+            "b_strides2_ptr": method.b_strides2.data_ptr()}
+
+    # the same weights again: every prepared tensor byte-identical, in place
+    _reload(model, *first)
+    after = _prepared(model)
+    assert after.keys() == before.keys()
+    for n in before:
+        assert_same(after[n], before[n], f"{n} after a reload of the same weights")
+    assert all(p is kernel_params[n] for n, p in model.named_parameters())  # CUDA graphs
+    # what the forward reads besides the parameters, and CUDA graphs captured,
+    # is kept: the quant config (and so the kernel built on it) and b_strides
+    method = model.moe.routed_experts.quant_method
+    assert method.moe_quant_config is kept["config"]
+    for name in ("b_strides1", "b_strides2"):
+        assert getattr(method, name) is kept[name]
+        assert getattr(method, name).data_ptr() == kept[f"{name}_ptr"]
+    # new weights (an RL update): prepared like a first load of them
+    second = (_other_weights(4, 256, 256), random_w4afp8_linear(384, 256, g))
+    # vLLM 0.26's GPUModelRunner.reload_weights sets no current vLLM config
+    # (upstream's MoE preparation then fails building its QuantFP8)
+    import vllm.config.vllm as vllm_config_module
+    with monkeypatch.context() as m:
+        m.setattr(vllm_config_module, "_current_vllm_config", None)
+        vllm_config_module.get_cached_compilation_config.cache_clear()  # as on leaving one
+        try:
+            _reload(model, *second)
+        finally:
+            vllm_config_module.get_cached_compilation_config.cache_clear()
+    _check_prepared(model.moe.routed_experts, _expected(second[0], list(range(4))), 256, 256)
+    assert method.moe_quant_config is kept["config"]
+    assert method.b_strides1.data_ptr() == kept["b_strides1_ptr"]
+    fresh = _reloadable_model(_prepare_only_config(), vllm_ctx, name="m1")
+    _load_model(fresh, *second)
+    _process(fresh)
+    want = _prepared(fresh)
+    for n, p in _prepared(model).items():
+        assert_same(p, want[n], f"{n} after a reload of new weights")
+
+
+def _kernel_model(vllm_ctx, name: str):
+    """A MoE-only model whose layer has vLLM's CUTLASS W4A8 kernel, built on
+    the CPU (the kernel only allocates there)."""
+    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsW4A8Fp8
+
+    model = _reloadable_model(_prepare_only_config(), vllm_ctx, name, dense=False)
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    layer = model.moe.routed_experts
+    method = layer.quant_method
+    method.experts_cls, method.build_kernel = CutlassExpertsW4A8Fp8, True
+    method.process_weights_after_loading(layer)
+    return model, layer, method
 
 
 def test_a_reload_refreshes_the_kept_kernels_own_tensors(vllm_ctx):
@@ -637,17 +628,10 @@ def test_a_reload_refreshes_the_kept_kernels_own_tensors(vllm_ctx):
     these): an in-place reload writes them again, from a kernel built as
     upstream's method builds it. The kernel is vLLM's CUTLASS one, built on
     the CPU (it only allocates there)."""
-    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsW4A8Fp8
-
     from vllm_w4a8_fastprep.compat import build_w4a8_moe_kernel
 
-    model = _moe_only_model(vllm_ctx, "ks")
-    weights = _per_expert({}, 4, 256, 256)
-    _load_model(model, weights, {})
-    layer = model.moe.routed_experts
-    method = layer.quant_method
-    method.experts_cls, method.build_kernel = CutlassExpertsW4A8Fp8, True
-    method.process_weights_after_loading(layer)
+    model, layer, method = _kernel_model(vllm_ctx, "ks")
+    weights = _per_expert({}, 4, 256, 256)  # those _kernel_model loaded
     kernel = method.moe_kernel
     own = moe._kernel_tensors(kernel)
     assert {"fused_experts.a_strides1", "fused_experts.c_strides1", "fused_experts.s_strides2",
@@ -661,20 +645,6 @@ def test_a_reload_refreshes_the_kept_kernels_own_tensors(vllm_ctx):
         assert t is own[k]  # the tensors CUDA graphs captured ...
         assert_same(t, want[k], k)  # ... hold what a new kernel holds
     assert isinstance(build_w4a8_moe_kernel(method, layer), type(kernel))
-
-
-def _kernel_model(vllm_ctx, name: str):
-    """A MoE-only model whose layer has vLLM's CUTLASS W4A8 kernel, built on
-    the CPU (the kernel only allocates there)."""
-    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsW4A8Fp8
-
-    model = _moe_only_model(vllm_ctx, name)
-    _load_model(model, _per_expert({}, 4, 256, 256), {})
-    layer = model.moe.routed_experts
-    method = layer.quant_method
-    method.experts_cls, method.build_kernel = CutlassExpertsW4A8Fp8, True
-    method.process_weights_after_loading(layer)
-    return model, layer, method
 
 
 def test_a_configless_reload_builds_its_kernel_under_the_loads_config(vllm_ctx, monkeypatch):
@@ -750,7 +720,7 @@ def test_a_reload_that_fails_leaves_the_kept_tensors_untouched(vllm_ctx, monkeyp
     with old scales."""
     from vllm_w4a8_fastprep import ops
 
-    model = _moe_only_model(vllm_ctx, "fail")
+    model = _reloadable_model(_prepare_only_config(), vllm_ctx, "fail", dense=False)
     first = _per_expert({}, 4, 256, 256)
     _load_model(model, first, {})
     _process(model)
@@ -773,7 +743,7 @@ def test_what_the_method_keeps_follows_offloading(vllm_ctx):
     after the preparation (``device_loading_context``): the method keeps the
     parameter objects, so no prepared tensor stays alive that the layer no
     longer holds (emulated here by a copy)."""
-    model = _moe_only_model(vllm_ctx, "off")
+    model = _reloadable_model(_prepare_only_config(), vllm_ctx, "off", dense=False)
     _load_model(model, _per_expert({}, 4, 256, 256), {})
     layer = model.moe.routed_experts
     layer.quant_method.process_weights_after_loading(layer)
@@ -787,7 +757,7 @@ def test_a_reload_of_other_layouts_builds_the_quant_config_anew(vllm_ctx):
     """Where a reload's outputs do not all have the layouts of the last
     preparation (here one kept tensor is given another dtype), nothing is
     written in place: the quant config is built anew on the new tensors."""
-    model = _moe_only_model(vllm_ctx, "lay")
+    model = _reloadable_model(_prepare_only_config(), vllm_ctx, "lay", dense=False)
     _load_model(model, _per_expert({}, 4, 256, 256), {})
     _process(model)
     layer = model.moe.routed_experts
@@ -817,7 +787,7 @@ def test_a_reload_where_replace_parameter_copies(vllm_ctx, monkeypatch):
         layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
 
     monkeypatch.setattr(moe, "replace_parameter", copying_replace)
-    model = _moe_only_model(vllm_ctx, "cpy")
+    model = _reloadable_model(_prepare_only_config(), vllm_ctx, "cpy", dense=False)
     _load_model(model, _per_expert({}, 4, 256, 256), {})
     _process(model)
     method = model.moe.routed_experts.quant_method
@@ -1042,10 +1012,7 @@ def test_a_reload_with_tensors_that_do_not_fit_fails_at_once_and_leaves_no_state
     skipped by vLLM, its old weights kept, without an error; problems kept
     from such a reload refused the next good one. Now the first tensor that
     does not fit raises, and a later reload of good tensors works."""
-    from vllm.model_executor.model_loader.reload import (
-        finalize_layerwise_reload,
-        initialize_layerwise_reload,
-    )
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     from vllm_w4a8_fastprep.load_checks import LoadError
     from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
@@ -1072,9 +1039,7 @@ def test_a_reload_with_tensors_that_do_not_fit_fails_at_once_and_leaves_no_state
     model = _reloadable_model(qc, vllm_ctx, name="m3")
     _load_model(model, *good)
     _process(model)
-    initialize_layerwise_reload(model)
-    _load_model(model, *good)
-    finalize_layerwise_reload(model, None)
+    _reload(model, *good)
     _check_prepared(model.moe.routed_experts, _expected(good[0], list(range(4))), 256, 256)
 
 

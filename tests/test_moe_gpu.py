@@ -23,7 +23,13 @@ from bitexact import (  # noqa: E402
     assert_same,
     assert_weight_equal,
 )
-from test_moe import _load, _per_expert, _prepare_only_config  # noqa: E402
+from test_moe import (  # noqa: E402
+    _load,
+    _other_weights,
+    _per_expert,
+    _prepare_only_config,
+    _reload,
+)
 
 from vllm_w4a8_fastprep import moe  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
@@ -297,21 +303,14 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
     (upstream's method: an illegal memory access on the H200). Ours writes a
     reload of the same shapes into the first preparation's tensors and keeps
     them, so the captured graph computes with the new weights."""
-    from vllm.model_executor.model_loader.reload import (
-        finalize_layerwise_reload,
-        initialize_layerwise_reload,
-        record_metadata_for_reloading,
-    )
+    from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
 
     shape = (16, 1024, 512)
     with torch.device("cuda"):  # as vLLM's loader builds a model and records it
         model = torch.nn.Module()
         model.moe = _ours("graph.l0.experts", shape)
         record_metadata_for_reloading(model)
-    first, second = _per_expert({}, *shape), _per_expert({}, *shape)
-    for t in second.values():
-        if t.dtype == torch.int32:
-            t.random_(-(2**31), 2**31 - 1)
+    first, second = _per_expert({}, *shape), _other_weights(*shape)
     _load(model.moe, first)
     layer = _prepare(model.moe)
     method = layer.quant_method
@@ -331,9 +330,7 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
     graph.replay()
     assert_same(out, eager_first, "graph replay before the reload")
 
-    initialize_layerwise_reload(model)
-    _load(model.moe, second)
-    finalize_layerwise_reload(model, None)
+    _reload(model, second)
     assert method.moe_kernel is kernel and method.moe_quant_config is config
     # memory freed by the reload is handed out again and overwritten
     junk = [torch.full((n,), -1, dtype=torch.int64, device="cuda")

@@ -251,9 +251,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         # layouts writes into them and keeps the quant config and kernel built
         # on them, so what CUDA graphs captured stays valid after a reload
         self._prepared: dict[str, torch.nn.Parameter] = {}
-        # upstream's QuantFP8 path, decided under the load's vLLM config
-        # (vLLM 0.26's reload_weights runs without a current config)
-        self._scale_path: str | None = None
+        # the load's vLLM config (set at create_weights): a preparation runs
+        # under it where none is current (vLLM 0.26's reload_weights), as
+        # upstream's QuantFP8, kernel and some all2all set-ups read it
+        self._vllm_config = None
         # what the expert weight loaders stored: (parameter name, shard) ->
         # expert ids. Keyed by name, not by parameter object: vLLM's
         # layer-wise reload replaces every parameter object of the layer.
@@ -274,12 +275,6 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                              f"{problem}")
         self._check_loads = not _dummy_weights()
         self._proj = expert_proj_names(layer)
-        # the QuantFP8 that upstream's conversion builds: its code path
-        # decides how the scales round
-        self._scale_path = scale_path_of(QuantFP8(static=False,
-                                                  group_shape=GroupShape.PER_TOKEN))
-        # the load's vLLM config, for building a kernel on a reload (vLLM
-        # 0.26's reload_weights sets none; some all2all set-ups read it)
         self._vllm_config = get_current_vllm_config_or_none()
         local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         self._local_expert = weak_callable(local) if local is not None else None
@@ -404,6 +399,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        with _vllm_config_if_none(self._vllm_config):
+            self._prepare(layer)
+
+    def _prepare(self, layer: torch.nn.Module) -> None:
         name = self.layer_name
         if self._check_loads or self._loaded or self.stats.problems:
             missing = self._missing(layer)
@@ -424,7 +423,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         weight_bytes = (w13.numel() + w2.numel()) * w13.element_size()
         scale_bytes = (s13.numel() + s2.numel()) * s13.element_size()
         del w13, w2, s13, s2  # the layer holds them; each is freed once replaced
-        path = self._scale_path
+        # the QuantFP8 that upstream's conversion builds at this point: its
+        # code path decides how the scales round
+        path = scale_path_of(QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN))
 
         token = self.stats.begin_layer(device)
         nonfinite = None
@@ -445,7 +446,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             strides = (ops.b_strides_grouped(experts, n13, k13, device),
                        ops.b_strides_grouped(experts, n2, k2, device))
             # every output exists: only now is anything a reload keeps written
-            kernel_tensors = self._in_place_targets(layer, names, strides)
+            kernel_tensors = self._in_place_targets(layer, names)
             if kernel_tensors is not None:
                 self._write_in_place(layer, names, strides, kernel_tensors)
             else:
@@ -469,7 +470,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             assert self.experts_cls is not None
             self.moe_kernel = build_w4a8_moe_kernel(self, layer)
 
-    def _in_place_targets(self, layer, names, strides) -> dict | None:
+    def _in_place_targets(self, layer, names) -> dict | None:
         """On a re-preparation (a weight reload) whose every output has the
         layout of the last preparation's: the tensors of the kernel to
         refresh, as ``{name: (kept, fresh)}`` (empty without a kernel). None
@@ -477,11 +478,11 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         kernel = getattr(self, "moe_kernel", None)
         if self.moe_quant_config is None or (self.build_kernel and kernel is None):
             return None  # a first preparation (or one that failed before its kernel)
+        # (b_strides are [experts, 3] like the weights' expert count: their
+        # layouts follow)
         if (set(self._prepared) != set(names)
                 or not all(_same_layout(self._prepared[n].data, getattr(layer, n).data)
-                           for n in names)
-                or not _same_layout(self.b_strides1, strides[0])
-                or not _same_layout(self.b_strides2, strides[1])):
+                           for n in names)):
             _log_once("rebuild:layout", logging.INFO, "%s: a reload of MoE layer %s gave "
                       "tensors of other layouts than its first load: its quant config and "
                       "kernel are built anew; CUDA graphs captured before it are not valid for "
@@ -492,9 +493,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         # the experts' own tensors (a/c/s strides: allocated once, in memory
         # that vLLM's sleep level 2 discards) are refreshed from a kernel
         # built now, as upstream's method would build it
-        with _vllm_config_if_none(self._vllm_config):
-            fresh_kernel = build_w4a8_moe_kernel(self, layer)
-        kept, fresh = _kernel_tensors(kernel), _kernel_tensors(fresh_kernel)
+        kept, fresh = _kernel_tensors(kernel), _kernel_tensors(build_w4a8_moe_kernel(self, layer))
         if kept.keys() != fresh.keys() or not all(
                 _same_layout(kept[k], fresh[k]) for k in kept):
             _log_once("rebuild:kernel", logging.INFO, "%s: a reload of MoE layer %s builds its "
@@ -521,8 +520,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
 @contextlib.contextmanager
 def _vllm_config_if_none(config):
-    """``config`` as vLLM's current config where none is set (as in vLLM
-    0.26's ``reload_weights``); otherwise the current one stays."""
+    """``config`` as vLLM's current config where none is set (vLLM 0.26's
+    ``reload_weights`` sets none); otherwise the current one stays."""
     if config is None or get_current_vllm_config_or_none() is not None:
         yield
         return
