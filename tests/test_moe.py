@@ -703,9 +703,10 @@ def test_an_in_place_reload_puts_the_kept_parameters_back_itself(vllm_ctx, monke
     # outside the layer-wise path
     for n in kept:
         delattr(layer, n)
-    method.create_weights(layer, num_experts=4, hidden_size=256,
-                          intermediate_size_per_partition=256, params_dtype=torch.bfloat16,
-                          weight_loader=layer.weight_loader)
+    with torch.device(vllm_ctx):  # where vLLM creates them (on a GPU: not the CPU default)
+        method.create_weights(layer, num_experts=4, hidden_size=256,
+                              intermediate_size_per_partition=256, params_dtype=torch.bfloat16,
+                              weight_loader=layer.weight_loader)
     third = _other_weights(4, 256, 256)
     _load_model(model, third, {})
     method.process_weights_after_loading(layer)
