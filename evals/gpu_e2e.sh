@@ -25,6 +25,9 @@
 #             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
 #             and without the plugin, RUNS (default 3) alternating runs each (SERVE_ARGS: the
 #             `vllm serve` arguments, default --max-model-len 1024)
+#   serve     MODEL=DIR (a real W4AFP8 checkpoint; gsm8k data in .gsm8k-data/): `vllm serve DIR`
+#             answered by the OpenAI client, upstream then ours (evals.serve_check: gsm8k
+#             completions, chat, streaming; SERVE_ARGS as above, SERVE_CHECK_ARGS more flags)
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
 # vLLM starts per mode, STARTUP_ARGS adds startup_time arguments. Every startup_time run has
 # --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
@@ -168,13 +171,20 @@ for step in "$@"; do
       python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
         ${MODEL:+--model "$MODEL" --serve-args "${SERVE_ARGS:---max-model-len 1024}"} 2>&1 | tail -8
       echo "registration_cost rc=${PIPESTATUS[0]}" ;;
+    serve)
+      [[ -n ${MODEL:-} ]] || { echo "serve: MODEL=DIR is needed (a W4AFP8 checkpoint)"; continue; }
+      # shellcheck disable=SC2086  # SERVE_CHECK_ARGS holds several flags
+      python3 -m evals.serve_check --model "$MODEL" --out-dir "$WORK/serve-check" \
+        --serve-args "${SERVE_ARGS:---max-model-len 4096}" ${SERVE_CHECK_ARGS:-} 2>&1 | tail -12
+      echo "serve_check rc=${PIPESTATUS[0]}"
+      cp "$WORK/serve-check/summary.json" "$OUT/serve-check.json" 2>/dev/null ;;
     moe)
       synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
       df -h "$WORK" | tail -1
       startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe reload registration)"
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe reload registration serve)"
       exit 2 ;;
   esac
 done

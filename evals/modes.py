@@ -7,16 +7,23 @@ import os
 MODES = ("upstream", "ours")
 
 
-def use_mode(mode: str) -> str:
-    """Set this process up for ``mode``; returns vLLM's ``quantization``.
+def mode_settings(mode: str) -> tuple[dict, str]:
+    """``(environment, quantization)`` of ``mode``: the environment variables a
+    process of that mode needs, and vLLM's ``quantization`` for it.
 
     ``ours``: the plugin (``w4a8_fastprep``). ``upstream``: vLLM's own
     compressed-tensors path, with the plugin's automatic claim turned off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "upstream":
-        os.environ["VLLM_W4A8_FASTPREP_AUTO"] = "0"
-        return "compressed-tensors"
+        return {"VLLM_W4A8_FASTPREP_AUTO": "0"}, "compressed-tensors"
     from vllm_w4a8_fastprep.checkpoint_format import METHOD_NAME
 
-    return METHOD_NAME
+    return {}, METHOD_NAME
+
+
+def use_mode(mode: str) -> str:
+    """Set this process up for ``mode``; returns vLLM's ``quantization``."""
+    env, quantization = mode_settings(mode)
+    os.environ.update(env)
+    return quantization

@@ -26,20 +26,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.process_group import _dies_with, end_group  # noqa: E402
+from evals.vllm_server import running_server, vllm_command  # noqa: E402
 from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
 
 MODES = ("with", "without")
@@ -92,12 +89,6 @@ def time_plugins(mode: str) -> dict:
             if heavy else []}
 
 
-def vllm_command() -> list[str]:
-    """``vllm`` as a command: the script next to this interpreter, else on PATH."""
-    local = Path(sys.executable).with_name("vllm")
-    return [str(local)] if local.is_file() else ["vllm"]
-
-
 def time_help(mode: str) -> dict:
     t0 = time.perf_counter()
     try:
@@ -113,41 +104,12 @@ def time_help(mode: str) -> dict:
     return {"seconds": seconds}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_health(mode: str, model: str, extra: list[str], timeout: float, logs: Path,
                 i: int) -> dict:
-    port = _free_port()
-    cmd = [*vllm_command(), "serve", model, "--host", "127.0.0.1", "--port", str(port), *extra]
     log_path = logs / f"serve-{mode}-{i}.log"
-    with open(log_path, "w") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=mode_env(mode),
-                                start_new_session=True, preexec_fn=_dies_with(os.getpid()))
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise OneLineError(f"vllm serve ({mode} the plugin) exited "
-                                       f"{proc.returncode} before /health answered; see "
-                                       f"{log_path}")
-                if time.perf_counter() - t0 > timeout:
-                    raise OneLineError(f"vllm serve ({mode} the plugin): no /health answer in "
-                                       f"{timeout:.0f} s; see {log_path}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                                timeout=1) as r:
-                        if r.status == 200:
-                            seconds = time.perf_counter() - t0
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                    pass
-                time.sleep(0.1)
-        finally:
-            end_group(proc)
+    with running_server(model, extra, mode_env(mode), log_path, timeout,
+                        f"vllm serve ({mode} the plugin)") as server:
+        seconds = server.seconds_to_health
     text = log_path.read_text(errors="replace")
     return {"seconds": seconds, "plugin_active": "w4a8_fastprep: prepared" in text}
 
