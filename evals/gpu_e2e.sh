@@ -174,8 +174,9 @@ for step in "$@"; do
     serve)
       [[ -n ${MODEL:-} ]] || { echo "serve: MODEL=DIR is needed (a W4AFP8 checkpoint)"; continue; }
       # shellcheck disable=SC2086  # SERVE_CHECK_ARGS holds several flags
+      rm -rf "$WORK/serve-check" "$OUT/serve-check.json"  # no earlier results left to copy
       python3 -m evals.serve_check --model "$MODEL" --out-dir "$WORK/serve-check" \
-        --serve-args "${SERVE_ARGS:---max-model-len 4096}" ${SERVE_CHECK_ARGS:-} 2>&1 | tail -12
+        --serve-args "${SERVE_ARGS:---max-model-len 4096}" ${SERVE_CHECK_ARGS:-} 2>&1 | tail -24
       echo "serve_check rc=${PIPESTATUS[0]}"
       cp "$WORK/serve-check/summary.json" "$OUT/serve-check.json" 2>/dev/null ;;
     moe)

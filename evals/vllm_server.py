@@ -54,6 +54,8 @@ def running_server(model: str, extra: list[str], env: dict, log_path: Path, time
                                     start_new_session=True, preexec_fn=_dies_with(os.getpid()))
         except FileNotFoundError:
             raise OneLineError("no `vllm` command found (next to this Python or on PATH)") from None
+        except OSError as e:
+            raise OneLineError(f"cannot start {cmd[0]}: {e.strerror or e}") from None
         try:
             while True:
                 if proc.poll() is not None:
