@@ -5,6 +5,8 @@
 # to $OUT (or ./gpu-out). The oracle is found by tests/oracle.py
 # ($W4A8_FASTPREP_ORACLE, a vLLM _C library in .oracle/, or the installed vllm).
 #   bash benchmarks/gpu_suite.sh [pytest args...]
+# e.g. -m "gpu or vllm_layers": the GPU tests and the tests that build vLLM's layers (which
+# build them on the GPU here); no arguments: every test.
 # SKIP_VARIANTS=1, SKIP_BENCH=1, SKIP_MOE_BENCH=1 leave those parts out; SKIP_BUILD=1 uses the
 # extension already in vllm_w4a8_fastprep/ (e.g. the one built for the wheel being tested).
 set -uo pipefail

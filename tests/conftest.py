@@ -1,6 +1,9 @@
 """Shared fixtures.
 
-Tests marked ``gpu`` skip without a CUDA GPU. On a GPU of compute capability
+Tests marked ``gpu`` skip without a CUDA GPU. Tests that build vLLM's layers
+(the ``vllm_ctx`` fixture) are marked ``vllm_layers``: they run on the CPU and,
+where there is a GPU, build the layers there, so the GPU suite runs them too
+(``-m "gpu or vllm_layers"``). On a GPU of compute capability
 9.x every test must run: a missing oracle library (``W4A8_FASTPREP_ORACLE``),
 vLLM package or MoE ops, compiled extension or compute-sanitizer FAILS there,
 naming what to provide; set ``W4A8_FASTPREP_ALLOW_SKIP=1`` to let such tests
@@ -19,6 +22,9 @@ from oracle import ENV, OracleError, find_oracle, load, searched
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # vLLM's layers, built on the GPU where there is one
+        if "vllm_ctx" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm_layers)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

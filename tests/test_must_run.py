@@ -40,3 +40,24 @@ def test_conftest_documents_the_opt_out():
 
     assert ALLOW_SKIP == "W4A8_FASTPREP_ALLOW_SKIP"
     assert ALLOW_SKIP in (pathlib.Path(__file__).parent / "conftest.py").read_text()
+
+
+def test_tests_that_build_vllm_layers_are_part_of_the_gpu_suite():
+    """conftest marks every test using ``vllm_ctx`` (vLLM layers, built on the GPU where
+    there is one) ``vllm_layers``, so ``-m "gpu or vllm_layers"`` runs them on the GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("vllm")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-m", "vllm_layers",
+                           "tests/test_moe.py", "tests/test_must_run.py"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tests/test_moe.py::test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again" in ids
+    assert not [i for i in ids if "test_must_run.py" in i]  # no vllm_ctx there
+    # two processes of their own, on the CPU: not vLLM layers of this process
+    assert not [i for i in ids if "test_expert_and_tensor_parallel_ranks" in i]
