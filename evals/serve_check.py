@@ -65,7 +65,6 @@ STRICT = r"#### (\-?[0-9\.\,]+)"
 FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
 IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]  # exact_match's regexes_to_ignore
 INVALID = "[invalid]"  # lm-eval's regex filter fallback
-LOADING = "Model loading took"
 OWN_FLAGS = ("--host", "--port", "--quantization")  # the tool sets these
 
 
@@ -125,8 +124,10 @@ def log_problem(mode: str, log_text: str) -> str | None:
     """Why the server's log does not show ``mode``'s own preparation, or None."""
     from vllm_w4a8_fastprep.load_stats import parse_summary
 
-    if LOADING not in log_text:
-        return f"no '{LOADING}' line in the server's log (vLLM's logging off?)"
+    from evals.startup_time import LOADING  # vLLM's "Model loading took" line
+
+    if not LOADING.search(log_text):
+        return "no 'Model loading took' line in the server's log (vLLM's logging off?)"
     summary = parse_summary(log_text)
     if mode == "upstream":
         return "this package's summary line in upstream's log" if summary else None
