@@ -224,11 +224,12 @@ def _ask(args, url: str, rows: list[dict], prefix: str, result: dict) -> None:
 
 # ------------------------------------------------------------------------------------ report
 def labels(modes: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
+    """A label per run, as evals.gsm8k labels repeated modes: upstream, ours, upstream-2."""
+    from evals.gsm8k import next_label
+
+    out: list[str] = []
     for m in modes:
-        seen[m] = seen.get(m, 0) + 1
-        out.append(m if seen[m] == 1 else f"{m}-{seen[m]}")
+        out.append(next_label(m, set(out)))
     return out
 
 
@@ -344,8 +345,8 @@ def prepare_out_dir(out: Path, names: list[str]) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OneLineError(f"--out-dir {out}: cannot create it ({e.strerror or e})") from None
-    stale = [p for p in out.iterdir() if p.name == "summary.json"
-             or re.fullmatch(r"(upstream|ours)(-\d+)?(\.json|\.server\.log)", p.name)]
+    run_file = re.compile(rf"(?:{'|'.join(map(re.escape, MODES))})(-\d+)?(\.json|\.server\.log)")
+    stale = [p for p in out.iterdir() if p.name == "summary.json" or run_file.fullmatch(p.name)]
     for p in stale:
         try:
             p.unlink()
