@@ -42,6 +42,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/gsm8k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evals.modes import next_label  # noqa: E402
 from evals.process_group import run_in_own_group  # noqa: E402
 from vllm_w4a8_fastprep.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
@@ -382,15 +383,6 @@ def write_report(out: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------ main
-def next_label(mode: str, taken: set[str]) -> str:
-    if mode not in taken:
-        return mode
-    k = 2
-    while f"{mode}-{k}" in taken:
-        k += 1
-    return f"{mode}-{k}"
-
-
 def parse_args(argv):
     ap = OneLineParser(prog="python -m evals.gsm8k", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -7,6 +7,17 @@ import os
 MODES = ("upstream", "ours")
 
 
+def next_label(mode: str, taken: set[str]) -> str:
+    """The label of another run of ``mode`` given the labels ``taken``:
+    ``upstream``, then ``upstream-2``, ``upstream-3``, ..."""
+    if mode not in taken:
+        return mode
+    k = 2
+    while f"{mode}-{k}" in taken:
+        k += 1
+    return f"{mode}-{k}"
+
+
 def mode_settings(mode: str) -> tuple[dict, str]:
     """``(environment, quantization)`` of ``mode``: the environment variables a
     process of that mode needs, and vLLM's ``quantization`` for it.

@@ -52,7 +52,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.modes import MODES, mode_settings  # noqa: E402
+from evals.modes import MODES, mode_settings, next_label  # noqa: E402
 from evals.vllm_server import running_server  # noqa: E402
 from vllm_w4a8_fastprep.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
@@ -225,11 +225,11 @@ def _ask(args, url: str, rows: list[dict], prefix: str, result: dict) -> None:
 # ------------------------------------------------------------------------------------ report
 def labels(modes: list[str]) -> list[str]:
     """A label per run, as evals.gsm8k labels repeated modes: upstream, ours, upstream-2."""
-    from evals.gsm8k import next_label
-
     out: list[str] = []
+    taken: set[str] = set()
     for m in modes:
-        out.append(next_label(m, set(out)))
+        out.append(next_label(m, taken))
+        taken.add(out[-1])
     return out
 
 
