@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from . import ops
+from . import expert_lookup, ops
 from .checkpoint_format import GROUP_SIZE, METHOD_NAME, scheme_problem
 from .compat import (
     CompressedTensorsMoEMethod,
@@ -294,6 +294,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             loader = getattr(param, "weight_loader", None)
             if loader is not None:
                 param.weight_loader = self._recording_loader(name, loader)
+        expert_lookup.install(layer)  # vLLM < 0.31: an index instead of a scan per tensor
         self.stats.layer_created(experts=num_experts)
 
     def _proj_name(self, shard_id) -> str:
