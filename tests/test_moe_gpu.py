@@ -344,3 +344,31 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
     assert_same(_forward(gpu_ctx, model.moe, x, logits), want, "eager forward after the reload")
     assert_same(out, want, "graph replay after the reload")
     del junk
+
+
+# ------------------------------------------------- staged expert loading
+
+
+def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
+    """Expert tensors go to the GPU through the pinned staging buffers by
+    default: the loaded parameters equal those of vLLM's loader alone
+    (staging off) byte for byte, with a buffer small enough for several
+    transfers, and the load itself waits on the host only to reuse a buffer."""
+    from vllm_w4a8_fastprep import expert_staging
+
+    shape = (32, 1024, 512)
+    tensors = _per_expert({}, *shape)
+    items = list(tensors.items())
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    direct = _ours("stage.gpu.direct.experts", shape)
+    _load(direct, tensors)
+    monkeypatch.setenv(expert_staging.ENV, "2")  # 2 MiB: several transfers
+    staged = _ours("stage.gpu.staged.experts", shape)
+    assert list(staged.load_weights(items)) == list(direct.load_weights(items))
+    layer = staged.routed_experts
+    (stager,) = moe._STAGERS[layer.quant_method.stats].values()
+    assert stager.staged_tensors == 32 * 3 * 2 and stager.transfers > 1
+    stager.flush()
+    pd, ps = dict(direct.routed_experts.named_parameters()), dict(layer.named_parameters())
+    for n in pd:
+        assert torch.equal(pd[n].data.view(torch.uint8), ps[n].data.view(torch.uint8)), n

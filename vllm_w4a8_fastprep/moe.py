@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -47,6 +48,8 @@ from .compat import (
     set_weight_attrs,
     w13_num_shards,
 )
+from .expert_staging import ExpertStager
+from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
 from .scheme import PACK_FACTOR, scale_path_of
@@ -343,8 +346,16 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                                     f"reloaded: expert {expert_id}: {problem}")
                 self.stats.problems.add(self.layer_name, problem, expert_id)
                 return True if return_success else None
-            ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
-                              return_success=True)
+            stager = None if name.endswith("weight_shape") else self._stager(param)
+            if stager is not None and stager.takes(param, loaded_weight):
+                local = self._local_expert()(expert_id) if self._local_expert else expert_id
+                ok = local != -1  # vLLM's loader: another rank's expert is not loaded
+                if ok:  # loaded at the stager's next flush, by vLLM's loader
+                    stager.add(get_loader(), param, loaded_weight, weight_name, shard_id,
+                               expert_id)
+            else:
+                ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
+                                  return_success=True)
             if ok:
                 if loaded_weight.dim() == 3:  # every local expert at once
                     self._loaded.setdefault((name, shard_id), set()).update(
@@ -356,6 +367,19 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             return ok if return_success else None
 
         return loader
+
+    def _stager(self, param) -> ExpertStager | None:
+        """The load's stager for GPU parameters (one per device, shared by
+        the MoE layers of this config); None where staging does not apply."""
+        if param.device.type != "cuda":
+            return None
+        stagers = _STAGERS.setdefault(self.stats, {})
+        if param.device not in stagers:
+            size = staging_capacity()
+            if size == 0:
+                return None
+            stagers[param.device] = ExpertStager(param.device, size)
+        return stagers[param.device]
 
     def _shape_problem(self, name: str, loaded: torch.Tensor, shard_id, param) -> str | None:
         """Why ``loaded`` does not fit parameter ``name``'s shard (metadata
@@ -400,10 +424,20 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        with _vllm_config_if_none(self._vllm_config):
-            self._prepare(layer)
+        try:
+            with _vllm_config_if_none(self._vllm_config):
+                self._prepare(layer)
+        except BaseException:
+            _release_stagers(self.stats)  # the load stops here
+            raise
+        prepared = _PREPARED.setdefault(self.stats, set())
+        prepared.add(self.layer_name)
+        if len(prepared) >= self.stats.expected_moe:  # the load's last MoE layer
+            _release_stagers(self.stats)
 
     def _prepare(self, layer: torch.nn.Module) -> None:
+        for stager in _STAGERS.get(self.stats, {}).values():
+            stager.flush()  # staged expert tensors reach their parameters
         name = self.layer_name
         if self._check_loads or self._loaded or self.stats.problems:
             missing = self._missing(layer)
@@ -541,6 +575,20 @@ def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 out[f"{part}.{key}"] = value
     return out
+
+
+# LoadStats of a config -> {device: its load's ExpertStager}
+_STAGERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# LoadStats -> names of the MoE layers prepared since its stagers were released
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _release_stagers(stats: LoadStats) -> None:
+    _PREPARED.pop(stats, None)
+    for stager in _STAGERS.pop(stats, {}).values():
+        stager.release()
 
 
 def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:

@@ -1,0 +1,144 @@
+"""Expert tensors staged through pinned host memory on their way to the GPU.
+
+vLLM's expert weight loader copies each checkpoint tensor into its expert's
+slice of the layer's parameter on its own: one host-to-device copy from
+pageable (memory-mapped) memory per tensor, which the host waits for; 56k of
+them for a Qwen3-30B-A3B-shaped model, the GPU idle in between.
+
+The MoE method's loader hands such tensors to an ``ExpertStager`` instead:
+the tensor's bytes are copied into a pinned host buffer and the call is
+recorded (vLLM's own loader, the parameter, names, shard, expert). When the
+buffer is full, and before a layer is prepared, the buffer goes to the GPU in
+one asynchronous copy and every recorded call runs vLLM's loader with a view
+of the GPU copy: the same narrowing, padding and slicing, now a
+device-to-device copy on the same stream, without a host wait. Two buffers
+alternate, so filling one overlaps the copy of the other; the host waits only
+before refilling a buffer whose copy has not finished. Extra host memory: the
+two pinned buffers (``capacity`` bytes each), released when every MoE layer
+of the load was prepared.
+
+Only tensors that vLLM's loader would copy into a GPU parameter go this way:
+2-D CPU tensors of a local expert. Anything else (3-D fused tensors, tensors
+already on the GPU, another rank's experts, ``weight_shape``) takes vLLM's
+loader directly, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ENV = "VLLM_W4A8_FASTPREP_STAGING_MIB"
+DEFAULT_MIB = 256
+ALIGN = 256  # offsets in a buffer: any dtype view is aligned
+
+
+def capacity() -> int:
+    """Bytes of one pinned staging buffer (two are used): ``$ENV`` MiB,
+    default 256; 0 turns staging off. ``ValueError`` naming the variable for
+    anything but a whole number >= 0."""
+    text = os.environ.get(ENV, "").strip() or str(DEFAULT_MIB)
+    if not text.isdigit():
+        raise ValueError(f"{ENV}={os.environ.get(ENV)!r}: expected a whole number of MiB "
+                         f"(0 turns staging off; default {DEFAULT_MIB})")
+    return int(text) << 20
+
+
+@dataclass
+class _Call:
+    loader: Callable
+    param: torch.nn.Parameter
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+    weight_name: str
+    shard_id: str
+    expert_id: int
+
+
+class ExpertStager:
+    """Pinned staging of expert tensors for parameters on ``device``."""
+
+    def __init__(self, device: torch.device, capacity: int):
+        self.device = torch.device(device)
+        self.capacity = capacity
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._done: list[torch.cuda.Event | None] = [None, None]
+        self._current = 0
+        self._used = 0
+        self._calls: list[_Call] = []
+        self.staged_tensors = 0
+        self.staged_bytes = 0
+        self.transfers = 0
+
+    def takes(self, param: torch.Tensor, loaded: torch.Tensor) -> bool:
+        """Whether ``loaded`` goes through the staging buffer."""
+        return (param.device == self.device and loaded.device.type == "cpu"
+                and loaded.dim() == 2 and 0 < _nbytes(loaded) <= self.capacity)
+
+    def add(self, loader: Callable, param, loaded: torch.Tensor, weight_name: str,
+            shard_id: str, expert_id: int) -> None:
+        """Copy ``loaded`` into the staging buffer; vLLM's ``loader`` runs on
+        its GPU copy at the next ``flush``."""
+        nbytes = _nbytes(loaded)
+        if self._used + nbytes > self.capacity:
+            self.flush()
+        buffer = self._buffer()
+        offset = self._used
+        dst = buffer[offset:offset + nbytes].view(loaded.dtype).view(loaded.shape)
+        dst.copy_(loaded)
+        self._calls.append(_Call(loader, param, offset, nbytes, loaded.dtype,
+                                 tuple(loaded.shape), weight_name, shard_id, expert_id))
+        self._used = offset + -(-nbytes // ALIGN) * ALIGN
+        self.staged_tensors += 1
+        self.staged_bytes += nbytes
+
+    def flush(self) -> None:
+        """Send the staged bytes to the GPU and run the recorded loads."""
+        if not self._calls:
+            return
+        calls, self._calls = self._calls, []
+        host = self._buffers[self._current][:self._used]
+        gpu = torch.empty(self._used, dtype=torch.uint8, device=self.device)
+        gpu.copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self._done[self._current] = done
+        self.transfers += 1
+        self._current ^= 1
+        self._used = 0
+        for c in calls:
+            view = gpu[c.offset:c.offset + c.nbytes].view(c.dtype).view(c.shape)
+            c.loader(c.param, view, c.weight_name, c.shard_id, c.expert_id,
+                     return_success=True)
+
+    def release(self) -> None:
+        """Flush, then drop the pinned buffers (after their copies finished)."""
+        self.flush()
+        for done in self._done:
+            if done is not None:
+                done.synchronize()
+        self._buffers = [None, None]
+        self._done = [None, None]
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if self.device.type == "cuda" and empty_host_cache is not None:
+            empty_host_cache()  # torch keeps freed pinned blocks cached: return them
+
+    def _buffer(self) -> torch.Tensor:
+        i = self._current
+        if self._buffers[i] is None:
+            self._buffers[i] = torch.empty(self.capacity, dtype=torch.uint8,
+                                           pin_memory=self.device.type == "cuda")
+        elif self._done[i] is not None:
+            self._done[i].synchronize()  # its last copy to the GPU has finished
+            self._done[i] = None
+        return self._buffers[i]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
