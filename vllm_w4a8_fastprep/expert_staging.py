@@ -13,19 +13,25 @@ one asynchronous copy and every recorded call runs vLLM's loader with a view
 of the GPU copy: the same narrowing, padding and slicing, now a
 device-to-device copy on the same stream, without a host wait. Two buffers
 alternate, so filling one overlaps the copy of the other; the host waits only
-before refilling a buffer whose copy has not finished. Extra host memory: the
+before refilling a buffer whose copy has not finished. The copies into the
+pinned buffer run on a thread of their own (torch's copy releases the GIL),
+in order, while the loading thread goes on reading and mapping tensors; a
+flush first waits for the ones into its buffer. Extra host memory: the
 two pinned buffers (``capacity`` bytes each), released when every MoE layer
 of the load was prepared.
 
 Only tensors that vLLM's loader would copy into a GPU parameter go this way:
-2-D CPU tensors of a local expert. Anything else (3-D fused tensors, tensors
-already on the GPU, another rank's experts, ``weight_shape``) takes vLLM's
-loader directly, as before.
+1-D and 2-D CPU tensors of a local expert (``weight_shape`` included: each
+would otherwise be a blocking copy that also waits for the staged transfer;
+fused 3-D tensors arrive here already unbound into 2-D views by vLLM).
+Anything else (tensors already on the GPU, another rank's experts) takes
+vLLM's loader directly, as before.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +77,8 @@ class ExpertStager:
         self._current = 0
         self._used = 0
         self._calls: list[_Call] = []
+        self._copies: list[Future] = []  # into the current buffer, on the copy thread
+        self._copier: ThreadPoolExecutor | None = None
         self.staged_tensors = 0
         self.staged_bytes = 0
         self.transfers = 0
@@ -78,7 +86,7 @@ class ExpertStager:
     def takes(self, param: torch.Tensor, loaded: torch.Tensor) -> bool:
         """Whether ``loaded`` goes through the staging buffer."""
         return (param.device == self.device and loaded.device.type == "cpu"
-                and loaded.dim() == 2 and 0 < _nbytes(loaded) <= self.capacity)
+                and loaded.dim() in (1, 2) and 0 < _nbytes(loaded) <= self.capacity)
 
     def add(self, loader: Callable, param, loaded: torch.Tensor, weight_name: str,
             shard_id: str, expert_id: int) -> None:
@@ -90,7 +98,9 @@ class ExpertStager:
         buffer = self._buffer()
         offset = self._used
         dst = buffer[offset:offset + nbytes].view(loaded.dtype).view(loaded.shape)
-        dst.copy_(loaded)
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="w4a8-staging")
+        self._copies.append(self._copier.submit(dst.copy_, loaded))
         self._calls.append(_Call(loader, param, offset, nbytes, loaded.dtype,
                                  tuple(loaded.shape), weight_name, shard_id, expert_id))
         self._used = offset + -(-nbytes // ALIGN) * ALIGN
@@ -102,6 +112,9 @@ class ExpertStager:
         if not self._calls:
             return
         calls, self._calls = self._calls, []
+        copies, self._copies = self._copies, []
+        for f in copies:
+            f.result()  # in the buffer (an error of the copy is raised here)
         host = self._buffers[self._current][:self._used]
         gpu = torch.empty(self._used, dtype=torch.uint8, device=self.device)
         gpu.copy_(host, non_blocking=True)
@@ -125,6 +138,9 @@ class ExpertStager:
                 done.synchronize()
         self._buffers = [None, None]
         self._done = [None, None]
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
         empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
         if self.device.type == "cuda" and empty_host_cache is not None:
             empty_host_cache()  # torch keeps freed pinned blocks cached: return them

@@ -346,7 +346,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                                     f"reloaded: expert {expert_id}: {problem}")
                 self.stats.problems.add(self.layer_name, problem, expert_id)
                 return True if return_success else None
-            stager = None if name.endswith("weight_shape") else self._stager(param)
+            stager = self._stager(param)  # weight_shape too: a host sync each otherwise
             if stager is not None and stager.takes(param, loaded_weight):
                 local = self._local_expert()(expert_id) if self._local_expert else expert_id
                 ok = local != -1  # vLLM's loader: another rank's expert is not loaded
