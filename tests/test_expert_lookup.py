@@ -83,6 +83,37 @@ def test_a_layer_loads_and_reports_the_same_with_the_index(vllm_ctx, monkeypatch
     assert la.get_expert_mapping() == type(la).get_expert_mapping(la)
 
 
+def test_one_tensor_per_call_indexes_the_mapping_once(vllm_ctx, monkeypatch):
+    """A weight sync that passes one tensor per ``load_weights`` call: the
+    same names and bytes as vLLM's own loader, and the mapping built (and
+    indexed) once, not per call."""
+    monkeypatch.setenv("VLLM_W4A8_FASTPREP_STAGING_MIB", "0")
+    qc = _prepare_only_config()
+    a = _fused_moe(qc, "lookup1.layers.3.mlp.experts", 8, 256, 256, vllm_ctx)
+    b = _fused_moe(qc, "lookup1.layers.4.mlp.experts", 8, 256, 256, vllm_ctx)
+    la, lb = a.routed_experts, b.routed_experts
+    if "load_weights" not in vars(la):
+        pytest.skip("this vLLM indexes the expert mapping itself")
+    for attr in ("load_weights", "get_expert_mapping"):  # b: vLLM's own
+        vars(lb).pop(attr, None)
+    cls = type(la)
+    real, built = cls.get_expert_mapping, []
+
+    def counted(self, *args, **kwargs):
+        if self is la:
+            built.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "get_expert_mapping", counted)
+    items = list(_per_expert({}, 8, 256, 256).items())
+    assert [n for item in items for n in _load(a, [item])] == \
+        [n for item in items for n in _load(b, [item])]
+    assert built == [{"include_fused": True}]  # once, for the index
+    pa, pb = dict(la.named_parameters()), dict(lb.named_parameters())
+    for n in pa:
+        assert torch.equal(pa[n].data.view(torch.uint8), pb[n].data.view(torch.uint8)), n
+
+
 def test_not_installed_where_vllm_indexes_itself(vllm_ctx, monkeypatch):
     runner = _fused_moe(_prepare_only_config(), "lookup.layers.1.mlp.experts", 4, 256, 256,
                         vllm_ctx)

@@ -20,11 +20,14 @@ from vllm_w4a8_fastprep import expert_staging, moe  # noqa: E402
 
 def _staged_on_cpu(monkeypatch, capacity: int) -> list:
     """Make the MoE method stage CPU parameters through a CPU stager of
-    ``capacity`` bytes; returns the stagers made."""
+    ``capacity`` bytes (as it stages GPU parameters on a GPU: kept on the
+    config's LoadStats, not for a reload); returns the stagers made."""
     made = []
 
     def stager(self, param):
-        per = moe._STAGERS.setdefault(self.stats, {})
+        if self._prepared:
+            return None
+        per = self.stats.stagers
         if param.device not in per:
             per[param.device] = expert_staging.ExpertStager(param.device, capacity)
             made.append(per[param.device])
@@ -68,8 +71,7 @@ def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
 
 def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch):
     """The flush before preparation: the prepared tensors are those of a
-    layer loaded without staging, and the stagers are released after the
-    load's last MoE layer."""
+    layer loaded without staging, and the stagers are released."""
     tensors = _per_expert({}, 4, 256, 256)
     qc = _prepare_only_config()
     direct = _fused_moe(qc, "stage.prep.direct.experts", 4, 256, 256, vllm_ctx)
@@ -80,9 +82,10 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch):
         _staged_on_cpu(m, 1 << 20)
         staged = _fused_moe(qc2, "stage.prep.staged.experts", 4, 256, 256, vllm_ctx)
         list(staged.load_weights(list(tensors.items())))
-        assert moe._STAGERS.get(qc2.load_stats)
+        (stager,) = qc2.load_stats.stagers.values()
         staged.routed_experts.quant_method.process_weights_after_loading(staged.routed_experts)
-        assert qc2.load_stats not in moe._STAGERS  # released: the only MoE layer is prepared
+        assert not qc2.load_stats.stagers  # released at the first MoE layer's preparation
+        assert stager._buffers == [None, None] and not stager._calls
     pd, ps = dict(direct.routed_experts.named_parameters()), \
         dict(staged.routed_experts.named_parameters())
     assert pd.keys() == ps.keys()
@@ -90,15 +93,129 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch):
         assert torch.equal(pd[n].data.view(torch.uint8), ps[n].data.view(torch.uint8)), n
 
 
-@pytest.mark.parametrize("value, mib", [("", 256), ("0", 0), ("64", 64), (" 8 ", 8)])
+@pytest.mark.parametrize("value, mib", [("", 256), ("0", 0), ("64", 64), (" 8 ", 8),
+                                        ("300", 512), ("4096", 4096)])
 def test_the_staging_size_switch(monkeypatch, value, mib):
+    """MiB, rounded up to a power of two (the size torch pins)."""
     monkeypatch.setenv(expert_staging.ENV, value)
     assert expert_staging.capacity() == mib << 20
 
 
-@pytest.mark.parametrize("value", ["-1", "1.5", "lots", "0x10"])
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots", "0x10", "4097"])
 def test_a_bad_staging_size_is_one_error_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv(expert_staging.ENV, value)
     with pytest.raises(ValueError, match=rf"^{expert_staging.ENV}='{value}': expected a whole "
-                                         r"number of MiB"):
+                                         r"number of MiB from 0 to 4096"):
         expert_staging.capacity()
+
+
+def test_a_bad_staging_size_is_named_when_the_layer_is_created(vllm_ctx, monkeypatch):
+    """Not at the first expert tensor, in the middle of a load."""
+    monkeypatch.setenv(expert_staging.ENV, "lots")
+    with pytest.raises(ValueError, match=expert_staging.ENV):
+        _fused_moe(_prepare_only_config(), "stage.badenv.experts", 4, 256, 256, vllm_ctx)
+
+
+def _loaded_staged(vllm_ctx, monkeypatch, name, capacity=1 << 20):
+    tensors = _per_expert({}, 4, 256, 256)
+    qc = _prepare_only_config()
+    made = _staged_on_cpu(monkeypatch, capacity)
+    layer = _fused_moe(qc, name, 4, 256, 256, vllm_ctx)
+    list(layer.load_weights(list(tensors.items())))
+    return qc, layer, made, tensors
+
+
+def test_a_reload_is_not_staged(vllm_ctx, monkeypatch):
+    """A layer prepared before loads through vLLM's loader as it is (vLLM's
+    layer-wise reload: one layer at a time; no pinned buffers kept), and is
+    prepared from the new weights."""
+    from test_moe import _check_prepared, _expected, _load_model, _other_weights, _process, \
+        _reload, _reloadable_model
+
+    qc = _prepare_only_config()
+    made = _staged_on_cpu(monkeypatch, 1 << 20)
+    model = _reloadable_model(qc, vllm_ctx, "stage_reload", dense=False)
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    _process(model)
+    assert made[0].staged_tensors > 0 and not qc.load_stats.stagers
+    second = _other_weights(4, 256, 256)
+    _reload(model, second)
+    assert len(made) == 1 and not qc.load_stats.stagers
+    _check_prepared(model.moe.routed_experts, _expected(second, list(range(4))), 256, 256)
+
+
+def test_a_load_that_stops_drops_what_is_staged(vllm_ctx, monkeypatch):
+    """A layer refused at preparation (an expert never loaded): the staged
+    calls are dropped, not loaded, and the stagers let go of."""
+    tensors = _per_expert({}, 4, 256, 256)
+    items = [(n, t) for n, t in tensors.items() if not n.startswith("3.")]  # expert 3 missing
+    qc = _prepare_only_config()
+    made = _staged_on_cpu(monkeypatch, 1 << 20)
+    layer = _fused_moe(qc, "stage.stop.experts", 4, 256, 256, vllm_ctx)
+    list(layer.load_weights(items))
+    (stager,) = made
+    assert stager._calls
+    with pytest.raises(ValueError, match="loaded for 3 of this rank's 4 experts"):
+        layer.routed_experts.quant_method.process_weights_after_loading(layer.routed_experts)
+    assert not qc.load_stats.stagers and not stager._calls
+    assert stager._buffers == [None, None]
+
+
+def test_layers_and_stats_are_freed_when_a_load_stops_before_preparation(vllm_ctx,
+                                                                          monkeypatch):
+    """What is staged holds vLLM's loaders (so the layer) and lives on the
+    config's LoadStats: an ordinary cycle, freed with the model."""
+    import gc
+    import weakref
+
+    from test_moe import _load_model, _reloadable_model
+    from vllm.config import get_current_vllm_config
+
+    qc = _prepare_only_config()
+    made = _staged_on_cpu(monkeypatch, 1 << 20)
+    model = _reloadable_model(qc, vllm_ctx, "stage_freed", dense=False)
+    _load_model(model, _per_expert({}, 4, 256, 256), {})
+    pending = len(made[0]._calls)
+    refs = [weakref.ref(model.moe.routed_experts), weakref.ref(qc.load_stats),
+            weakref.ref(made[0])]
+    # vLLM's forward context names MoE layers (a model's config holds them): drop ours
+    context = get_current_vllm_config().compilation_config.static_forward_context
+    for key in [k for k in context if k.startswith("stage_freed.")]:
+        del context[key]
+    made.clear()  # the forcing closure's own list of stagers
+    del qc, model
+    gc.collect()
+    assert pending > 0 and [r() is None for r in refs] == [True, True, True]
+
+
+def test_a_load_refused_at_a_flush_names_the_tensor():
+    """vLLM's loader refusing a staged call (it raises, or reports the
+    tensor not loaded) is one error naming the tensor, shard and expert; the
+    calls after it are dropped."""
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    stager = expert_staging.ExpertStager(torch.device("cpu"), 1 << 16)
+    param = torch.zeros(4, 8)
+    seen = []
+
+    def refuses(param, loaded, weight_name, shard_id, expert_id, return_success=False):
+        seen.append(weight_name)
+        if expert_id == 1:
+            raise ValueError("shard_id must be ['w1','w2','w3'] but got w4")
+        param[expert_id].copy_(loaded)
+        return True
+
+    for e in range(3):
+        stager.add(refuses, param, torch.full((8,), float(e)), f"experts.{e}.w", "w1", e)
+    with pytest.raises(LoadError, match=r"^experts\.1\.w \(shard w1, expert 1\): vLLM's "
+                                        r"expert weight loader refused it: ValueError: shard_id"):
+        stager.flush()
+    assert seen == ["experts.0.w", "experts.1.w"] and not stager._calls
+
+    stager.add(lambda *a, **k: False, param, torch.ones(8), "experts.2.w", "w3", 2)
+    with pytest.raises(LoadError, match=r"experts\.2\.w \(shard w3, expert 2\): .* did not "
+                                        "load it"):
+        stager.flush()
+    stager.add(refuses, param, torch.full((8,), 5.0), "experts.3.w", "w1", 3)
+    stager.discard()  # dropped: not loaded
+    assert not stager._calls and param[3].eq(0).all() and param[0].eq(0).all()

@@ -17,8 +17,11 @@ before refilling a buffer whose copy has not finished. The copies into the
 pinned buffer run on a thread of their own (torch's copy releases the GIL),
 in order, while the loading thread goes on reading and mapping tensors; a
 flush first waits for the ones into its buffer. Extra host memory: the
-two pinned buffers (``capacity`` bytes each), released when every MoE layer
-of the load was prepared.
+two pinned buffers (``capacity`` bytes each, a power of two, as torch's
+pinned allocator rounds), returned to the system when the load's first MoE
+layer is prepared (vLLM prepares layers once every tensor was loaded: the
+last flush is then done). A call that vLLM's loader refuses at a flush is
+an error naming the tensor; a load that stops drops what is staged.
 
 Only tensors that vLLM's loader would copy into a GPU parameter go this way:
 1-D and 2-D CPU tensors of a local expert (``weight_shape`` included: each
@@ -30,6 +33,7 @@ vLLM's loader directly, as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,20 +41,26 @@ from typing import Callable
 
 import torch
 
+from .load_checks import LoadError
+
 ENV = "VLLM_W4A8_FASTPREP_STAGING_MIB"
 DEFAULT_MIB = 256
+MAX_MIB = 4096  # two buffers of pinned host memory at most: 8 GiB
 ALIGN = 256  # offsets in a buffer: any dtype view is aligned
 
 
 def capacity() -> int:
     """Bytes of one pinned staging buffer (two are used): ``$ENV`` MiB,
-    default 256; 0 turns staging off. ``ValueError`` naming the variable for
-    anything but a whole number >= 0."""
-    text = os.environ.get(ENV, "").strip() or str(DEFAULT_MIB)
-    if not text.isdigit():
-        raise ValueError(f"{ENV}={os.environ.get(ENV)!r}: expected a whole number of MiB "
-                         f"(0 turns staging off; default {DEFAULT_MIB})")
-    return int(text) << 20
+    default 256, rounded up to a power of two (torch pins such sizes
+    anyway); 0 turns staging off. ``ValueError`` naming the variable for
+    anything but a whole number from 0 to ``MAX_MIB``."""
+    raw = os.environ.get(ENV, "")
+    text = raw.strip() or str(DEFAULT_MIB)
+    if not text.isdigit() or int(text) > MAX_MIB:
+        raise ValueError(f"{ENV}={raw!r}: expected a whole number of MiB from 0 to "
+                         f"{MAX_MIB} (0 turns staging off; default {DEFAULT_MIB})")
+    mib = int(text)
+    return 0 if mib == 0 else 1 << (20 + (mib - 1).bit_length())
 
 
 @dataclass
@@ -100,50 +110,85 @@ class ExpertStager:
         dst = buffer[offset:offset + nbytes].view(loaded.dtype).view(loaded.shape)
         if self._copier is None:
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="w4a8-staging")
+        self._used = offset + -(-nbytes // ALIGN) * ALIGN  # before the call is recorded
         self._copies.append(self._copier.submit(dst.copy_, loaded))
         self._calls.append(_Call(loader, param, offset, nbytes, loaded.dtype,
                                  tuple(loaded.shape), weight_name, shard_id, expert_id))
-        self._used = offset + -(-nbytes // ALIGN) * ALIGN
         self.staged_tensors += 1
         self.staged_bytes += nbytes
 
     def flush(self) -> None:
-        """Send the staged bytes to the GPU and run the recorded loads."""
+        """Send the staged bytes to the GPU and run the recorded loads. A
+        load that vLLM's loader refuses (raises, or reports not loaded) is a
+        ``LoadError`` naming the tensor; the calls after it are dropped."""
         if not self._calls:
             return
         calls, self._calls = self._calls, []
         copies, self._copies = self._copies, []
+        used, self._used = self._used, 0
         for f in copies:
             f.result()  # in the buffer (an error of the copy is raised here)
-        host = self._buffers[self._current][:self._used]
-        gpu = torch.empty(self._used, dtype=torch.uint8, device=self.device)
-        gpu.copy_(host, non_blocking=True)
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-            self._done[self._current] = done
-        self.transfers += 1
-        self._current ^= 1
-        self._used = 0
-        for c in calls:
-            view = gpu[c.offset:c.offset + c.nbytes].view(c.dtype).view(c.shape)
-            c.loader(c.param, view, c.weight_name, c.shard_id, c.expert_id,
-                     return_success=True)
+        with self._on_device():
+            host = self._buffers[self._current][:used]
+            gpu = torch.empty(used, dtype=torch.uint8, device=self.device)
+            gpu.copy_(host, non_blocking=True)
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                self._done[self._current] = done
+            self.transfers += 1
+            self._current ^= 1
+            for c in calls:
+                view = gpu[c.offset:c.offset + c.nbytes].view(c.dtype).view(c.shape)
+                try:
+                    ok = c.loader(c.param, view, c.weight_name, c.shard_id, c.expert_id,
+                                  return_success=True)
+                except Exception as e:
+                    raise LoadError(f"{c.weight_name} (shard {c.shard_id}, expert "
+                                    f"{c.expert_id}): vLLM's expert weight loader refused it: "
+                                    f"{type(e).__name__}: {e}") from e
+                if ok is False:
+                    raise LoadError(f"{c.weight_name} (shard {c.shard_id}, expert "
+                                    f"{c.expert_id}): vLLM's expert weight loader did not "
+                                    "load it")
 
     def release(self) -> None:
-        """Flush, then drop the pinned buffers (after their copies finished)."""
+        """Flush, then return the pinned buffers to the system."""
         self.flush()
+        self._drop()
+
+    def discard(self) -> None:
+        """Drop what is staged without loading it (the load stopped), then
+        return the pinned buffers to the system."""
+        self._calls = []
+        copies, self._copies = self._copies, []
+        for f in copies:
+            with contextlib.suppress(Exception):
+                f.result()  # no copy into a buffer is left running
+        self._used = 0
+        self._drop()
+
+    def _drop(self) -> None:
         for done in self._done:
             if done is not None:
                 done.synchronize()
-        self._buffers = [None, None]
-        self._done = [None, None]
         if self._copier is not None:
             self._copier.shutdown(wait=True)
             self._copier = None
+        had_pinned = any(b is not None for b in self._buffers)
+        self._buffers = [None, None]
+        self._done = [None, None]
         empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
-        if self.device.type == "cuda" and empty_host_cache is not None:
-            empty_host_cache()  # torch keeps freed pinned blocks cached: return them
+        if had_pinned and self.device.type == "cuda" and empty_host_cache is not None:
+            # torch caches freed pinned blocks until the work queued on their
+            # streams when they were freed has finished: wait for it, then
+            # return them
+            torch.cuda.current_stream(self.device).synchronize()
+            empty_host_cache()
+
+    def _on_device(self):
+        return (torch.cuda.device(self.device) if self.device.type == "cuda"
+                else contextlib.nullcontext())
 
     def _buffer(self) -> torch.Tensor:
         i = self._current

@@ -94,6 +94,10 @@ class LoadStats:
         #: MoE layers served with intermediate_size_per_partition % 256 == 128
         self.odd_k_layers: dict[str, int] = {}
         self._odd_k_logged: set[str] = set()
+        #: the load's expert stagers by device (moe.py, expert_staging): kept
+        #: here, shared by the MoE layers of the config, until the first
+        #: MoE layer is prepared
+        self.stagers: dict = {}
         self._reset()
 
     def _reset(self) -> None:

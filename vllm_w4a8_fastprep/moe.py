@@ -264,6 +264,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._loaded: dict[tuple[str, str], set[int]] = {}
         self._proj: dict[str, str] = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
         self._local_expert = None  # global expert id -> local id (-1: not on this rank)
+        self._layer = None  # weakref to the layer (its expert map, read once per load)
+        self._expert_table: list[int] | None = None  # the map on the host, this load
+        self._staging_bytes = 0  # one pinned staging buffer (expert_staging); 0: off
         # False for --load-format dummy: a layer no tensor was loaded into is
         # then not refused (a later weight sync through the loaders is checked)
         self._check_loads = True
@@ -281,6 +284,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._vllm_config = get_current_vllm_config_or_none()
         local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         self._local_expert = weak_callable(local) if local is not None else None
+        self._layer = weakref.ref(layer)
+        self._staging_bytes = staging_capacity()  # a bad setting is named here, not mid-load
         if intermediate_size_per_partition % 256 == 0:
             super().create_weights(layer, num_experts, hidden_size,
                                    intermediate_size_per_partition, params_dtype,
@@ -346,13 +351,15 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                                     f"reloaded: expert {expert_id}: {problem}")
                 self.stats.problems.add(self.layer_name, problem, expert_id)
                 return True if return_success else None
-            stager = self._stager(param)  # weight_shape too: a host sync each otherwise
+            # weight_shape too: a host sync each otherwise; a shard vLLM's loader
+            # does not take goes to it at once (its error is raised here)
+            stager = self._stager(param) if shard_id in self._proj else None
             if stager is not None and stager.takes(param, loaded_weight):
-                local = self._local_expert()(expert_id) if self._local_expert else expert_id
-                ok = local != -1  # vLLM's loader: another rank's expert is not loaded
-                if ok:  # loaded at the stager's next flush, by vLLM's loader
-                    stager.add(get_loader(), param, loaded_weight, weight_name, shard_id,
-                               expert_id)
+                ok = self._is_local(expert_id)  # vLLM's loader skips another rank's
+                if ok:  # loaded at the stager's next flush, by vLLM's loader (held
+                    # weakly: vLLM's reload metadata, weak on the layer, reaches this)
+                    stager.add(lambda *a, **k: get_loader()(*a, **k), param, loaded_weight,
+                               weight_name, shard_id, expert_id)
             else:
                 ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
                                   return_success=True)
@@ -370,16 +377,33 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
     def _stager(self, param) -> ExpertStager | None:
         """The load's stager for GPU parameters (one per device, shared by
-        the MoE layers of this config); None where staging does not apply."""
-        if param.device.type != "cuda":
+        the MoE layers of this config, kept on its LoadStats); None where
+        staging does not apply: off, a CPU parameter, or a reload (a layer
+        prepared before: vLLM's loader as it is, one layer at a time)."""
+        if self._staging_bytes == 0 or param.device.type != "cuda" or self._prepared:
             return None
-        stagers = _STAGERS.setdefault(self.stats, {})
+        stagers = self.stats.stagers
         if param.device not in stagers:
-            size = staging_capacity()
-            if size == 0:
-                return None
-            stagers[param.device] = ExpertStager(param.device, size)
+            stagers[param.device] = ExpertStager(param.device, self._staging_bytes)
         return stagers[param.device]
+
+    def _is_local(self, expert_id) -> bool:
+        """Whether the global ``expert_id`` is on this rank, from the layer's
+        expert map read to the host once per load (vLLM's own lookup is a
+        device sync per tensor)."""
+        if self._local_expert is None:
+            return True
+        if self._expert_table is None:
+            layer = self._layer() if self._layer is not None else None
+            table = getattr(layer, "expert_map", None)
+            if isinstance(table, torch.Tensor):
+                self._expert_table = [int(v) for v in table.tolist()]
+            elif table is None and layer is not None and hasattr(layer, "expert_map"):
+                self._expert_table = []  # no expert parallelism: every expert is local
+            else:  # no map to read: vLLM's own lookup
+                return self._local_expert()(expert_id) != -1
+        table = self._expert_table
+        return not table or table[int(expert_id)] != -1
 
     def _shape_problem(self, name: str, loaded: torch.Tensor, shard_id, param) -> str | None:
         """Why ``loaded`` does not fit parameter ``name``'s shard (metadata
@@ -424,20 +448,30 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # vLLM prepares layers once every tensor of the load was loaded: the
+        # first preparation sends what is staged for all layers and returns
+        # the pinned buffers; a load that stops drops what is staged
+        stagers, self.stats.stagers = self.stats.stagers, {}
+        self._expert_table = None  # read again at the next load (EPLB may move experts)
         try:
-            with _vllm_config_if_none(self._vllm_config):
-                self._prepare(layer)
+            try:
+                for stager in stagers.values():
+                    stager.flush()  # staged expert tensors reach their parameters
+            except LoadError as e:
+                self.stats.layer_failed(None, self.layer_name)
+                raise LoadError(f"{METHOD_NAME}: an expert tensor staged for loading could "
+                                f"not be loaded (sent before MoE layer {self.layer_name} is "
+                                f"prepared): {e}") from e
+            for stager in stagers.values():
+                stager.release()
         except BaseException:
-            _release_stagers(self.stats)  # the load stops here
+            for stager in stagers.values():
+                stager.discard()
             raise
-        prepared = _PREPARED.setdefault(self.stats, set())
-        prepared.add(self.layer_name)
-        if len(prepared) >= self.stats.expected_moe:  # the load's last MoE layer
-            _release_stagers(self.stats)
+        with _vllm_config_if_none(self._vllm_config):
+            self._prepare(layer)
 
     def _prepare(self, layer: torch.nn.Module) -> None:
-        for stager in _STAGERS.get(self.stats, {}).values():
-            stager.flush()  # staged expert tensors reach their parameters
         name = self.layer_name
         if self._check_loads or self._loaded or self.stats.problems:
             missing = self._missing(layer)
@@ -575,20 +609,6 @@ def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 out[f"{part}.{key}"] = value
     return out
-
-
-# LoadStats of a config -> {device: its load's ExpertStager}
-_STAGERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-# LoadStats -> names of the MoE layers prepared since its stagers were released
-_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _release_stagers(stats: LoadStats) -> None:
-    _PREPARED.pop(stats, None)
-    for stager in _STAGERS.pop(stats, {}).values():
-        stager.release()
 
 
 def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:
