@@ -403,6 +403,26 @@ def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_li
 WORLD = 2
 
 
+def _force_cpu_staging(capacity: int) -> list:
+    """Make the MoE method stage CPU parameters through a CPU stager of
+    ``capacity`` bytes, as it stages GPU parameters on a GPU (for a spawned
+    rank: no pytest monkeypatch there); returns the stagers made."""
+    from vllm_w4a8_fastprep.expert_staging import ExpertStager
+
+    made = []
+
+    def stager(self, param):
+        if self._prepared:
+            return None
+        if param.device not in self.stats.stagers:
+            self.stats.stagers[param.device] = ExpertStager(param.device, capacity)
+            made.append(self.stats.stagers[param.device])
+        return self.stats.stagers[param.device]
+
+    moe.W4A8FastPrepMoEMethod._stager = stager
+    return made
+
+
 def _rank_main(rank: int, port: int, ckpt: str, results):
     import pathlib
 
@@ -415,6 +435,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
     ckpt = pathlib.Path(ckpt)
     tensors = _checkpoint_experts(ckpt, 0)
     out = {}
+    unforced = moe.W4A8FastPrepMoEMethod._stager
     ep = VllmConfig(device_config=DeviceConfig(device="cpu"),
                     parallel_config=ParallelConfig(tensor_parallel_size=WORLD,
                                                    enable_expert_parallel=True))
@@ -426,17 +447,24 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                                          distributed_init_method=f"tcp://127.0.0.1:{port}",
                                          backend="gloo")
             initialize_model_parallel(WORLD, 1)
-            # expert parallelism: this rank holds whole experts, 4 of the 8
-            runner = _fused_moe(_prepare_only_config(), "ep.mlp.experts", TINY.experts,
-                                TINY.hidden, TINY.moe_intermediate, "cpu")
-            layer = runner.routed_experts
-            local = [e for e in range(TINY.experts)
-                     if layer._map_global_expert_id_to_local_expert_id(e) != -1]
-            _load(runner, tensors)
-            layer.quant_method.process_weights_after_loading(layer)
-            _check_prepared(layer, _expected(tensors, local), TINY.hidden,
-                            TINY.moe_intermediate)
-            out["ep_local"] = local
+            for pass_, made in (("", None), ("staged.", [])):
+                moe.W4A8FastPrepMoEMethod._stager = unforced
+                if made is not None:  # again, each tensor through a staging buffer
+                    made = _force_cpu_staging(64 << 10)  # several flushes
+                # expert parallelism: this rank holds whole experts, 4 of the 8
+                runner = _fused_moe(_prepare_only_config(), f"ep.{pass_}mlp.experts",
+                                    TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
+                layer = runner.routed_experts
+                local = [e for e in range(TINY.experts)
+                         if layer._map_global_expert_id_to_local_expert_id(e) != -1]
+                _load(runner, tensors)
+                if made is not None:
+                    out["ep_staged"] = (sum(m.staged_tensors for m in made),
+                                        sum(1 for n in tensors if int(n.split(".")[0]) in local))
+                layer.quant_method.process_weights_after_loading(layer)
+                _check_prepared(layer, _expected(tensors, local), TINY.hidden,
+                                TINY.moe_intermediate)
+                out["ep_local_staged" if pass_ else "ep_local"] = local
         with set_current_vllm_config(tp):
             # tensor parallelism: every expert, this rank's half of the
             # intermediate size (128: an odd multiple of 128)
@@ -447,16 +475,22 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
             except ValueError as e:
                 out["tp_refused"] = str(e)
             moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
-            runner = _fused_moe(_prepare_only_config(), "tp.mlp.experts", TINY.experts,
-                                TINY.hidden, TINY.moe_intermediate, "cpu")
-            layer = runner.routed_experts
-            _load(runner, tensors)
-            layer.quant_method.process_weights_after_loading(layer)
-            half = TINY.moe_intermediate // WORLD
-            _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
-                                             i_slice=slice(rank * half, (rank + 1) * half)),
-                            TINY.hidden, half)
-            out["tp_ok"] = True
+            for pass_, made in (("", None), ("staged.", [])):
+                moe.W4A8FastPrepMoEMethod._stager = unforced
+                if made is not None:  # again, each tensor through a staging buffer
+                    made = _force_cpu_staging(64 << 10)  # several flushes
+                runner = _fused_moe(_prepare_only_config(), f"tp.{pass_}mlp.experts",
+                                    TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
+                layer = runner.routed_experts
+                _load(runner, tensors)
+                if made is not None:
+                    out["tp_staged"] = (sum(m.staged_tensors for m in made), len(tensors))
+                layer.quant_method.process_weights_after_loading(layer)
+                half = TINY.moe_intermediate // WORLD
+                _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
+                                                 i_slice=slice(rank * half, (rank + 1) * half)),
+                                TINY.hidden, half)
+                out["tp_ok_staged" if pass_ else "tp_ok"] = True
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["error"] = f"{type(e).__name__}: {e}"
     results.put((rank, out))
@@ -464,6 +498,8 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process test (gloo)")
 def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe):
+    """Each rank's slices, loaded through vLLM's loader and again through a
+    staging buffer (the stager forced onto the CPU parameters)."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -476,7 +512,12 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
         p.join(timeout=60)
     for rank in range(WORLD):
         assert "error" not in got[rank], got[rank]["error"]
-        assert got[rank]["tp_ok"]
+        assert got[rank]["tp_ok"] and got[rank]["tp_ok_staged"]
+        # staged: every tensor of this rank's experts (EP), every tensor (TP)
+        staged, local = got[rank]["ep_staged"]
+        assert staged == local > 0 and got[rank]["ep_local_staged"] == got[rank]["ep_local"]
+        staged, every = got[rank]["tp_staged"]
+        assert staged == every > 0
         assert "intermediate_size_per_partition=128" in got[rank]["tp_refused"]
         assert "--enable-expert-parallel" in got[rank]["tp_refused"]
     # linear placement: rank r holds experts 4r .. 4r+3, each expert once
