@@ -349,26 +349,98 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
 # ------------------------------------------------- staged expert loading
 
 
+def _staged_load(monkeypatch, prefix, tensors, mib: str):
+    """A layer of ours loaded with a staging buffer of ``mib`` MiB; its stager."""
+    from vllm_w4a8_fastprep import expert_staging
+
+    monkeypatch.setenv(expert_staging.ENV, mib)
+    staged = _ours(prefix, (32, 1024, 512))
+    names = list(staged.load_weights(list(tensors.items())))
+    (stager,) = staged.routed_experts.quant_method.stats.stagers.values()
+    return staged, names, stager
+
+
+def _direct_load(monkeypatch, prefix, tensors):
+    from vllm_w4a8_fastprep import expert_staging
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    direct = _ours(prefix, (32, 1024, 512))
+    names = list(direct.load_weights(list(tensors.items())))
+    assert not direct.routed_experts.quant_method.stats.stagers
+    return direct, names
+
+
+def _assert_same_params(a, b):
+    pa, pb = dict(a.routed_experts.named_parameters()), dict(b.routed_experts.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n].data.view(torch.uint8), pb[n].data.view(torch.uint8)), n
+
+
 def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
     """Expert tensors go to the GPU through the pinned staging buffers by
     default: the loaded parameters equal those of vLLM's loader alone
     (staging off) byte for byte, with a buffer small enough for several
-    transfers, and the load itself waits on the host only to reuse a buffer."""
+    transfers; after preparation the same prepared tensors, no stager left."""
+    tensors = _per_expert({}, 32, 1024, 512)
+    direct, names_direct = _direct_load(monkeypatch, "stage.gpu.direct.experts", tensors)
+    staged, names, stager = _staged_load(monkeypatch, "stage.gpu.staged.experts", tensors, "2")
+    assert names == names_direct
+    assert stager.staged_tensors == len(tensors) and stager.transfers > 1  # weight_shape too
+    stager.flush()
+    _assert_same_params(direct, staged)
+    for layer in (direct, staged):
+        layer.routed_experts.quant_method.process_weights_after_loading(layer.routed_experts)
+    _assert_same_params(direct, staged)
+    assert not staged.routed_experts.quant_method.stats.stagers
+
+
+def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch):
+    """With a buffer that is never reused, loading a layer's expert tensors
+    makes no synchronizing CUDA call (torch's sync debug mode raises on
+    one); vLLM's loader alone makes one per tensor, which the same check
+    catches."""
     from vllm_w4a8_fastprep import expert_staging
 
-    shape = (32, 1024, 512)
-    tensors = _per_expert({}, *shape)
-    items = list(tensors.items())
+    tensors = _per_expert({}, 32, 1024, 512)
     monkeypatch.setenv(expert_staging.ENV, "0")
-    direct = _ours("stage.gpu.direct.experts", shape)
-    _load(direct, tensors)
-    monkeypatch.setenv(expert_staging.ENV, "2")  # 2 MiB: several transfers
-    staged = _ours("stage.gpu.staged.experts", shape)
-    assert list(staged.load_weights(items)) == list(direct.load_weights(items))
-    layer = staged.routed_experts
-    (stager,) = moe._STAGERS[layer.quant_method.stats].values()
-    assert stager.staged_tensors == 32 * 3 * 2 and stager.transfers > 1
+    direct = _ours("stage.sync.direct.experts", (32, 1024, 512))
+    monkeypatch.setenv(expert_staging.ENV, "64")
+    staged = _ours("stage.sync.staged.experts", (32, 1024, 512))
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+            list(direct.load_weights(list(tensors.items())))
+        list(staged.load_weights(list(tensors.items())))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    (stager,) = staged.routed_experts.quant_method.stats.stagers.values()
+    assert stager.staged_tensors == len(tensors) and stager.transfers == 0
+
+
+def test_a_buffer_is_refilled_only_after_its_copy_to_the_gpu(gpu_ctx, monkeypatch):
+    """The GPU held back (a long sleep queued before the load): the copies of
+    the first buffers wait behind it while the host fills the next ones; a
+    buffer refilled before its copy ran would put other bytes into the
+    parameters."""
+    tensors = _per_expert({}, 32, 1024, 512)
+    direct, _ = _direct_load(monkeypatch, "stage.race.direct.experts", tensors)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(5e8))  # some 0.25 s of GPU time on the current stream
+    staged, _, stager = _staged_load(monkeypatch, "stage.race.staged.experts", tensors, "1")
+    assert stager.transfers > 4
     stager.flush()
-    pd, ps = dict(direct.routed_experts.named_parameters()), dict(layer.named_parameters())
-    for n in pd:
-        assert torch.equal(pd[n].data.view(torch.uint8), ps[n].data.view(torch.uint8)), n
+    _assert_same_params(direct, staged)
+
+
+def test_the_pinned_buffers_are_returned_after_the_load(gpu_ctx, monkeypatch):
+    """The pinned memory of the staging buffers goes back to the system once
+    the layer is prepared (not kept in torch's pinned-memory cache)."""
+    tensors = _per_expert({}, 32, 1024, 512)
+    torch._C._host_emptyCache()
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    staged, _, stager = _staged_load(monkeypatch, "stage.pinned.experts", tensors, "16")
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] >= before + (16 << 20)
+    staged.routed_experts.quant_method.process_weights_after_loading(staged.routed_experts)
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] == before
