@@ -316,7 +316,7 @@ def parse_args(argv):
         ap.error(f"--model {args.model}: not a model folder (no config.json)")
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):
-        ap.error(f"--modes takes {' and '.join(MODES)}, got {args.modes!r}")
+        ap.error(f"--modes takes runs from {', '.join(MODES)}, got {args.modes!r}")
     args.modes = modes
     for name in ("limit", "concurrency", "max_tokens"):
         value = getattr(args, name)

@@ -275,10 +275,16 @@ def run(args) -> int:
             results[mode].append(result)
     summary = summarize(runs)
     verdict, details = None, None
-    if "ours" in results and "upstream" in results:
-        verdict, details = output_verdict(results)
-        print(f"greedy tokens and logprobs, ours vs upstream ({len(results['ours'])} run pairs, "
-              f"{len(results['ours'][0]['outputs'])} prompts): {verdict or 'identical'}")
+    for mode in (m for m in modes if m != "upstream" and "upstream" in results):
+        v, d = output_verdict({"upstream": results["upstream"], "ours": results[mode]})
+        print(f"greedy tokens and logprobs, {mode} vs upstream ({len(results[mode])} run pairs, "
+              f"{len(results[mode][0]['outputs'])} prompts): {v or 'identical'}")
+        if details is None:
+            details = {}
+        details.update({k.replace("ours", mode, 1) if k.startswith("ours") else k: x
+                        for k, x in d.items()})
+        if v is not None and verdict is None:
+            verdict = v if mode == "ours" else f"{mode}: {v}"
     print(table(summary))
     (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": source_commit(),
                                                   "enforce_eager": args.enforce_eager,
@@ -349,9 +355,9 @@ def check_mode(name: str, mode: str, parsed: dict) -> None:
     """An ``ours`` run must show this package's summary (else the plugin did
     not prepare anything and the comparison would be upstream with itself);
     an ``upstream`` run must not."""
-    if mode == "ours" and "ours_layers" not in parsed:
+    if mode.startswith("ours") and "ours_layers" not in parsed:
         raise OneLineError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
-                           "layer in the 'ours' run")
+                           f"layer in the '{mode}' run")
     if mode == "upstream" and "ours_layers" in parsed:
         raise OneLineError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
                            "plugin claimed the model")
