@@ -423,6 +423,15 @@ def _force_cpu_staging(capacity: int) -> list:
     return made
 
 
+def _direct_then_staged(unforced):
+    """``("", None)`` with the method's own stager choice (none on the CPU),
+    then ``("staged.", stagers made)`` with each tensor through a forced CPU
+    staging buffer small enough for several flushes."""
+    moe.W4A8FastPrepMoEMethod._stager = unforced
+    yield "", None
+    yield "staged.", _force_cpu_staging(64 << 10)
+
+
 def _rank_main(rank: int, port: int, ckpt: str, results):
     import pathlib
 
@@ -447,10 +456,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                                          distributed_init_method=f"tcp://127.0.0.1:{port}",
                                          backend="gloo")
             initialize_model_parallel(WORLD, 1)
-            for pass_, made in (("", None), ("staged.", [])):
-                moe.W4A8FastPrepMoEMethod._stager = unforced
-                if made is not None:  # again, each tensor through a staging buffer
-                    made = _force_cpu_staging(64 << 10)  # several flushes
+            for pass_, made in _direct_then_staged(unforced):
                 # expert parallelism: this rank holds whole experts, 4 of the 8
                 runner = _fused_moe(_prepare_only_config(), f"ep.{pass_}mlp.experts",
                                     TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
@@ -475,10 +481,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
             except ValueError as e:
                 out["tp_refused"] = str(e)
             moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
-            for pass_, made in (("", None), ("staged.", [])):
-                moe.W4A8FastPrepMoEMethod._stager = unforced
-                if made is not None:  # again, each tensor through a staging buffer
-                    made = _force_cpu_staging(64 << 10)  # several flushes
+            for pass_, made in _direct_then_staged(unforced):
                 runner = _fused_moe(_prepare_only_config(), f"tp.{pass_}mlp.experts",
                                     TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
                 layer = runner.routed_experts
