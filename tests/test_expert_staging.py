@@ -37,25 +37,28 @@ def _staged_on_cpu(monkeypatch, capacity: int) -> list:
     return made
 
 
-@pytest.mark.parametrize("capacity", [1 << 20, 40 << 10, 1 << 10])
+@pytest.mark.parametrize("capacity", [4 << 20, 160 << 10, 1 << 10])
 def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
-    """1 MiB: all tensors in one transfer; 40 KiB: several; 1 KiB: the
+    """4 MiB: all tensors in one transfer; 160 KiB: several; 1 KiB: the
     packed weights are larger than the buffer (vLLM's loader directly), the
-    scales staged."""
-    tensors = _per_expert({}, 8, 256, 256)
+    scales staged. The packed weights (64 KiB each) are copied into the
+    buffer on the copy thread, the scales and shapes at once."""
+    assert expert_staging.THREAD_MIN_BYTES == 64 << 10
+    tensors = _per_expert({}, 8, 512, 256)
     items = list(tensors.items())
     random.Random(capacity).shuffle(items)
     qc = _prepare_only_config()
     with monkeypatch.context() as m:  # the reference: vLLM's loader alone (on a GPU
         m.setenv(expert_staging.ENV, "0")  # staging is otherwise the default)
-        direct = _fused_moe(qc, f"stage.direct{capacity}.experts", 8, 256, 256, vllm_ctx)
+        direct = _fused_moe(qc, f"stage.direct{capacity}.experts", 8, 512, 256, vllm_ctx)
         names_direct = list(direct.load_weights(items))
     with monkeypatch.context() as m:
         made = _staged_on_cpu(m, capacity)
-        staged = _fused_moe(qc, f"stage.staged{capacity}.experts", 8, 256, 256, vllm_ctx)
+        staged = _fused_moe(qc, f"stage.staged{capacity}.experts", 8, 512, 256, vllm_ctx)
         names_staged = list(staged.load_weights(items))
         assert names_staged == names_direct
         (stager,) = made
+        assert (stager._copier is not None) == (capacity > 64 << 10)  # the copy thread ran
         fits = [n for n, t in items if t.numel() * t.element_size() <= capacity]
         assert stager.staged_tensors == len(fits) > 0
         stager.flush()
@@ -64,7 +67,7 @@ def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
         dict(staged.routed_experts.named_parameters())
     for n in pd:
         assert torch.equal(pd[n].data.view(torch.uint8), ps[n].data.view(torch.uint8)), n
-    assert (transfers == 1) if capacity == 1 << 20 else (transfers > 1)
+    assert (transfers == 1) if capacity == 4 << 20 else (transfers > 1)
     md, ms = direct.routed_experts.quant_method, staged.routed_experts.quant_method
     assert md._loaded == ms._loaded
 

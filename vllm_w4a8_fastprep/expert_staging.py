@@ -15,8 +15,9 @@ device-to-device copy on the same stream, without a host wait. Two buffers
 alternate, so filling one overlaps the copy of the other; the host waits only
 before refilling a buffer whose copy has not finished. The copies into the
 pinned buffer run on a thread of their own (torch's copy releases the GIL),
-in order, while the loading thread goes on reading and mapping tensors; a
-flush first waits for the ones into its buffer. Extra host memory: the
+in order, while the loading thread goes on reading and mapping tensors (the
+copies of tensors under 64 KiB, scales and shapes, run at once: handing them
+over would cost more); a flush first waits for the ones into its buffer. Extra host memory: the
 two pinned buffers (``capacity`` bytes each, a power of two, as torch's
 pinned allocator rounds), returned to the system when the load's first MoE
 layer is prepared (vLLM prepares layers once every tensor was loaded: the
@@ -47,6 +48,7 @@ ENV = "VLLM_W4A8_FASTPREP_STAGING_MIB"
 DEFAULT_MIB = 256
 MAX_MIB = 4096  # two buffers of pinned host memory at most: 8 GiB
 ALIGN = 256  # offsets in a buffer: any dtype view is aligned
+THREAD_MIN_BYTES = 64 << 10  # smaller tensors are copied into the buffer at once
 
 
 def capacity() -> int:
@@ -108,10 +110,13 @@ class ExpertStager:
         buffer = self._buffer()
         offset = self._used
         dst = buffer[offset:offset + nbytes].view(loaded.dtype).view(loaded.shape)
-        if self._copier is None:
-            self._copier = ThreadPoolExecutor(1, thread_name_prefix="w4a8-staging")
         self._used = offset + -(-nbytes // ALIGN) * ALIGN  # before the call is recorded
-        self._copies.append(self._copier.submit(dst.copy_, loaded))
+        if nbytes < THREAD_MIN_BYTES:
+            dst.copy_(loaded)  # small: handing it to the thread costs more than the copy
+        else:
+            if self._copier is None:
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="w4a8-staging")
+            self._copies.append(self._copier.submit(dst.copy_, loaded))
         self._calls.append(_Call(loader, param, offset, nbytes, loaded.dtype,
                                  tuple(loaded.shape), weight_name, shard_id, expert_id))
         self.staged_tensors += 1
