@@ -31,9 +31,10 @@ def mode_settings(mode: str) -> tuple[dict, str]:
     if mode == "upstream":
         return {"VLLM_W4A8_FASTPREP_AUTO": "0"}, "compressed-tensors"
     from vllm_w4a8_fastprep.checkpoint_format import METHOD_NAME
-    from vllm_w4a8_fastprep.expert_staging import ENV
+    from vllm_w4a8_fastprep.expert_staging import DEFAULT_MIB, ENV
 
-    return ({ENV: "0"} if mode == "ours-unstaged" else {}), METHOD_NAME
+    # each plugin mode sets the staging switch: none inherits it from the caller
+    return {ENV: "0" if mode == "ours-unstaged" else str(DEFAULT_MIB)}, METHOD_NAME
 
 
 def use_mode(mode: str) -> str:

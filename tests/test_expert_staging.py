@@ -13,28 +13,21 @@ from must_run import import_or_skip
 
 import_or_skip("vllm")
 
-from test_moe import _fused_moe, _per_expert, _prepare_only_config  # noqa: E402
+from test_moe import (  # noqa: E402
+    _force_cpu_staging,
+    _fused_moe,
+    _per_expert,
+    _prepare_only_config,
+)
 
-from vllm_w4a8_fastprep import expert_staging, moe  # noqa: E402
+from vllm_w4a8_fastprep import expert_staging  # noqa: E402
 
 
 def _staged_on_cpu(monkeypatch, capacity: int) -> list:
-    """Make the MoE method stage CPU parameters through a CPU stager of
-    ``capacity`` bytes (as it stages GPU parameters on a GPU: kept on the
-    config's LoadStats, not for a reload); returns the stagers made."""
-    made = []
-
-    def stager(self, param):
-        if self._prepared:
-            return None
-        per = self.stats.stagers
-        if param.device not in per:
-            per[param.device] = expert_staging.ExpertStager(param.device, capacity)
-            made.append(per[param.device])
-        return per[param.device]
-
-    monkeypatch.setattr(moe.W4A8FastPrepMoEMethod, "_stager", stager)
-    return made
+    """The MoE method stages CPU parameters as it stages GPU ones on a GPU
+    (its own ``_stager``: kept on the config's LoadStats, not for a reload),
+    through CPU stagers of ``capacity`` bytes; returns the stagers made."""
+    return _force_cpu_staging(capacity, monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("capacity", [4 << 20, 160 << 10, 1 << 10])
@@ -72,7 +65,7 @@ def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
     assert md._loaded == ms._loaded
 
 
-def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch):
+def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, caplog):
     """The flush before preparation: the prepared tensors are those of a
     layer loaded without staging, and the stagers are released."""
     tensors = _per_expert({}, 4, 256, 256)
@@ -89,6 +82,9 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch):
         staged.routed_experts.quant_method.process_weights_after_loading(staged.routed_experts)
         assert not qc2.load_stats.stagers  # released at the first MoE layer's preparation
         assert stager._buffers == [None, None] and not stager._calls
+    said = [r.getMessage() for r in caplog.records if "staging buffers" in r.getMessage()]
+    assert said == [f"w4a8_fastprep: {len(tensors)} MoE expert tensors (0.00 GiB) went to cpu "
+                    "through pinned staging buffers (2 x 1 MiB, now returned) in 1 transfers"]
     pd, ps = dict(direct.routed_experts.named_parameters()), \
         dict(staged.routed_experts.named_parameters())
     assert pd.keys() == ps.keys()
@@ -147,21 +143,54 @@ def test_a_reload_is_not_staged(vllm_ctx, monkeypatch):
     _check_prepared(model.moe.routed_experts, _expected(second, list(range(4))), 256, 256)
 
 
-def test_a_load_that_stops_drops_what_is_staged(vllm_ctx, monkeypatch):
+def test_a_layer_refused_at_preparation_lets_go_of_the_stagers(vllm_ctx, monkeypatch):
     """A layer refused at preparation (an expert never loaded): the staged
-    calls are dropped, not loaded, and the stagers let go of."""
-    tensors = _per_expert({}, 4, 256, 256)
+    calls were sent first, then the stagers are let go of (no buffer, no
+    copy thread kept)."""
+    tensors = _per_expert({}, 4, 512, 256)
     items = [(n, t) for n, t in tensors.items() if not n.startswith("3.")]  # expert 3 missing
     qc = _prepare_only_config()
     made = _staged_on_cpu(monkeypatch, 1 << 20)
-    layer = _fused_moe(qc, "stage.stop.experts", 4, 256, 256, vllm_ctx)
+    layer = _fused_moe(qc, "stage.stop.experts", 4, 512, 256, vllm_ctx)
     list(layer.load_weights(items))
     (stager,) = made
-    assert stager._calls
+    assert stager._calls and stager._copier is not None
     with pytest.raises(ValueError, match="loaded for 3 of this rank's 4 experts"):
         layer.routed_experts.quant_method.process_weights_after_loading(layer.routed_experts)
     assert not qc.load_stats.stagers and not stager._calls
-    assert stager._buffers == [None, None]
+    assert stager._buffers == [None, None] and stager._copier is None
+
+
+def test_a_call_refused_when_sent_drops_the_calls_after_it(vllm_ctx, monkeypatch):
+    """A staged call that vLLM's loader refuses when the buffer is sent (an
+    expert id the layer does not have, as a model's own loader may pass
+    one): one LoadError naming it, at the first preparation; the calls
+    staged after it are dropped, not loaded; no buffer or copy thread stays."""
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    tensors = _per_expert({}, 4, 512, 256)
+    qc = _prepare_only_config()
+    made = _staged_on_cpu(monkeypatch, 1 << 20)
+    layer = _fused_moe(qc, "stage.refused.experts", 4, 512, 256, vllm_ctx)
+    experts = layer.routed_experts
+    for p in experts.parameters():
+        p.data.zero_()
+    param = experts.w13_weight_packed
+    assert param.weight_loader(param, tensors["0.gate_proj.weight_packed"],
+                               "stage.refused.experts.9.gate_proj.weight_packed",
+                               shard_id="w1", expert_id=9, return_success=True)
+    list(layer.load_weights(list(tensors.items())))
+    (stager,) = made
+    assert len(stager._calls) == 1 + len(tensors) and stager._copier is not None
+    threads = set(stager._copier._threads)
+    with pytest.raises(LoadError, match=r"staged for loading could not be loaded .*"
+                                        r"experts\.9\.gate_proj\.weight_packed \(shard w1, "
+                                        r"expert 9\): vLLM's expert weight loader refused it"):
+        experts.quant_method.process_weights_after_loading(experts)
+    assert all(p.data.eq(0).all() for p in experts.parameters())  # nothing after it loaded
+    assert not qc.load_stats.stagers and not stager._calls
+    assert stager._buffers == [None, None] and stager._copier is None
+    assert threads and not [t for t in threads if t.is_alive()]
 
 
 def test_layers_and_stats_are_freed_when_a_load_stops_before_preparation(vllm_ctx,

@@ -403,31 +403,37 @@ def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_li
 WORLD = 2
 
 
-def _force_cpu_staging(capacity: int) -> list:
-    """Make the MoE method stage CPU parameters through a CPU stager of
-    ``capacity`` bytes, as it stages GPU parameters on a GPU (for a spawned
-    rank: no pytest monkeypatch there); returns the stagers made."""
+def _force_cpu_staging(capacity: int, patch=None) -> list:
+    """Make the MoE method stage CPU parameters as it stages GPU ones (its
+    own ``_stager``, with CPU stagers of ``capacity`` bytes); returns the
+    list of stagers made. ``patch``: pytest's ``monkeypatch.setattr`` (a
+    spawned rank has none: module attributes are set for good)."""
+    import builtins
+
     from vllm_w4a8_fastprep.expert_staging import ExpertStager
 
     made = []
 
-    def stager(self, param):
-        if self._prepared:
-            return None
-        if param.device not in self.stats.stagers:
-            self.stats.stagers[param.device] = ExpertStager(param.device, capacity)
-            made.append(self.stats.stagers[param.device])
-        return self.stats.stagers[param.device]
+    class Recorded(ExpertStager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
 
-    moe.W4A8FastPrepMoEMethod._stager = stager
+    put = patch or builtins.setattr
+    put(moe, "ExpertStager", Recorded)
+    put(moe, "STAGED_DEVICE_TYPES", ("cuda", "cpu"))
+    put(moe, "staging_capacity", lambda: capacity)
     return made
 
 
-def _direct_then_staged(unforced):
-    """``("", None)`` with the method's own stager choice (none on the CPU),
-    then ``("staged.", stagers made)`` with each tensor through a forced CPU
-    staging buffer small enough for several flushes."""
-    moe.W4A8FastPrepMoEMethod._stager = unforced
+_UNFORCED = (moe.ExpertStager, moe.STAGED_DEVICE_TYPES, moe.staging_capacity)
+
+
+def _direct_then_staged():
+    """``("", None)`` with the method's own staging choice (none on the CPU),
+    then ``("staged.", stagers made)`` with each tensor through a CPU staging
+    buffer small enough for several flushes."""
+    moe.ExpertStager, moe.STAGED_DEVICE_TYPES, moe.staging_capacity = _UNFORCED
     yield "", None
     yield "staged.", _force_cpu_staging(64 << 10)
 
@@ -444,7 +450,6 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
     ckpt = pathlib.Path(ckpt)
     tensors = _checkpoint_experts(ckpt, 0)
     out = {}
-    unforced = moe.W4A8FastPrepMoEMethod._stager
     ep = VllmConfig(device_config=DeviceConfig(device="cpu"),
                     parallel_config=ParallelConfig(tensor_parallel_size=WORLD,
                                                    enable_expert_parallel=True))
@@ -456,7 +461,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                                          distributed_init_method=f"tcp://127.0.0.1:{port}",
                                          backend="gloo")
             initialize_model_parallel(WORLD, 1)
-            for pass_, made in _direct_then_staged(unforced):
+            for pass_, made in _direct_then_staged():
                 # expert parallelism: this rank holds whole experts, 4 of the 8
                 runner = _fused_moe(_prepare_only_config(), f"ep.{pass_}mlp.experts",
                                     TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
@@ -481,7 +486,7 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
             except ValueError as e:
                 out["tp_refused"] = str(e)
             moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
-            for pass_, made in _direct_then_staged(unforced):
+            for pass_, made in _direct_then_staged():
                 runner = _fused_moe(_prepare_only_config(), f"tp.{pass_}mlp.experts",
                                     TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
                 layer = runner.routed_experts

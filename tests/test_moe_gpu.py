@@ -397,9 +397,11 @@ def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
 
 def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch):
     """With a buffer that is never reused, loading a layer's expert tensors
-    makes no synchronizing CUDA call (torch's sync debug mode raises on
-    one); vLLM's loader alone makes one per tensor, which the same check
-    catches."""
+    and sending them makes no stream or device synchronisation that torch's
+    sync debug mode flags (a buffer's reuse waits on an event, which it does
+    not flag); vLLM's loader alone makes one per tensor, which the same
+    check catches. Also with expert parallelism (an expert map on the GPU,
+    half the experts on another rank), whose lookup is a sync in vLLM."""
     from vllm_w4a8_fastprep import expert_staging
 
     tensors = _per_expert({}, 32, 1024, 512)
@@ -407,37 +409,70 @@ def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch)
     direct = _ours("stage.sync.direct.experts", (32, 1024, 512))
     monkeypatch.setenv(expert_staging.ENV, "64")
     staged = _ours("stage.sync.staged.experts", (32, 1024, 512))
+    ep = _ours("stage.sync.ep.experts", (32, 1024, 512))
+    manager = ep.routed_experts.expert_map_manager
+    local = torch.arange(32, device="cuda") // 2
+    manager._expert_map = torch.where(torch.arange(32, device="cuda") % 2 == 0, local, -1)
     torch.cuda.synchronize()
+    stagers = []
     try:
         torch.cuda.set_sync_debug_mode("error")
         with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
             list(direct.load_weights(list(tensors.items())))
-        list(staged.load_weights(list(tensors.items())))
+        for layer in (staged, ep):
+            list(layer.load_weights(list(tensors.items())))
+            (stager,) = layer.routed_experts.quant_method.stats.stagers.values()
+            stagers.append(stager)
+            assert stager.transfers == 0
+            stager.flush()  # sent, vLLM's loader run on the GPU copies
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    (stager,) = staged.routed_experts.quant_method.stats.stagers.values()
-    assert stager.staged_tensors == len(tensors) and stager.transfers == 0
+        for stager in stagers:
+            stager.discard()
+    assert stagers[0].staged_tensors == len(tensors)
+    assert stagers[1].staged_tensors == len(tensors) // 2  # this rank's experts only
+    even = torch.arange(0, 32, 2)
+    for name in ("w13_weight_packed", "w2_weight_packed"):
+        want = getattr(staged.routed_experts, name).data[even]
+        assert torch.equal(getattr(ep.routed_experts, name).data[:16], want), name
 
 
 def test_a_buffer_is_refilled_only_after_its_copy_to_the_gpu(gpu_ctx, monkeypatch):
-    """The GPU held back (a long sleep queued before the load): the copies of
-    the first buffers wait behind it while the host fills the next ones; a
-    buffer refilled before its copy ran would put other bytes into the
-    parameters."""
+    """The GPU held back (a long sleep queued after the layer and both pinned
+    buffers exist): the copies of the first buffers wait behind it while the
+    host fills the next ones; a buffer refilled before its copy ran would put
+    other bytes into the parameters."""
+    import time
+
+    from vllm_w4a8_fastprep import expert_staging
+
     tensors = _per_expert({}, 32, 1024, 512)
     direct, _ = _direct_load(monkeypatch, "stage.race.direct.experts", tensors)
+    monkeypatch.setenv(expert_staging.ENV, "1")
+    staged = _ours("stage.race.staged.experts", (32, 1024, 512))
+    method = staged.routed_experts.quant_method
+    stager = expert_staging.ExpertStager(torch.device("cuda", torch.cuda.current_device()),
+                                         expert_staging.capacity())
+    stager._buffers = [torch.empty(stager.capacity, dtype=torch.uint8, pin_memory=True)
+                       for _ in range(2)]
+    method.stats.stagers[stager.device] = stager
     torch.cuda.synchronize()
     torch.cuda._sleep(int(5e8))  # some 0.25 s of GPU time on the current stream
-    staged, _, stager = _staged_load(monkeypatch, "stage.race.staged.experts", tensors, "1")
-    assert stager.transfers > 4
+    assert not torch.cuda.current_stream().query()  # the GPU is held
+    t0 = time.perf_counter()
+    list(staged.load_weights(list(tensors.items())))
+    waited = time.perf_counter() - t0
+    assert stager.transfers > 4 and waited > 0.1  # a reuse waited for the held copies
     stager.flush()
     _assert_same_params(direct, staged)
+    stager.discard()
 
 
 def test_the_pinned_buffers_are_returned_after_the_load(gpu_ctx, monkeypatch):
     """The pinned memory of the staging buffers goes back to the system once
     the layer is prepared (not kept in torch's pinned-memory cache)."""
     tensors = _per_expert({}, 32, 1024, 512)
+    torch.cuda.synchronize()
     torch._C._host_emptyCache()
     before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     staged, _, stager = _staged_load(monkeypatch, "stage.pinned.experts", tensors, "16")

@@ -73,10 +73,11 @@ def install(layer) -> bool:
         return False
     ref = weakref.ref(layer)
     narrowed: list = []  # [entries] while vLLM's load_weights starts on one tensor
-    # the layer's mapping, indexed once (it depends on the layer's config and
-    # checkpoint names only): callers that pass one tensor per call (weight
-    # syncs) would otherwise pay its construction per tensor
-    indexed: list = []
+    # the layer's mapping, indexed once per MoE config of the layer (the
+    # mapping depends on it and the checkpoint names only; elastic expert
+    # parallelism replaces the config): callers that pass one tensor per call
+    # (weight syncs) would otherwise pay its construction per tensor
+    indexed: dict = {}
 
     def get_expert_mapping(*args, **kwargs):
         if narrowed and not args and kwargs == {"include_fused": True}:
@@ -85,9 +86,11 @@ def install(layer) -> bool:
 
     def load_weights(weights: Iterable[tuple[str, "torch.Tensor"]]) -> Iterator[str]:  # noqa: F821
         owner = ref()
-        if not indexed:
-            indexed.append(ExpertMappingIndex(cls.get_expert_mapping(owner, include_fused=True)))
-        index = indexed[0]
+        config = getattr(owner, "moe_config", None)
+        index = indexed.get("index") if indexed.get("config") is config else None
+        if index is None:
+            index = ExpertMappingIndex(cls.get_expert_mapping(owner, include_fused=True))
+            indexed.update(config=config, index=index)
         for name, tensor in weights:
             if tensor.dim() == 3:  # fused: vLLM's loop as it is
                 yield from cls.load_weights(owner, [(name, tensor)])

@@ -58,7 +58,7 @@ def capacity() -> int:
     anything but a whole number from 0 to ``MAX_MIB``."""
     raw = os.environ.get(ENV, "")
     text = raw.strip() or str(DEFAULT_MIB)
-    if not text.isdigit() or int(text) > MAX_MIB:
+    if not (text.isascii() and text.isdecimal()) or int(text) > MAX_MIB:
         raise ValueError(f"{ENV}={raw!r}: expected a whole number of MiB from 0 to "
                          f"{MAX_MIB} (0 turns staging off; default {DEFAULT_MIB})")
     mib = int(text)
@@ -76,6 +76,7 @@ class _Call:
     weight_name: str
     shard_id: str
     expert_id: int
+    threaded: bool  # copied into the buffer on the copy thread
 
 
 class ExpertStager:
@@ -106,19 +107,25 @@ class ExpertStager:
         its GPU copy at the next ``flush``."""
         nbytes = _nbytes(loaded)
         if self._used + nbytes > self.capacity:
-            self.flush()
+            try:
+                self.flush()
+            except BaseException:
+                self.discard()  # the load stops here: nothing staged stays behind
+                raise
         buffer = self._buffer()
         offset = self._used
         dst = buffer[offset:offset + nbytes].view(loaded.dtype).view(loaded.shape)
         self._used = offset + -(-nbytes // ALIGN) * ALIGN  # before the call is recorded
-        if nbytes < THREAD_MIN_BYTES:
+        threaded = nbytes >= THREAD_MIN_BYTES
+        if not threaded:
             dst.copy_(loaded)  # small: handing it to the thread costs more than the copy
         else:
             if self._copier is None:
                 self._copier = ThreadPoolExecutor(1, thread_name_prefix="w4a8-staging")
             self._copies.append(self._copier.submit(dst.copy_, loaded))
         self._calls.append(_Call(loader, param, offset, nbytes, loaded.dtype,
-                                 tuple(loaded.shape), weight_name, shard_id, expert_id))
+                                 tuple(loaded.shape), weight_name, shard_id, expert_id,
+                                 threaded))
         self.staged_tensors += 1
         self.staged_bytes += nbytes
 
@@ -131,8 +138,13 @@ class ExpertStager:
         calls, self._calls = self._calls, []
         copies, self._copies = self._copies, []
         used, self._used = self._used, 0
-        for f in copies:
-            f.result()  # in the buffer (an error of the copy is raised here)
+        for f, c in zip(copies, (c for c in calls if c.threaded)):
+            try:
+                f.result()  # in the buffer
+            except Exception as e:
+                raise LoadError(f"{c.weight_name} (shard {c.shard_id}, expert {c.expert_id}): "
+                                f"copying it into the staging buffer failed: "
+                                f"{type(e).__name__}: {e}") from e
         with self._on_device():
             host = self._buffers[self._current][:used]
             gpu = torch.empty(used, dtype=torch.uint8, device=self.device)
@@ -186,9 +198,11 @@ class ExpertStager:
         empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
         if had_pinned and self.device.type == "cuda" and empty_host_cache is not None:
             # torch caches freed pinned blocks until the work queued on their
-            # streams when they were freed has finished: wait for it, then
-            # return them
-            torch.cuda.current_stream(self.device).synchronize()
+            # streams when they were freed has finished: wait for it (an
+            # event recorded after the frees), then return them
+            queued = torch.cuda.Event()
+            queued.record(torch.cuda.current_stream(self.device))
+            queued.synchronize()
             empty_host_cache()
 
     def _on_device(self):

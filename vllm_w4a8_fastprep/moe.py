@@ -24,6 +24,7 @@ and the layer gets upstream's compressed-tensors handling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 
@@ -358,8 +359,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                 ok = self._is_local(expert_id)  # vLLM's loader skips another rank's
                 if ok:  # loaded at the stager's next flush, by vLLM's loader (held
                     # weakly: vLLM's reload metadata, weak on the layer, reaches this)
-                    stager.add(lambda *a, **k: get_loader()(*a, **k), param, loaded_weight,
-                               weight_name, shard_id, expert_id)
+                    stager.add(functools.partial(_staged_load, get_loader, self._layer,
+                                                 self._expert_table),
+                               param, loaded_weight, weight_name, shard_id, expert_id)
             else:
                 ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
                                   return_success=True)
@@ -380,7 +382,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         the MoE layers of this config, kept on its LoadStats); None where
         staging does not apply: off, a CPU parameter, or a reload (a layer
         prepared before: vLLM's loader as it is, one layer at a time)."""
-        if self._staging_bytes == 0 or param.device.type != "cuda" or self._prepared:
+        if (self._staging_bytes == 0 or param.device.type not in STAGED_DEVICE_TYPES
+                or self._prepared):
             return None
         stagers = self.stats.stagers
         if param.device not in stagers:
@@ -390,18 +393,18 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
     def _is_local(self, expert_id) -> bool:
         """Whether the global ``expert_id`` is on this rank, from the layer's
         expert map read to the host once per load (vLLM's own lookup is a
-        device sync per tensor)."""
+        device sync per tensor). The host table also answers vLLM's lookup
+        when the staged call runs (``_staged_load``)."""
         if self._local_expert is None:
             return True
         if self._expert_table is None:
             layer = self._layer() if self._layer is not None else None
-            table = getattr(layer, "expert_map", None)
-            if isinstance(table, torch.Tensor):
-                self._expert_table = [int(v) for v in table.tolist()]
-            elif table is None and layer is not None and hasattr(layer, "expert_map"):
-                self._expert_table = []  # no expert parallelism: every expert is local
-            else:  # no map to read: vLLM's own lookup
-                return self._local_expert()(expert_id) != -1
+            manager = getattr(layer, "expert_map_manager", None)
+            if manager is None or not _vllms_own_lookup(layer) \
+                    or not hasattr(manager, "expert_map"):
+                return self._local_expert()(expert_id) != -1  # vLLM's own, as it is
+            table = manager.expert_map  # the map vLLM's own lookup reads
+            self._expert_table = [] if table is None else [int(v) for v in table.tolist()]
         table = self._expert_table
         return not table or table[int(expert_id)] != -1
 
@@ -464,6 +467,10 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                                 f"prepared): {e}") from e
             for stager in stagers.values():
                 stager.release()
+                logger.info("%s: %d MoE expert tensors (%.2f GiB) went to %s through pinned "
+                            "staging buffers (2 x %d MiB, now returned) in %d transfers",
+                            METHOD_NAME, stager.staged_tensors, stager.staged_bytes / 2**30,
+                            stager.device, stager.capacity >> 20, stager.transfers)
         except BaseException:
             for stager in stagers.values():
                 stager.discard()
@@ -609,6 +616,36 @@ def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 out[f"{part}.{key}"] = value
     return out
+
+
+#: parameters on these devices are loaded through the staging buffers (the
+#: CPU tests add "cpu": the same path, a CPU stager)
+STAGED_DEVICE_TYPES = ("cuda",)
+
+
+def _vllms_own_lookup(layer) -> bool:
+    """Whether ``layer`` maps expert ids with vLLM's ``RoutedExperts`` lookup
+    (a subclass may map otherwise: then the host table is not used)."""
+    from .compat import RoutedExperts
+
+    name = "_map_global_expert_id_to_local_expert_id"
+    return getattr(type(layer), name, None) is getattr(RoutedExperts, name, None)
+
+
+def _staged_load(get_loader, layer_ref, table, *args, **kwargs):
+    """vLLM's expert weight loader for one staged tensor; with expert
+    parallelism its expert-id lookup answered from the host ``table`` (its
+    own is a device sync per call)."""
+    loader = get_loader()
+    layer = layer_ref() if table else None
+    if layer is None:
+        return loader(*args, **kwargs)
+    name = "_map_global_expert_id_to_local_expert_id"
+    layer.__dict__[name] = table.__getitem__
+    try:
+        return loader(*args, **kwargs)
+    finally:
+        layer.__dict__.pop(name, None)
 
 
 def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:
