@@ -65,7 +65,7 @@ def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
     assert md._loaded == ms._loaded
 
 
-def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, caplog):
+def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, log_lines):
     """The flush before preparation: the prepared tensors are those of a
     layer loaded without staging, and the stagers are released."""
     tensors = _per_expert({}, 4, 256, 256)
@@ -82,7 +82,7 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, caplo
         staged.routed_experts.quant_method.process_weights_after_loading(staged.routed_experts)
         assert not qc2.load_stats.stagers  # released at the first MoE layer's preparation
         assert stager._buffers == [None, None] and not stager._calls
-    said = [r.getMessage() for r in caplog.records if "staging buffers" in r.getMessage()]
+    said = [r.getMessage() for r in log_lines if "staging buffers" in r.getMessage()]
     assert said == [f"w4a8_fastprep: {len(tensors)} MoE expert tensors (0.00 GiB) went to cpu "
                     "through pinned staging buffers (2 x 1 MiB, now returned) in 1 transfers"]
     pd, ps = dict(direct.routed_experts.named_parameters()), \

@@ -506,8 +506,9 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process test (gloo)")
 def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe):
-    """Each rank's slices, loaded through vLLM's loader and again through a
-    staging buffer (the stager forced onto the CPU parameters)."""
+    """Each rank's slices, loaded through vLLM's loader and again with
+    staging on (CPU parameters staged as GPU ones would be): expert
+    parallelism stages each rank's own experts, tensor parallelism none."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -525,7 +526,7 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
         staged, local = got[rank]["ep_staged"]
         assert staged == local > 0 and got[rank]["ep_local_staged"] == got[rank]["ep_local"]
         staged, every = got[rank]["tp_staged"]
-        assert staged == every > 0
+        assert staged == 0 and every > 0  # tensor-parallel experts: vLLM's loader as it is
         assert "intermediate_size_per_partition=128" in got[rank]["tp_refused"]
         assert "--enable-expert-parallel" in got[rank]["tp_refused"]
     # linear placement: rank r holds experts 4r .. 4r+3, each expert once

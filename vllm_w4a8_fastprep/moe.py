@@ -380,10 +380,15 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
     def _stager(self, param) -> ExpertStager | None:
         """The load's stager for GPU parameters (one per device, shared by
         the MoE layers of this config, kept on its LoadStats); None where
-        staging does not apply: off, a CPU parameter, or a reload (a layer
-        prepared before: vLLM's loader as it is, one layer at a time)."""
+        staging does not apply: off, a CPU parameter, a reload (a layer
+        prepared before: vLLM's loader as it is, one layer at a time), or
+        tensor-parallel experts (expert parallelism is staged: each rank
+        loads whole tensors of its own experts)."""
         if (self._staging_bytes == 0 or param.device.type not in STAGED_DEVICE_TYPES
-                or self._prepared):
+                or self._prepared or getattr(self.moe, "tp_size", 1) > 1):
+            # tensor parallelism: each rank would stage whole checkpoint
+            # tensors (vLLM narrows them to the rank's slice on the device),
+            # tp_size times the bytes through pinned memory: not measured
             return None
         stagers = self.stats.stagers
         if param.device not in stagers:
