@@ -83,8 +83,10 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, log_l
         assert not qc2.load_stats.stagers  # released at the first MoE layer's preparation
         assert stager._buffers == [None, None] and not stager._calls
     said = [r.getMessage() for r in log_lines if "staging buffers" in r.getMessage()]
-    assert said == [f"w4a8_fastprep: {len(tensors)} MoE expert tensors (0.00 GiB) went to cpu "
-                    "through pinned staging buffers (2 x 1 MiB, now returned) in 1 transfers"]
+    # the layer's device: the CPU, or on a GPU machine the GPU (vllm_ctx's device)
+    assert said == [f"w4a8_fastprep: {len(tensors)} MoE expert tensors (0.00 GiB) went to "
+                    f"{stager.device} through pinned staging buffers (2 x 1 MiB, now returned) "
+                    "in 1 transfers"]
     pd, ps = dict(direct.routed_experts.named_parameters()), \
         dict(staged.routed_experts.named_parameters())
     assert pd.keys() == ps.keys()

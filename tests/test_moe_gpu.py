@@ -395,13 +395,29 @@ def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
     assert not staged.routed_experts.quant_method.stats.stagers
 
 
+def _syncs(fn) -> int:
+    """How many synchronising CUDA calls torch's sync debug mode reports while
+    ``fn`` runs."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
 def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch):
     """With a buffer that is never reused, loading a layer's expert tensors
     and sending them makes no stream or device synchronisation that torch's
-    sync debug mode flags (a buffer's reuse waits on an event, which it does
-    not flag); vLLM's loader alone makes one per tensor, which the same
-    check catches. Also with expert parallelism (an expert map on the GPU,
-    half the experts on another rank), whose lookup is a sync in vLLM."""
+    sync debug mode reports (a buffer's reuse waits on an event, which it
+    does not report); vLLM's loader alone makes one per tensor, which the
+    same count sees. With expert parallelism (an expert map on the GPU, half
+    the experts on another rank; vLLM's own lookup is a sync per tensor):
+    one, the map read to the host once per load."""
     from vllm_w4a8_fastprep import expert_staging
 
     tensors = _per_expert({}, 32, 1024, 512)
@@ -415,18 +431,19 @@ def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch)
     manager._expert_map = torch.where(torch.arange(32, device="cuda") % 2 == 0, local, -1)
     torch.cuda.synchronize()
     stagers = []
+
+    def load_and_send(layer):
+        list(layer.load_weights(list(tensors.items())))
+        (stager,) = layer.routed_experts.quant_method.stats.stagers.values()
+        stagers.append(stager)
+        assert stager.transfers == 0
+        stager.flush()  # sent, vLLM's loader run on the GPU copies
+
     try:
-        torch.cuda.set_sync_debug_mode("error")
-        with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
-            list(direct.load_weights(list(tensors.items())))
-        for layer in (staged, ep):
-            list(layer.load_weights(list(tensors.items())))
-            (stager,) = layer.routed_experts.quant_method.stats.stagers.values()
-            stagers.append(stager)
-            assert stager.transfers == 0
-            stager.flush()  # sent, vLLM's loader run on the GPU copies
+        assert _syncs(lambda: list(direct.load_weights(list(tensors.items())))) >= len(tensors)
+        assert _syncs(lambda: load_and_send(staged)) == 0
+        assert _syncs(lambda: load_and_send(ep)) == 1
     finally:
-        torch.cuda.set_sync_debug_mode(0)
         for stager in stagers:
             stager.discard()
     assert stagers[0].staged_tensors == len(tensors)
