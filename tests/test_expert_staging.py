@@ -253,3 +253,25 @@ def test_a_load_refused_at_a_flush_names_the_tensor():
     stager.add(refuses, param, torch.full((8,), 5.0), "experts.3.w", "w1", 3)
     stager.discard()  # dropped: not loaded
     assert not stager._calls and param[3].eq(0).all() and param[0].eq(0).all()
+
+
+def test_one_line_says_how_long_the_expert_tensors_took_in_the_loader(vllm_ctx, log_lines):
+    """What the load's expert tensors cost in the method's weight loader
+    (the part of vLLM's "Loading weights" this package can change), said
+    once, at the first MoE layer's preparation; the counters start afresh."""
+    import re
+
+    tensors = _per_expert({}, 4, 256, 256)
+    qc = _prepare_only_config()
+    layers = [_fused_moe(qc, f"stage.timed{i}.experts", 4, 256, 256, vllm_ctx) for i in range(2)]
+    for layer in layers:
+        list(layer.load_weights(list(tensors.items())))
+    assert qc.load_stats.expert_calls == 2 * len(tensors)
+    for layer in layers:
+        layer.routed_experts.quant_method.process_weights_after_loading(layer.routed_experts)
+    said = [r.getMessage() for r in log_lines if "expert weight loader" in r.getMessage()]
+    assert len(said) == 1, said
+    assert re.fullmatch(rf"w4a8_fastprep: {2 * len(tensors)} MoE expert tensors went through "
+                        r"vLLM's expert weight loader in \d+\.\d\d s \(sending staged ones: "
+                        r"\d+\.\d\d s\)", said[0]), said[0]
+    assert (qc.load_stats.expert_calls, qc.load_stats.expert_load_s) == (0, 0.0)

@@ -98,6 +98,11 @@ class LoadStats:
         #: here, shared by the MoE layers of the config, until the first
         #: MoE layer is prepared
         self.stagers: dict = {}
+        #: expert tensors through the MoE method's weight loader in this load
+        #: and the seconds spent there (vLLM's loader and this package's
+        #: checks), logged and cleared at the first MoE layer's preparation
+        self.expert_calls = 0
+        self.expert_load_s = 0.0
         self._reset()
 
     def _reset(self) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 import weakref
 
 import torch
@@ -341,6 +342,15 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
         def loader(param, loaded_weight, weight_name, shard_id, expert_id,
                    return_success=False):
+            t0 = time.perf_counter()
+            try:
+                return load(param, loaded_weight, weight_name, shard_id, expert_id,
+                            return_success)
+            finally:
+                self.stats.expert_calls += 1
+                self.stats.expert_load_s += time.perf_counter() - t0
+
+        def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success):
             problem = self._shape_problem(name, loaded_weight, shard_id, param)
             if problem is not None:
                 local = self._local_expert()(expert_id) if self._local_expert else expert_id
@@ -376,6 +386,17 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             return ok if return_success else None
 
         return loader
+
+    def _log_expert_loading(self, send_s: float) -> None:
+        """One line per first load: how long the expert tensors took in the
+        method's weight loader (part of vLLM's "Loading weights"), and
+        sending what was staged (part of the preparation)."""
+        stats = self.stats
+        if stats.expert_calls and not self._prepared:  # a reload: per layer, not said
+            logger.info("%s: %d MoE expert tensors went through vLLM's expert weight loader "
+                        "in %.2f s (sending staged ones: %.2f s)", METHOD_NAME,
+                        stats.expert_calls, stats.expert_load_s, send_s)
+        stats.expert_calls, stats.expert_load_s = 0, 0.0
 
     def _stager(self, param) -> ExpertStager | None:
         """The load's stager for GPU parameters (one per device, shared by
@@ -462,6 +483,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         stagers, self.stats.stagers = self.stats.stagers, {}
         self._expert_table = None  # read again at the next load (EPLB may move experts)
         try:
+            t0 = time.perf_counter()
             try:
                 for stager in stagers.values():
                     stager.flush()  # staged expert tensors reach their parameters
@@ -476,7 +498,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                             "staging buffers (2 x %d MiB, now returned) in %d transfers",
                             METHOD_NAME, stager.staged_tensors, stager.staged_bytes / 2**30,
                             stager.device, stager.capacity >> 20, stager.transfers)
+            self._log_expert_loading(time.perf_counter() - t0)
         except BaseException:
+            self.stats.expert_calls, self.stats.expert_load_s = 0, 0.0
             for stager in stagers.values():
                 stager.discard()
             raise
