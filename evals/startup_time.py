@@ -44,7 +44,7 @@ from vllm_w4a8_fastprep.cli import positive_int
 from vllm_w4a8_fastprep.errors import (
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
-from vllm_w4a8_fastprep.load_stats import parse_summary
+from vllm_w4a8_fastprep.load_stats import parse_expert_loading, parse_summary
 from vllm_w4a8_fastprep.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,10 @@ def parse_log(text: str) -> dict:
         out.update(ours_layers=ours["layers"], ours_moe_layers=ours["moe_layers"],
                    ours_experts=ours["experts"], ours_prep_s=ours["seconds"],
                    ours_timing=ours["timing"])
+    experts = parse_expert_loading(text)
+    if experts is not None:  # the MoE method's split of its expert tensors' time
+        out.update(ours_expert_tensors=experts["calls"], ours_expert_load_s=experts["load_s"],
+                   ours_expert_send_s=experts["send_s"])
     return out
 
 
@@ -97,7 +101,8 @@ def _stat(values):
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib")
+    keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib",
+            "ours_expert_load_s", "ours_expert_send_s")
     return {mode: {k: _stat([r.get(k) for r in rs]) for k in keys} for mode, rs in runs.items()}
 
 
@@ -116,6 +121,13 @@ def table(summary: dict) -> str:
         rows.append(f"| {mode} | {_fmt(s['loading_s'])} | {_fmt(s['weights_s'])} | "
                     f"{_fmt(s['prep_s'])} | {_fmt(s['ours_prep_s'], 3)} | "
                     f"{_fmt(s['loading_gib'])} |")
+    split = [(mode, s) for mode, s in summary.items() if s.get("ours_expert_load_s")]
+    if split:
+        rows.append("")
+    for mode, s in split:
+        rows.append(f"{mode}: MoE expert tensors in the method's weight loader "
+                    f"{_fmt(s['ours_expert_load_s'])} s of the weights' time; sending "
+                    f"staged ones {_fmt(s['ours_expert_send_s'])} s")
     up, ours = summary.get("upstream"), summary.get("ours")
     if up and ours and up["prep_s"] and ours["prep_s"]:
         rows.append("")

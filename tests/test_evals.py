@@ -102,6 +102,22 @@ def test_parse_vllm_logs():
     assert ours["prep_s"] == pytest.approx(2.47)
 
 
+def test_the_expert_loading_line_is_parsed_and_shown_below_the_table():
+    """The MoE method's own line (written by the package's formatter) splits
+    the expert tensors' time out of vLLM's "Loading weights"."""
+    from vllm_w4a8_fastprep.load_stats import format_expert_loading
+
+    line = "INFO 12-03 21:38:14 [moe.py:475] " + format_expert_loading(55296, 3.456, 1.25)
+    ours = startup_time.parse_log(_ours_log() + line + "\n")
+    assert (ours["ours_expert_tensors"], ours["ours_expert_load_s"],
+            ours["ours_expert_send_s"]) == (55296, 3.46, 1.25)
+    assert "ours_expert_load_s" not in startup_time.parse_log(_ours_log())
+    text = startup_time.table(startup_time.summarize({"upstream": [startup_time.parse_log(
+        _upstream_log())], "ours": [ours]}))
+    assert ("\n\nours: MoE expert tensors in the method's weight loader 3.46 s of the weights' "
+            "time; sending staged ones 1.25 s\n") in text
+
+
 def test_parse_older_summary_line():
     old = startup_time.parse_log(_upstream_log() + OLD_OURS + "\n")
     assert old["ours_layers"] == 128 and old["ours_prep_s"] == 0.036

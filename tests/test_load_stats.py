@@ -184,3 +184,12 @@ def test_gpu_time_excludes_work_between_layers_and_waits_once(lines):
     inside = s["per_layer_seconds"]["a"]
     assert inside > 0.02 and s["gpu_seconds"] < 3 * inside, s
     assert f"s of GPU time on {dev}" in lines()[0]
+
+
+def test_the_expert_loading_line_reads_back():
+    from vllm_w4a8_fastprep.load_stats import format_expert_loading, parse_expert_loading
+
+    text = "x\n" + format_expert_loading(12, 0.5, 0.0) + "\n" + format_expert_loading(
+        55296, 3.456, 1.25) + "\n"
+    assert parse_expert_loading(text) == {"calls": 55296, "load_s": 3.46, "send_s": 1.25}
+    assert parse_expert_loading("w4a8_fastprep: prepared 1 dense layers") is None

@@ -44,6 +44,7 @@ from .load_checks import LoadError, LoadProblems, env_flag, name_ranges
 logger = logging.getLogger("vllm.w4a8_fastprep")
 GIB = float(1 << 30)
 PREFIX = "w4a8_fastprep: prepared "
+EXPERT_PREFIX = "w4a8_fastprep: "
 COUNTED = "this package's preparation only, summed per layer"
 REFUSE_NONFINITE_ENV = "VLLM_W4A8_FASTPREP_REFUSE_NONFINITE"
 
@@ -307,6 +308,22 @@ def format_summary(s: dict) -> str:
     return text
 
 
+def format_expert_loading(calls: int, load_s: float, send_s: float) -> str:
+    """The MoE method's line per first load (``parse_expert_loading`` reads it)."""
+    return (f"{EXPERT_PREFIX}{calls} MoE expert tensors went through vLLM's expert weight loader "
+            f"in {load_s:.2f} s (sending staged ones: {send_s:.2f} s)")
+
+
+def parse_expert_loading(text: str) -> dict | None:
+    """``{"calls", "load_s", "send_s"}`` of the last expert-loading line in
+    ``text`` (a log), or None."""
+    m = _EXPERT_LOADING.findall(text)
+    if not m:
+        return None
+    calls, load_s, send_s = m[-1]
+    return {"calls": int(calls), "load_s": float(load_s), "send_s": float(send_s)}
+
+
 _NUM = r"([\d.]+)"
 _NEW = re.compile(
     re.escape(PREFIX) + r"(\d+) dense layers \(" + _NUM + r" GiB int4 \+ " + _NUM
@@ -314,6 +331,9 @@ _NEW = re.compile(
     + _NUM + r" GiB scales\))?: (?:" + _NUM + r" s of GPU time on (\S+))?(?: \+ )?(?:"
     + _NUM + r" s of CPU time on cpu)?[^;\n]*(?:; (\d+) through the dequantised fallback)?"
     r"(?:; (\d+) preparations[^;\n]*)?(?:; FAILED: ([^\n]*))?")
+_EXPERT_LOADING = re.compile(
+    re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight loader "
+    r"in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
 _OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
                   + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
                   r"dequantised fallback)?$", re.M)

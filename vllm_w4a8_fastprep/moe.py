@@ -53,7 +53,7 @@ from .compat import (
 from .expert_staging import ExpertStager
 from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
-from .load_stats import LoadStats, count_nonfinite_rows
+from .load_stats import LoadStats, count_nonfinite_rows, format_expert_loading
 from .scheme import PACK_FACTOR, scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -393,9 +393,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         sending what was staged (part of the preparation)."""
         stats = self.stats
         if stats.expert_calls and not self._prepared:  # a reload: per layer, not said
-            logger.info("%s: %d MoE expert tensors went through vLLM's expert weight loader "
-                        "in %.2f s (sending staged ones: %.2f s)", METHOD_NAME,
-                        stats.expert_calls, stats.expert_load_s, send_s)
+            logger.info(format_expert_loading(stats.expert_calls, stats.expert_load_s, send_s))
         stats.expert_calls, stats.expert_load_s = 0, 0.0
 
     def _stager(self, param) -> ExpertStager | None:
