@@ -43,8 +43,8 @@ from .load_checks import LoadError, LoadProblems, env_flag, name_ranges
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
 GIB = float(1 << 30)
-PREFIX = "w4a8_fastprep: prepared "
 EXPERT_PREFIX = "w4a8_fastprep: "
+PREFIX = EXPERT_PREFIX + "prepared "
 COUNTED = "this package's preparation only, summed per layer"
 REFUSE_NONFINITE_ENV = "VLLM_W4A8_FASTPREP_REFUSE_NONFINITE"
 
@@ -105,6 +105,13 @@ class LoadStats:
         self.expert_calls = 0
         self.expert_load_s = 0.0
         self._reset()
+
+    def take_expert_loading(self) -> tuple[int, float]:
+        """``(expert tensors, seconds in the weight loader)`` of this load so
+        far; the counts start afresh."""
+        taken = (self.expert_calls, self.expert_load_s)
+        self.expert_calls, self.expert_load_s = 0, 0.0
+        return taken
 
     def _reset(self) -> None:
         self._layers: dict[str, _Layer] = {}
@@ -332,8 +339,8 @@ _NEW = re.compile(
     + _NUM + r" s of CPU time on cpu)?[^;\n]*(?:; (\d+) through the dequantised fallback)?"
     r"(?:; (\d+) preparations[^;\n]*)?(?:; FAILED: ([^\n]*))?")
 _EXPERT_LOADING = re.compile(
-    re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight loader "
-    r"in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
+    re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight "
+    r"loader in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
 _OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
                   + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
                   r"dequantised fallback)?$", re.M)

@@ -344,46 +344,42 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                    return_success=False):
             t0 = time.perf_counter()
             try:
-                return load(param, loaded_weight, weight_name, shard_id, expert_id,
-                            return_success)
-            finally:
+                problem = self._shape_problem(name, loaded_weight, shard_id, param)
+                if problem is not None:
+                    local = self._local_expert()(expert_id) if self._local_expert else expert_id
+                    if local == -1:  # another rank's expert: vLLM would skip it too
+                        return False if return_success else None
+                    if param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
+                        self._loaded.clear()
+                        raise LoadError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be "
+                                        f"reloaded: expert {expert_id}: {problem}")
+                    self.stats.problems.add(self.layer_name, problem, expert_id)
+                    return True if return_success else None
+                # weight_shape too: a host sync each otherwise; a shard vLLM's loader
+                # does not take goes to it at once (its error is raised here)
+                stager = self._stager(param) if shard_id in self._proj else None
+                if stager is not None and stager.takes(param, loaded_weight):
+                    ok = self._is_local(expert_id)  # vLLM's loader skips another rank's
+                    if ok:  # loaded at the stager's next flush, by vLLM's loader (held
+                        # weakly: vLLM's reload metadata, weak on the layer, reaches this)
+                        stager.add(functools.partial(_staged_load, get_loader, self._layer,
+                                                     self._expert_table),
+                                   param, loaded_weight, weight_name, shard_id, expert_id)
+                else:
+                    ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
+                                      return_success=True)
+                if ok:
+                    if loaded_weight.dim() == 3:  # every local expert at once
+                        self._loaded.setdefault((name, shard_id), set()).update(
+                            range(param.shape[0]))
+                    else:
+                        self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
+                    if name.endswith("weight_shape"):
+                        self._check_weight_shape(loaded_weight, shard_id, expert_id)
+                return ok if return_success else None
+            finally:  # the time this load's expert tensors take here (logged)
                 self.stats.expert_calls += 1
                 self.stats.expert_load_s += time.perf_counter() - t0
-
-        def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success):
-            problem = self._shape_problem(name, loaded_weight, shard_id, param)
-            if problem is not None:
-                local = self._local_expert()(expert_id) if self._local_expert else expert_id
-                if local == -1:  # another rank's expert: vLLM would skip it too
-                    return False if return_success else None
-                if param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
-                    self._loaded.clear()
-                    raise LoadError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be "
-                                    f"reloaded: expert {expert_id}: {problem}")
-                self.stats.problems.add(self.layer_name, problem, expert_id)
-                return True if return_success else None
-            # weight_shape too: a host sync each otherwise; a shard vLLM's loader
-            # does not take goes to it at once (its error is raised here)
-            stager = self._stager(param) if shard_id in self._proj else None
-            if stager is not None and stager.takes(param, loaded_weight):
-                ok = self._is_local(expert_id)  # vLLM's loader skips another rank's
-                if ok:  # loaded at the stager's next flush, by vLLM's loader (held
-                    # weakly: vLLM's reload metadata, weak on the layer, reaches this)
-                    stager.add(functools.partial(_staged_load, get_loader, self._layer,
-                                                 self._expert_table),
-                               param, loaded_weight, weight_name, shard_id, expert_id)
-            else:
-                ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
-                                  return_success=True)
-            if ok:
-                if loaded_weight.dim() == 3:  # every local expert at once
-                    self._loaded.setdefault((name, shard_id), set()).update(
-                        range(param.shape[0]))
-                else:
-                    self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
-                if name.endswith("weight_shape"):
-                    self._check_weight_shape(loaded_weight, shard_id, expert_id)
-            return ok if return_success else None
 
         return loader
 
@@ -391,10 +387,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         """One line per first load: how long the expert tensors took in the
         method's weight loader (part of vLLM's "Loading weights"), and
         sending what was staged (part of the preparation)."""
-        stats = self.stats
-        if stats.expert_calls and not self._prepared:  # a reload: per layer, not said
-            logger.info(format_expert_loading(stats.expert_calls, stats.expert_load_s, send_s))
-        stats.expert_calls, stats.expert_load_s = 0, 0.0
+        calls, seconds = self.stats.take_expert_loading()
+        if calls and not self._prepared:  # a reload: per layer, not said
+            logger.info(format_expert_loading(calls, seconds, send_s))
 
     def _stager(self, param) -> ExpertStager | None:
         """The load's stager for GPU parameters (one per device, shared by
@@ -498,7 +493,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
                             stager.device, stager.capacity >> 20, stager.transfers)
             self._log_expert_loading(time.perf_counter() - t0)
         except BaseException:
-            self.stats.expert_calls, self.stats.expert_load_s = 0, 0.0
+            self.stats.take_expert_loading()  # the next load counts afresh
             for stager in stagers.values():
                 stager.discard()
             raise
