@@ -70,9 +70,11 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, log_l
     layer loaded without staging, and the stagers are released."""
     tensors = _per_expert({}, 4, 256, 256)
     qc = _prepare_only_config()
-    direct = _fused_moe(qc, "stage.prep.direct.experts", 4, 256, 256, vllm_ctx)
-    list(direct.load_weights(list(tensors.items())))
-    direct.routed_experts.quant_method.process_weights_after_loading(direct.routed_experts)
+    with monkeypatch.context() as m:  # the reference: vLLM's loader alone (on a GPU
+        m.setenv(expert_staging.ENV, "0")  # staging is otherwise the default)
+        direct = _fused_moe(qc, "stage.prep.direct.experts", 4, 256, 256, vllm_ctx)
+        list(direct.load_weights(list(tensors.items())))
+        direct.routed_experts.quant_method.process_weights_after_loading(direct.routed_experts)
     qc2 = _prepare_only_config()
     with monkeypatch.context() as m:
         _staged_on_cpu(m, 1 << 20)
