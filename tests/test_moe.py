@@ -25,7 +25,7 @@ from bitexact import (  # noqa: E402
 )
 
 from vllm_w4a8_fastprep import moe  # noqa: E402
-from vllm_w4a8_fastprep.compat import moe_weight_names  # noqa: E402
+from vllm_w4a8_fastprep.compat import moe_weight_names, w13_num_shards  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
 from vllm_w4a8_fastprep.synthetic import (  # noqa: E402
     PRESETS,
@@ -438,6 +438,26 @@ def _direct_then_staged():
     yield "staged.", _force_cpu_staging(64 << 10)
 
 
+def _blocks_layer(ckpt):
+    """Layer 0's experts filled from the checkpoint's files by the load
+    format's expert blocks (``expert_blocks.py``), then prepared."""
+    from vllm_w4a8_fastprep import expert_blocks
+
+    runner = _fused_moe(_prepare_only_config(), "model.layers.0.mlp.experts", TINY.experts,
+                        TINY.hidden, TINY.moe_intermediate, "cpu")
+    layer = runner.routed_experts
+    entries = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        entries.update(expert_blocks.read_header(str(path)))
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries,
+                                         w13_num_shards(layer.quant_method.moe))
+    if plan is None:
+        raise AssertionError(f"the blocks did not take the layer: {why}")
+    stats = expert_blocks.load([plan], piece_bytes=64 << 10)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, stats
+
+
 def _rank_main(rank: int, port: int, ckpt: str, results):
     import pathlib
 
@@ -476,6 +496,11 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                 _check_prepared(layer, _expected(tensors, local), TINY.hidden,
                                 TINY.moe_intermediate)
                 out["ep_local_staged" if pass_ else "ep_local"] = local
+            # the load format's expert blocks: this rank's experts read from the files
+            layer, stats = _blocks_layer(ckpt)
+            _check_prepared(layer, _expected(tensors, local), TINY.hidden, TINY.moe_intermediate)
+            out["ep_blocks"] = (stats.tensors, sum(1 for n in tensors
+                                                   if int(n.split(".")[0]) in local))
         with set_current_vllm_config(tp):
             # tensor parallelism: every expert, this rank's half of the
             # intermediate size (128: an odd multiple of 128)
@@ -499,6 +524,12 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                                                  i_slice=slice(rank * half, (rank + 1) * half)),
                                 TINY.hidden, half)
                 out["tp_ok_staged" if pass_ else "tp_ok"] = True
+            layer, stats = _blocks_layer(ckpt)  # every expert, this rank's slice of each
+            half = TINY.moe_intermediate // WORLD
+            _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
+                                             i_slice=slice(rank * half, (rank + 1) * half)),
+                            TINY.hidden, half)
+            out["tp_blocks"] = (stats.tensors, len(tensors))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["error"] = f"{type(e).__name__}: {e}"
     results.put((rank, out))
@@ -527,6 +558,10 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
         assert staged == local > 0 and got[rank]["ep_local_staged"] == got[rank]["ep_local"]
         staged, every = got[rank]["tp_staged"]
         assert staged == 0 and every > 0  # tensor-parallel experts: vLLM's loader as it is
+        read, want = got[rank]["ep_blocks"]  # the blocks: this rank's experts (EP), or
+        assert read == want > 0  # every expert's slice (TP), prepared as above
+        read, every = got[rank]["tp_blocks"]
+        assert read == every > 0
         assert "intermediate_size_per_partition=128" in got[rank]["tp_refused"]
         assert "--enable-expert-parallel" in got[rank]["tp_refused"]
     # linear placement: rank r holds experts 4r .. 4r+3, each expert once
