@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-MODES = ("upstream", "ours", "ours-unstaged")
+MODES = ("upstream", "ours", "ours-unstaged", "ours-blocks")
 
 
 def next_label(mode: str, taken: set[str]) -> str:
@@ -24,7 +24,8 @@ def mode_settings(mode: str) -> tuple[dict, str]:
 
     ``ours``: the plugin (``w4a8_fastprep``). ``ours-unstaged``: the plugin
     with its staged loading of MoE expert tensors off (vLLM's expert weight
-    loader as it is: what staging gains). ``upstream``: vLLM's own
+    loader as it is: what staging gains). ``ours-blocks``: the plugin with
+    its opt-in load format (``mode_load_format``). ``upstream``: vLLM's own
     compressed-tensors path, with the plugin's automatic claim turned off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -35,6 +36,18 @@ def mode_settings(mode: str) -> tuple[dict, str]:
 
     # each plugin mode sets the staging switch: none inherits it from the caller
     return {ENV: "0" if mode == "ours-unstaged" else str(DEFAULT_MIB)}, METHOD_NAME
+
+
+def mode_load_format(mode: str) -> str | None:
+    """vLLM's ``load_format`` for ``mode``: the plugin's own for
+    ``ours-blocks``, None (vLLM's default) for the others."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "ours-blocks":
+        return None
+    from vllm_w4a8_fastprep.load_format import LOAD_FORMAT
+
+    return LOAD_FORMAT
 
 
 def use_mode(mode: str) -> str:

@@ -44,7 +44,7 @@ from vllm_w4a8_fastprep.cli import positive_int
 from vllm_w4a8_fastprep.errors import (
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
-from vllm_w4a8_fastprep.load_stats import parse_expert_loading, parse_summary
+from vllm_w4a8_fastprep.load_stats import parse_block_load, parse_expert_loading, parse_summary
 from vllm_w4a8_fastprep.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,9 @@ def parse_log(text: str) -> dict:
     if experts is not None:  # the MoE method's split of its expert tensors' time
         out.update(ours_expert_tensors=experts["calls"], ours_expert_load_s=experts["load_s"],
                    ours_expert_send_s=experts["send_s"])
+    blocks = parse_block_load(text)
+    if blocks is not None:  # the load format w4a8_fastprep read expert blocks
+        out.update(ours_block_tensors=blocks["tensors"], ours_block_s=blocks["seconds"])
     return out
 
 
@@ -102,7 +105,7 @@ def _stat(values):
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib",
-            "ours_expert_load_s", "ours_expert_send_s")
+            "ours_expert_load_s", "ours_expert_send_s", "ours_block_s")
     return {mode: {k: _stat([r.get(k) for r in rs]) for k in keys} for mode, rs in runs.items()}
 
 
@@ -128,6 +131,10 @@ def table(summary: dict) -> str:
         rows.append(f"{mode}: MoE expert tensors in the method's weight loader "
                     f"{_fmt(s['ours_expert_load_s'])} s of the weights' time; sending "
                     f"staged ones {_fmt(s['ours_expert_send_s'])} s")
+    for mode, s in summary.items():
+        if s.get("ours_block_s"):
+            rows.append(f"{mode}: MoE expert blocks read from the files and put in place "
+                        f"{_fmt(s['ours_block_s'])} s of the weights' time")
     up, ours = summary.get("upstream"), summary.get("ours")
     if up and ours and up["prep_s"] and ours["prep_s"]:
         rows.append("")
@@ -370,6 +377,9 @@ def check_mode(name: str, mode: str, parsed: dict) -> None:
     if mode.startswith("ours") and "ours_layers" not in parsed:
         raise OneLineError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
                            f"layer in the '{mode}' run")
+    if mode == "ours-blocks" and "ours_block_tensors" not in parsed:
+        raise OneLineError(f"{name}: no 'load format w4a8_fastprep' line: the load format read "
+                           "no expert blocks in the 'ours-blocks' run")
     if mode == "upstream" and "ours_layers" in parsed:
         raise OneLineError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
                            "plugin claimed the model")

@@ -178,6 +178,16 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
         startup_time.check_mode("o.log", "ours-unstaged", up)
     with pytest.raises(startup_time.OneLineError, match="the plugin claimed the model"):
         startup_time.check_mode("u.log", "upstream", ours)
+    # ours-blocks: the load format's line too (else it read nothing)
+    from vllm_w4a8_fastprep.load_stats import format_block_load
+
+    with pytest.raises(startup_time.OneLineError, match="the load format read no expert blocks"):
+        startup_time.check_mode("b.log", "ours-blocks", ours)
+    blocks = startup_time.parse_log(_ours_log() + format_block_load(72, 2, 1 << 20, 1, 0.25))
+    assert blocks["ours_block_tensors"] == 72 and blocks["ours_block_s"] == 0.25
+    startup_time.check_mode("b.log", "ours-blocks", blocks)
+    assert "ours-blocks: MoE expert blocks read from the files and put in place 0.25 s" in \
+        startup_time.table(startup_time.summarize({"ours-blocks": [blocks]}))
 
 
 def test_chart_bars_are_the_median_model_loading_split_at_the_weights():
@@ -681,6 +691,10 @@ def test_modes(monkeypatch):
         assert os.environ[name] == "0"
         with pytest.raises(ValueError, match="mode must be one of"):
             use_mode("fast")
+    from evals.modes import MODES, mode_load_format
+
+    assert {m: mode_load_format(m) for m in MODES} == {
+        "upstream": None, "ours": None, "ours-unstaged": None, "ours-blocks": "w4a8_fastprep"}
     assert os.environ.get(name) == before  # nothing leaks into later tests
 
 

@@ -196,6 +196,7 @@ def test_mode_settings_leave_this_process_alone(monkeypatch):
     assert mode_settings("ours") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "256"}, "w4a8_fastprep")
     assert mode_settings("ours-unstaged") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "0"},
                                               "w4a8_fastprep")
+    assert mode_settings("ours-blocks") == mode_settings("ours")  # + --load-format
     assert "VLLM_W4A8_FASTPREP_AUTO" not in os.environ
 
 

@@ -36,6 +36,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from . import expert_blocks
 from .checkpoint_format import METHOD_NAME
 from .load_format import LOAD_FORMAT
+from .load_stats import format_block_load
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 
@@ -131,10 +132,8 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         for plan in plans:  # other ranks' experts: vLLM's loader skips them too
             skip.update(expert_blocks.layer_names(plan, entries))
         if plans:
-            logger.info("%s: load format %s: %d MoE expert tensors of %d layers (%.2f GiB) "
-                        "read from the safetensors files in %d pieces and put in place in "
-                        "%.2f s", METHOD_NAME, LOAD_FORMAT, stats.tensors, stats.layers,
-                        stats.bytes / 2**30, stats.pieces, stats.seconds)
+            logger.info(format_block_load(stats.tensors, stats.layers, stats.bytes,
+                                          stats.pieces, stats.seconds))
         if left:
             self._log_left(len(layers), left)
         return skip

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .load_checks import LoadError, LoadProblems, env_flag, name_ranges
+from .load_format import LOAD_FORMAT
 
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -331,6 +332,26 @@ def parse_expert_loading(text: str) -> dict | None:
     return {"calls": int(calls), "load_s": float(load_s), "send_s": float(send_s)}
 
 
+def format_block_load(tensors: int, layers: int, nbytes: int, pieces: int,
+                      seconds: float) -> str:
+    """The line of the load format ``w4a8_fastprep`` (``block_loader.py``)
+    per load that read expert blocks (``parse_block_load`` reads it)."""
+    return (f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: {tensors} MoE expert tensors of "
+            f"{layers} layers ({nbytes / GIB:.2f} GiB) read from the safetensors files in "
+            f"{pieces} pieces and put in place in {seconds:.2f} s")
+
+
+def parse_block_load(text: str) -> dict | None:
+    """``{"tensors", "layers", "gib", "pieces", "seconds"}`` of the last
+    block-load line in ``text`` (a log), or None."""
+    m = _BLOCK_LOAD.findall(text)
+    if not m:
+        return None
+    tensors, layers, gib, pieces, seconds = m[-1]
+    return {"tensors": int(tensors), "layers": int(layers), "gib": float(gib),
+            "pieces": int(pieces), "seconds": float(seconds)}
+
+
 _NUM = r"([\d.]+)"
 _NEW = re.compile(
     re.escape(PREFIX) + r"(\d+) dense layers \(" + _NUM + r" GiB int4 \+ " + _NUM
@@ -341,6 +362,10 @@ _NEW = re.compile(
 _EXPERT_LOADING = re.compile(
     re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight "
     r"loader in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
+_BLOCK_LOAD = re.compile(
+    re.escape(f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: ") + r"(\d+) MoE expert tensors of (\d+) "
+    r"layers \(([\d.]+) GiB\) read from the safetensors files in (\d+) pieces and put in place "
+    r"in ([\d.]+) s")
 _OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
                   + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
                   r"dequantised fallback)?$", re.M)
