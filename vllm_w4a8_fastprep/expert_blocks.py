@@ -319,6 +319,7 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
                 s["event"].synchronize()
     finally:
         reader.close()
+        _return_buffers(slots)
     for plan in plans:
         for c in plan.copies:
             plan.method._loaded.setdefault((c.param, c.shard), set()).add(c.expert)
@@ -327,6 +328,23 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
     stats.tensors = len(indexed)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _return_buffers(slots: list[dict]) -> None:
+    """Drop the buffers; give the pinned host memory back to the system
+    (torch caches freed pinned blocks) once the work queued on them is done."""
+    events = [s["event"] for s in slots if s.get("event") is not None]
+    pinned = any(isinstance(s.get("host"), torch.Tensor) and s["host"].is_pinned()
+                 for s in slots)
+    for s in slots:
+        s.clear()
+    if not events:
+        return
+    for e in events:
+        e.synchronize()
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+    if pinned and empty_host_cache is not None:
+        empty_host_cache()
 
 
 def _buffer(slot: dict, key, size: int, device: torch.device, pin: bool = False) -> torch.Tensor:
