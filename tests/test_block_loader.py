@@ -22,6 +22,15 @@ def tiny_moe(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tiny-moe-blocks"), "tiny-moe")
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The same model over many files (an expert layer split between files)."""
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny-moe-sharded"), "tiny-moe",
+                            shard_bytes=96 << 10)
+    assert len(list(ckpt.glob("*.safetensors"))) >= 10
+    return ckpt
+
+
 class _Blocks(torch.nn.Module):
     """vLLM's Qwen3-MoE blocks of every layer of the checkpoint (router and
     experts; our MoE method in its preparation-only mode), named as the
@@ -71,8 +80,9 @@ def _loader(fmt: str, **load_config):
     return get_model_loader(LoadConfig(load_format=fmt, **load_config))
 
 
-def _load(model, fmt: str, **load_config):
+def _load(model, fmt: str, local_expert_ids=None, **load_config):
     loader = _loader(fmt, **load_config)
+    loader.local_expert_ids = local_expert_ids  # vLLM's expert-parallel filter
     model.load_weights(loader.get_all_weights(model.model_config, model))
     return loader
 
@@ -145,3 +155,87 @@ def test_a_layer_not_taken_loads_through_vllms_loader_and_is_named(
     assert said[-1] == ("w4a8_fastprep: load format w4a8_fastprep: 1 of 2 MoE layers load "
                         "through vLLM's expert weight loader (model.layers.1.mlp.experts: "
                         "refused by this test)"), said
+
+
+@pytest.mark.parametrize("case", ["shards", "multithread", "ep filter"])
+def test_the_load_format_over_many_files_and_vllms_other_reads(vllm_ctx, sharded, monkeypatch,
+                                                               case):
+    """Many files (vLLM's file order); vLLM's multithreaded reads (its own
+    iterator, the expert names dropped); vLLM's expert-parallel weight filter
+    (the other tensors filtered as vLLM filters them)."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    kw = {"shards": {}, "multithread": {
+        "model_loader_extra_config": {"enable_multithread_load": True}},
+          "ep filter": {"local_expert_ids": {0, 1, 2, 3}}}[case]
+    ref = _Blocks(sharded, vllm_ctx)
+    _load(ref, "auto", **kw)
+    ours = _Blocks(sharded, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep", **kw)
+    rest = [n for n in ref.seen if n not in loader.last_load.names]
+    if case == "multithread":  # files read concurrently: vLLM's order is not fixed
+        ours.seen, rest = sorted(ours.seen), sorted(rest)
+    assert ours.seen == rest
+    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    if case != "ep filter":  # (the filter keeps vLLM's loader from some experts' tensors)
+        _assert_same(ref, ours)
+
+
+def test_a_reload_through_the_load_format_goes_through_vllms_loader(vllm_ctx, tiny_moe,
+                                                                    monkeypatch, log_lines):
+    """vLLM's layer-wise reload with the load format: every layer was
+    prepared before, so all go through vLLM's loader, and end as a fresh
+    load does."""
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+        record_metadata_for_reloading,
+    )
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    models = []
+    for fmt in ("auto", "w4a8_fastprep"):
+        model = _Blocks(tiny_moe, vllm_ctx)
+        record_metadata_for_reloading(model)
+        _load(model, fmt)
+        for layer in model.experts():
+            layer.quant_method.process_weights_after_loading(layer)
+        models.append(model)
+    ref, ours = models
+    _assert_same(ref, ours)
+    initialize_layerwise_reload(ours)
+    loader = _load(ours, "w4a8_fastprep")
+    finalize_layerwise_reload(ours, None)
+    assert loader.last_load.tensors == 0  # no block read
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert said[-1].startswith(
+        f"w4a8_fastprep: load format w4a8_fastprep: {TINY.layers} of {TINY.layers} MoE layers "
+        "load through vLLM's expert weight loader (model.layers.0.mlp.experts: prepared "
+        "before (a reload goes through vLLM's loader)"), said
+
+
+def test_a_checkpoint_without_safetensors_loads_as_auto_and_says_so(vllm_ctx, tiny_moe,
+                                                                     tmp_path, monkeypatch,
+                                                                     log_lines):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    for f in tiny_moe.iterdir():  # the same tensors as one PyTorch .bin file
+        if f.suffix not in (".safetensors",) and f.name != "model.safetensors.index.json":
+            shutil.copy(f, tmp_path / f.name)
+    tensors = {}
+    for f in sorted(tiny_moe.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto")
+    ours = _Blocks(tmp_path, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep")
+    assert loader.last_load is None
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert said[-1] == (f"w4a8_fastprep: load format w4a8_fastprep: {TINY.layers} of "
+                        f"{TINY.layers} MoE layers load through vLLM's expert weight loader "
+                        "(all: the checkpoint is not safetensors)"), said

@@ -119,7 +119,7 @@ def test_blocks_fill_a_layer_as_vllms_loader_does(vllm_ctx, monkeypatch, tmp_pat
 def test_a_layer_the_blocks_cannot_give_exactly_is_left_to_vllm_saying_why(vllm_ctx, tmp_path):
     prefix = "blocks.left.experts"
     tensors = _per_expert({}, 8, 256, 256)
-    entries = {n: expert_blocks.Entry("f", t.dtype, tuple(t.shape), 0, 0)
+    entries = {n: expert_blocks.Entry(n, "f", t.dtype, tuple(t.shape), 0, 0)
                for n, t in _named(prefix, tensors)}
     runner = _layer(_prepare_only_config(), prefix, vllm_ctx)
     layer = runner.routed_experts
@@ -130,10 +130,11 @@ def test_a_layer_the_blocks_cannot_give_exactly_is_left_to_vllm_saying_why(vllm_
             (lambda e: e.pop(f"{prefix}.5.up_proj.weight_scale"),
              f"{prefix}.5.up_proj.weight_scale is not in the checkpoint's headers"),
             (lambda e: e.__setitem__(f"{prefix}.2.down_proj.weight_packed",
-                                     expert_blocks.Entry("f", torch.int32, (256, 16), 0, 0)),
+                                     expert_blocks.Entry("x", "f", torch.int32, (256, 16), 0, 0)),
              f"{prefix}.2.down_proj.weight_packed is torch.int32 [256, 16]"),
             (lambda e: e.__setitem__(f"{prefix}.0.gate_proj.weight_packed",
-                                     expert_blocks.Entry("f", torch.float32, (256, 32), 0, 0)),
+                                     expert_blocks.Entry("x", "f", torch.float32, (256, 32), 0,
+                                                         0)),
              f"{prefix}.0.gate_proj.weight_packed is torch.float32 [256, 32]")):
         bad = dict(entries)
         damage(bad)
@@ -160,8 +161,9 @@ def test_a_truncated_file_is_one_error_naming_it(vllm_ctx, tmp_path):
 
 
 @pytest.mark.parametrize("content, said", [
-    (b"", "not a safetensors file (header length -1)"),
-    ((1 << 40).to_bytes(8, "little"), f"not a safetensors file (header length {1 << 40})"),
+    (b"", "not a safetensors file (header length -1, file size 0)"),
+    ((1 << 40).to_bytes(8, "little"),
+     f"not a safetensors file (header length {1 << 40}, file size 8)"),
     ((5).to_bytes(8, "little") + b"{nope", "cannot read its safetensors header"),
     ((2).to_bytes(8, "little") + b"[]", "cannot read its safetensors header"),
 ])
@@ -184,4 +186,119 @@ def test_bad_weight_shape_values_are_refused_as_vllms_loader_refuses_them(
     got, _ = _blocks(prefix, tmp_path / "s.safetensors", vllm_ctx)
     with pytest.raises(LoadError, match=r"up_proj\.weight_shape is \[128, 256\]") as e:
         got.routed_experts.quant_method.process_weights_after_loading(got.routed_experts)
-    assert prefix in str(e.value) and "3" in str(e.value)
+    assert prefix in str(e.value) and "expert 3" in str(e.value), str(e.value)
+
+
+def _rewrite_offsets(path, name, change) -> None:
+    """Rewrite one tensor's data_offsets in a safetensors header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    head[name]["data_offsets"] = change(head[name]["data_offsets"])
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change", [lambda o: [o[0], o[1] - 64], lambda o: [-8, o[1]],
+                                    lambda o: [o[0], o[1] + (1 << 30)]],
+                         ids=["shorter than its shape", "negative", "past the end"])
+def test_a_tensor_whose_bytes_do_not_fit_its_header_is_one_error_naming_it(tmp_path, change):
+    """As safetensors refuses such a file: never a neighbour's bytes read as
+    the tensor's."""
+    prefix = "blocks.hdr.experts"
+    path = tmp_path / "hdr.safetensors"
+    write_safetensors(path, _named(prefix, _per_expert({}, 4, 256, 256)))
+    name = f"{prefix}.2.gate_proj.weight_packed"
+    _rewrite_offsets(path, name, change)
+    with pytest.raises(LoadError, match=rf"^{path}: cannot read its safetensors header: "
+                                        rf"tensor {name}: bytes -?\d+-\d+ of the data"):
+        expert_blocks.read_header(str(path))
+
+
+def test_safetensors_own_files_over_two_shards_with_other_scale_dtypes(
+        vllm_ctx, monkeypatch, tmp_path):
+    """12 experts (safetensors orders names 0, 1, 10, 11, 2, ...) written by
+    safetensors itself over two files, fp32 scales and int32 shapes in part:
+    converted as vLLM's loader converts them."""
+    from safetensors.torch import save_file
+
+    prefix = "blocks.st12.experts"
+    tensors = _per_expert({}, 12, 256, 256)
+    for k in list(tensors):
+        if k.endswith("up_proj.weight_scale"):
+            tensors[k] = tensors[k].float()
+        if k.endswith("down_proj.weight_shape"):
+            tensors[k] = tensors[k].to(torch.int32)
+    named = dict(_named(prefix, tensors))
+    first = {n: t for n, t in named.items() if "gate" in n or int(n.split(".")[3]) % 2}
+    save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({n: t for n, t in named.items() if n not in first},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch, experts=12)
+    runner = _layer(_prepare_only_config(), prefix, vllm_ctx, experts=12)
+    layer = runner.routed_experts
+    entries = {}
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        entries.update(expert_blocks.read_header(str(path)))
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+    assert plan is not None, why
+    stats = expert_blocks.load([plan], 64 << 10)
+    assert stats.tensors == len(tensors) and stats.pieces > 2
+    _assert_same_params(ref, runner)
+
+
+def test_checkpoint_names_the_model_renames_are_matched_under_its_names(vllm_ctx, monkeypatch,
+                                                                        tmp_path):
+    """A model whose load_weights renames the checkpoint's tensors
+    (``hf_to_vllm_mapper``): the layer is matched under the renamed names,
+    and what was read is named as stored."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    prefix = "blocks.mapped.experts"
+    tensors = _per_expert({}, 8, 256, 256)
+    stored = [(f"ckpt.mapped.experts.{k}", v) for k, v in tensors.items()]
+    write_safetensors(tmp_path / "m.safetensors", stored)
+    entries = expert_blocks.rename(expert_blocks.read_header(str(tmp_path / "m.safetensors")),
+                                   WeightsMapper(orig_to_new_prefix={"ckpt.": "blocks."}))
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch)
+    runner = _layer(_prepare_only_config(), prefix, vllm_ctx)
+    layer = runner.routed_experts
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+    assert plan is not None, why
+    stats = expert_blocks.load([plan])
+    assert stats.names == {n for n, _ in stored}
+    _assert_same_params(ref, runner)
+    dropped = expert_blocks.rename(entries, WeightsMapper(orig_to_new_prefix={"blocks.": None}))
+    assert dropped == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and the CPU")
+def test_layers_on_the_gpu_and_offloaded_to_the_cpu_load_alike(vllm_ctx, monkeypatch, tmp_path):
+    """Pieces go to one device each (vLLM's offloaders put parameters on the
+    CPU before loading); a layer with parameters on two devices is left to
+    vLLM's loader."""
+    tensors = _per_expert({}, 8, 256, 256)
+    items = []
+    for p in ("blocks.dev0.experts", "blocks.dev1.experts"):
+        items += _named(p, tensors)
+    items.sort(key=lambda kv: (str(kv[1].dtype), kv[0]))  # the two layers in one piece
+    write_safetensors(tmp_path / "m.safetensors", items)
+    entries = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    ref = _reference("blocks.dev0.experts", tensors, vllm_ctx, monkeypatch)
+    on_gpu = _layer(_prepare_only_config(), "blocks.dev0.experts", vllm_ctx)
+    on_cpu = _layer(_prepare_only_config(), "blocks.dev1.experts", vllm_ctx).to("cpu")
+    plans = []
+    for runner in (on_gpu, on_cpu):
+        layer = runner.routed_experts
+        plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+        assert plan is not None, why
+        plans.append(plan)
+    expert_blocks.load(plans)
+    _assert_same_params(ref, on_gpu)
+    _assert_same_params(ref.to("cpu"), on_cpu)
+    half = _layer(_prepare_only_config(), "blocks.dev2.experts", vllm_ctx)
+    half.routed_experts.w2_weight_scale.data = half.routed_experts.w2_weight_scale.data.cpu()
+    plan, why = expert_blocks.plan_layer(half.routed_experts, half.routed_experts.quant_method,
+                                         entries, 2)
+    assert plan is None and why == "its parameters are on several devices (offloaded in part)"

@@ -56,6 +56,25 @@ def _ep_skip():
     return should_skip_weight
 
 
+def _network_fs(files: list[str]) -> bool:
+    """Whether vLLM's default iterator would look at prefetching these files
+    (on NFS or Lustre); True where this vLLM cannot tell."""
+    try:
+        from vllm.model_executor.model_loader.weight_utils import _get_fs_type
+    except ImportError:  # pragma: no cover - every supported vLLM has it
+        return True
+    return _get_fs_type(files) in ("nfs", "nfs4", "lustre")
+
+
+def _show_progress(config) -> bool:
+    """vLLM's rule for its load progress bars (on by default, rank 0)."""
+    try:
+        from vllm.model_executor.model_loader.weight_utils import enable_tqdm
+    except ImportError:  # pragma: no cover
+        return bool(config.use_tqdm_on_load)
+    return enable_tqdm(config.use_tqdm_on_load)
+
+
 def our_moe_layers(model: torch.nn.Module) -> list:
     """The model's MoE layers (vLLM's ``RoutedExperts`` modules) served by
     this package's MoE method, in module order."""
@@ -81,14 +100,18 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         layers = our_moe_layers(model)
         skip: set[str] = set()
         source = self._primary_source(model_config, model)
-        if layers:
+        if not layers:
+            logger.info("%s: load format %s: the model has no MoE layer served by this "
+                        "package: it loads as with the load format auto", METHOD_NAME,
+                        LOAD_FORMAT)
+        else:
             # (hf folder, files, use_safetensors[, index file]) by vLLM's release
             prepared = self._prepare_weights(source.model_or_path, source.subfolder,
                                              source.revision, source.fall_back_to_pt,
                                              source.allow_patterns_overrides)
             files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
             if use_safetensors:
-                skip = self._load_expert_blocks(layers, files)
+                skip = self._load_expert_blocks(model, layers, files)
             else:
                 self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
         if not skip:
@@ -108,7 +131,7 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
             kwargs["is_unused_weight"] = getattr(model, "is_unused_checkpoint_weight", None)
         return DefaultModelLoader.Source(model_config.model, model_config.revision, **kwargs)
 
-    def _load_expert_blocks(self, layers: list, files: list[str]) -> set[str]:
+    def _load_expert_blocks(self, model, layers: list, files: list[str]) -> set[str]:
         """Read every takeable layer's expert tensors; the checkpoint names
         the model's ``load_weights`` is then not given (those read here, and
         other ranks' experts of the layers taken)."""
@@ -117,6 +140,13 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         entries: dict[str, expert_blocks.Entry] = {}
         for path in files:
             entries.update(expert_blocks.read_header(path))
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        if mapper is not None:  # the names the model's load_weights gives the tensors
+            if not callable(getattr(mapper, "_map_name", None)):
+                self._log_left(len(layers), {"all": "the model renames the checkpoint's "
+                                             "tensors in a way this vLLM does not expose"})
+                return set()
+            entries = expert_blocks.rename(entries, mapper)
         plans, left = [], {}
         for layer in layers:
             method = layer.quant_method
@@ -155,8 +185,9 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         vLLM's own iterator, the skipped names dropped."""
         config = self.load_config
         extra = config.model_loader_extra_config or {}
-        if (getattr(config, "safetensors_load_strategy", None) not in (None, "lazy")
-                or extra.get("enable_multithread_load")
+        strategy = getattr(config, "safetensors_load_strategy", None)
+        if (strategy not in (None, "lazy") or extra.get("enable_multithread_load")
+                or (strategy is None and _network_fs(files))  # vLLM may prefetch there
                 or getattr(source, "is_unused_weight", None) is not None
                 or getattr(self, "_encoder_only_lm_prefixes", None) is not None):
             for name, tensor in self._get_weights_iterator(source):
@@ -164,10 +195,12 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
                     yield name, tensor
             return
         from safetensors import safe_open
+        from tqdm import tqdm
 
         should_skip = _ep_skip()
         ids = self.local_expert_ids
-        for path in files:
+        for path in tqdm(files, desc="Loading safetensors checkpoint shards (without the "
+                         "expert tensors read before)", disable=not _show_progress(config)):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - a safe_open handle
                     if name in skip or should_skip(name, ids):

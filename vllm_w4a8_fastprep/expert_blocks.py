@@ -58,11 +58,17 @@ _KIND_DTYPES = {"weight_packed": (torch.int32,),
                 "weight_shape": (torch.int64, torch.int32)}
 
 
+#: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of a safetensors file: its dtype (None: one this module
-    never reads), shape and absolute byte range in the file."""
+    """One tensor of a safetensors file: its name there, its dtype (None:
+    one this module never reads), shape and absolute byte range in the file."""
 
+    name: str
     path: str
     dtype: torch.dtype | None
     shape: tuple[int, ...]
@@ -71,13 +77,17 @@ class Entry:
 
 
 def read_header(path: str) -> dict[str, Entry]:
-    """The tensors of one safetensors file, from its header alone."""
+    """The tensors of one safetensors file, from its header alone; each
+    tensor's byte range checked as safetensors checks it (inside the file,
+    as long as its shape and dtype say)."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= MAX_HEADER_BYTES:
-                raise LoadError(f"{path}: not a safetensors file (header length {n})")
+            if not 0 < n <= MAX_HEADER_BYTES or 8 + n > size:
+                raise LoadError(f"{path}: not a safetensors file (header length {n}, file "
+                                f"size {size})")
             meta = json.loads(f.read(n))
         if not isinstance(meta, dict):
             raise ValueError(f"its header is a JSON {type(meta).__name__}, not an object")
@@ -86,12 +96,36 @@ def read_header(path: str) -> dict[str, Entry]:
         for name, info in meta.items():
             if name == "__metadata__":
                 continue
-            start, end = info["data_offsets"]
-            out[name] = Entry(path, _DTYPES.get(info["dtype"]), tuple(info["shape"]),
-                              base + int(start), base + int(end))
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            item = _ITEM_BYTES.get(info["dtype"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if not 0 <= start <= end <= size - base or min(shape, default=0) < 0 \
+                    or (item is not None and end - start != numel * item):
+                raise ValueError(f"tensor {name}: bytes {start}-{end} of the data (which "
+                                 f"holds {size - base}) do not fit its {info['dtype']} "
+                                 f"{list(shape)}")
+            out[name] = Entry(name, path, _DTYPES.get(info["dtype"]), shape,
+                              base + start, base + end)
         return out
+    except LoadError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LoadError(f"{path}: cannot read its safetensors header: {e}") from e
+
+
+def rename(entries: dict[str, Entry], mapper) -> dict[str, Entry]:
+    """``entries`` under the names the model's ``load_weights`` gives them
+    (``mapper``: the model's ``hf_to_vllm_mapper``); a tensor it drops is
+    left out. Each entry keeps its checkpoint name."""
+    out = {}
+    for name, e in entries.items():
+        mapped = mapper._map_name(name)
+        if mapped is not None:
+            out[mapped] = e
+    return out
 
 
 @dataclass
@@ -136,8 +170,9 @@ def _local_ids(layer, experts: int) -> list[int]:
 
 
 def _tp(method) -> tuple[int, int]:
-    moe = method.moe
-    return int(getattr(moe, "tp_rank", 0)), int(getattr(moe, "tp_size", 1))
+    """This rank's tensor-parallel rank and size, as vLLM's expert weight
+    loader reads them (``plan_layer`` leaves a layer whose config lacks them)."""
+    return int(method.moe.tp_rank), int(method.moe.tp_size)
 
 
 def plan_layer(layer, method, entries: dict[str, Entry],
@@ -148,6 +183,10 @@ def plan_layer(layer, method, entries: dict[str, Entry],
     params = {p + k: getattr(layer, p + k, None) for p in ("w13_", "w2_") for k in KINDS}
     if any(p is None or p.is_meta for p in params.values()):
         return None, "its parameters are not all materialised"
+    if len({p.device for p in params.values()}) > 1:
+        return None, "its parameters are on several devices (offloaded in part)"
+    if not all(hasattr(method.moe, a) for a in ("tp_rank", "tp_size")):
+        return None, "vLLM's MoE config of the layer has no tp_rank and tp_size"
     tp_rank, tp_size = _tp(method)
     experts = int(method.moe.num_experts)
     local = _local_ids(layer, experts)
@@ -188,9 +227,9 @@ def layer_names(plan: LayerPlan, entries: dict[str, Entry]) -> set[str]:
     for e in range(int(method.moe.num_experts)):
         for proj in method._proj.values():
             for kind in KINDS:
-                name = f"{method.layer_name}.{e}.{proj}.{kind}"
-                if name in entries:
-                    out.add(name)
+                entry = entries.get(f"{method.layer_name}.{e}.{proj}.{kind}")
+                if entry is not None:
+                    out.add(entry.name)
     return out
 
 
@@ -223,16 +262,20 @@ def _src_slice(t: torch.Tensor, param: str, tp_rank: int, tp_size: int) -> torch
     return t.narrow(dim, per * tp_rank, per)
 
 
-def _pieces(copies: list[tuple[int, _Copy]], cap: int) -> list[list[tuple[int, _Copy]]]:
-    """Consecutive copies of one file, read together: gaps of at most
-    GAP_BYTES, at most ``cap`` bytes (a single larger tensor alone)."""
-    copies = sorted(copies, key=lambda ic: (ic[1].entry.path, ic[1].entry.start))
+def _pieces(copies: list[tuple[int, _Copy]], cap: int,
+            devices: list[torch.device]) -> list[list[tuple[int, _Copy]]]:
+    """Consecutive copies of one file bound for one device (``devices``: per
+    plan), read together: gaps of at most GAP_BYTES, at most ``cap`` bytes
+    (a single larger tensor alone)."""
+    copies = sorted(copies, key=lambda ic: (str(devices[ic[0]]), ic[1].entry.path,
+                                            ic[1].entry.start))
     out: list[list[tuple[int, _Copy]]] = []
     for ic in copies:
         e = ic[1].entry
         if out:
             first, last = out[-1][0][1].entry, out[-1][-1][1].entry
-            if (e.path == first.path and e.start - last.end <= GAP_BYTES
+            if (e.path == first.path and devices[ic[0]] == devices[out[-1][0][0]]
+                    and e.start - last.end <= GAP_BYTES
                     and e.end - _aligned(first.start) <= cap):
                 out[-1].append(ic)
                 continue
@@ -255,7 +298,10 @@ class _Reader:
     def read(self, path: str, start: int, into: memoryview) -> None:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise LoadError(f"{path}: cannot open it ({e.strerror or e})") from e
         n = len(into)
         step = max(READ_CHUNK_MIN, -(-n // READ_THREADS))
         jobs = [self._pool.submit(_pread_all, fd, into[lo:min(lo + step, n)], start + lo, path)
@@ -273,7 +319,11 @@ class _Reader:
 def _pread_all(fd: int, into: memoryview, offset: int, path: str) -> None:
     done = 0
     while done < len(into):
-        got = os.preadv(fd, [into[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [into[done:]], offset + done)
+        except OSError as e:
+            raise LoadError(f"{path}: cannot read bytes {offset + done}-{offset + len(into)} "
+                            f"({e.strerror or e})") from e
         if got <= 0:
             raise LoadError(f"{path}: ended at byte {offset + done}, its header says "
                             f"{offset + len(into)} (a truncated checkpoint file)")
@@ -289,11 +339,12 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
     if not indexed:
         return stats
     cap = max(piece_bytes, max(c.entry.end - _aligned(c.entry.start) for _, c in indexed))
+    devices = [plan.layer.w13_weight_packed.device for plan in plans]  # one per layer
     reader = _Reader()
     slots: list[dict] = [{}, {}]
     try:
-        for n, piece in enumerate(_pieces(indexed, cap)):
-            device = plans[piece[0][0]].layer.w13_weight_packed.device
+        for n, piece in enumerate(_pieces(indexed, cap, devices)):
+            device = devices[piece[0][0]]
             slot = slots[n % 2]
             if slot.get("event") is not None:
                 slot["event"].synchronize()  # its last piece has left the host buffer
@@ -323,8 +374,7 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
     for plan in plans:
         for c in plan.copies:
             plan.method._loaded.setdefault((c.param, c.shard), set()).add(c.expert)
-            stats.names.add(f"{plan.method.layer_name}.{c.expert}."
-                            f"{plan.method._proj[c.shard]}.{c.param.split('_', 1)[1]}")
+            stats.names.add(c.entry.name)
     stats.tensors = len(indexed)
     stats.seconds = time.perf_counter() - t0
     return stats

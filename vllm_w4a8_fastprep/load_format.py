@@ -63,18 +63,24 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.busy = True  # the lookup below asks the finders again, this one included
         try:
             spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            run = spec.loader.exec_module  # this spec's own loader object
+
+            def exec_module(module):
+                run(module)
+                if module.__name__ == MODEL_LOADER:
+                    _register_after_import()
+
+            spec.loader.exec_module = exec_module
+            return spec
+        except Exception as e:  # noqa: BLE001 - never break vLLM's own import
+            logger.warning("%s: cannot watch for vLLM's model loaders (%s: %s); --load-format "
+                           "%s is then unknown to vLLM", LOAD_FORMAT, type(e).__name__, e,
+                           LOAD_FORMAT)
+            return None  # the other finders find the package as usual
         finally:
             self.busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module  # this spec's own loader object
-
-        def exec_module(module):
-            run(module)
-            _register_after_import()
-
-        spec.loader.exec_module = exec_module
-        return spec
 
 
 def register_lazily() -> None:
