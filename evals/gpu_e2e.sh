@@ -12,6 +12,8 @@
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
+#   moe-58x256  the same with DeepSeek-V3's count of expert tensors (58 layers x 256 experts,
+#             ~36 GB; LAYERS=N fewer), as the moe step
 #   reload    the tiny MoE checkpoint (W4AFP8 attention: dense layers, and MoE layers): generate,
 #             vLLM's reload_weights (layer-wise reload from the checkpoint), generate again
 #             (identical to before), reload from a second checkpoint of other weights (seed 1),
@@ -186,8 +188,14 @@ for step in "$@"; do
       df -h "$WORK" | tail -1
       startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe" ;;
+    moe-58x256)
+      synth "$WORK/moe-58x256" --preset moe-58x256 ${LAYERS:+--layers $LAYERS} --device cuda \
+        || continue
+      df -h "$WORK" | tail -1
+      startup moe-58x256 "$WORK/moe-58x256" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
+      done_with "$WORK/moe-58x256" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe reload registration serve)"
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe moe-58x256 reload registration serve)"
       exit 2 ;;
   esac
 done

@@ -705,13 +705,13 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     named = set(re.findall(r"--preset (\S+)", text))
-    assert {"qwen3-30b-a3b", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
+    assert {"qwen3-30b-a3b", "moe-58x256", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
     # every startup_time run in-process: deterministic outputs, an exact comparison
     startup = re.search(r"^startup\(\) \{.*?^\}", text, re.M | re.S).group(0)
     assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
-    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe", "reload",
-                     "registration", "serve"}
+    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe",
+                     "moe-58x256", "reload", "registration", "serve"}
     listed = re.search(r"unknown step '\$step' \(([^)]*)\)", text).group(1).split()
     assert set(listed) == steps  # the error lists every step
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
