@@ -294,7 +294,17 @@ def test_layers_on_the_gpu_and_offloaded_to_the_cpu_load_alike(vllm_ctx, monkeyp
         plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
         assert plan is not None, why
         plans.append(plan)
-    expert_blocks.load(plans)
+    buffer, sent_from = expert_blocks._buffer, []
+
+    def watched(slot, key, size, device, pin=False):
+        out = buffer(slot, key, size, device, pin)
+        if pin:  # a host buffer a GPU piece is sent from
+            sent_from.append(out.is_pinned())
+        return out
+
+    monkeypatch.setattr(expert_blocks, "_buffer", watched)
+    expert_blocks.load(plans, 64 << 10)  # the CPU layer's pieces first, then the GPU's
+    assert sent_from and all(sent_from)  # pinned, not the CPU pieces' pageable buffers
     _assert_same_params(ref, on_gpu)
     _assert_same_params(ref.to("cpu"), on_cpu)
     half = _layer(_prepare_only_config(), "blocks.dev2.experts", vllm_ctx)

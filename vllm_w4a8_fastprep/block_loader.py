@@ -56,16 +56,6 @@ def _ep_skip():
     return should_skip_weight
 
 
-def _network_fs(files: list[str]) -> bool:
-    """Whether vLLM's default iterator would look at prefetching these files
-    (on NFS or Lustre); True where this vLLM cannot tell."""
-    try:
-        from vllm.model_executor.model_loader.weight_utils import _get_fs_type
-    except ImportError:  # pragma: no cover - every supported vLLM has it
-        return True
-    return _get_fs_type(files) in ("nfs", "nfs4", "lustre")
-
-
 def _show_progress(config) -> bool:
     """vLLM's rule for its load progress bars (on by default, rank 0)."""
     try:
@@ -73,6 +63,15 @@ def _show_progress(config) -> bool:
     except ImportError:  # pragma: no cover
         return bool(config.use_tqdm_on_load)
     return enable_tqdm(config.use_tqdm_on_load)
+
+
+def _bar_format() -> str | None:
+    """vLLM's progress bar format (kept plain for multi-process logs)."""
+    try:
+        from vllm.model_executor.model_loader.weight_utils import _BAR_FORMAT
+    except ImportError:  # pragma: no cover
+        return None
+    return _BAR_FORMAT
 
 
 def our_moe_layers(model: torch.nn.Module) -> list:
@@ -137,12 +136,14 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         other ranks' experts of the layers taken)."""
         from .compat import w13_num_shards
 
+        t0 = time.perf_counter()
         entries: dict[str, expert_blocks.Entry] = {}
         for path in files:
             entries.update(expert_blocks.read_header(path))
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         if mapper is not None:  # the names the model's load_weights gives the tensors
-            if not callable(getattr(mapper, "_map_name", None)):
+            if not callable(getattr(mapper, "map_name", None)
+                            or getattr(mapper, "_map_name", None)):
                 self._log_left(len(layers), {"all": "the model renames the checkpoint's "
                                              "tensors in a way this vLLM does not expose"})
                 return set()
@@ -161,6 +162,7 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         skip = set(stats.names)
         for plan in plans:  # other ranks' experts: vLLM's loader skips them too
             skip.update(expert_blocks.layer_names(plan, entries))
+        stats.seconds = time.perf_counter() - t0  # the headers and the plans too
         if plans:
             logger.info(format_block_load(stats.tensors, stats.layers, stats.bytes,
                                           stats.pieces, stats.seconds))
@@ -186,8 +188,9 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         config = self.load_config
         extra = config.model_loader_extra_config or {}
         strategy = getattr(config, "safetensors_load_strategy", None)
-        if (strategy not in (None, "lazy") or extra.get("enable_multithread_load")
-                or (strategy is None and _network_fs(files))  # vLLM may prefetch there
+        # (vLLM's prefetch, asked for or on NFS/Lustre, reads every file ahead: the
+        # expert bytes have been read here in large pieces, the rest is small)
+        if (strategy not in (None, "lazy", "prefetch") or extra.get("enable_multithread_load")
                 or getattr(source, "is_unused_weight", None) is not None
                 or getattr(self, "_encoder_only_lm_prefixes", None) is not None):
             for name, tensor in self._get_weights_iterator(source):
@@ -200,7 +203,8 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         should_skip = _ep_skip()
         ids = self.local_expert_ids
         for path in tqdm(files, desc="Loading safetensors checkpoint shards (without the "
-                         "expert tensors read before)", disable=not _show_progress(config)):
+                         "expert tensors read before)", disable=not _show_progress(config),
+                         bar_format=_bar_format()):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - a safe_open handle
                     if name in skip or should_skip(name, ids):

@@ -59,8 +59,9 @@ _KIND_DTYPES = {"weight_packed": (torch.int32,),
 
 
 #: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
-_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
+               "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+               "F64": 8, "C64": 8}
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,17 @@ def read_header(path: str) -> dict[str, Entry]:
 
 
 def rename(entries: dict[str, Entry], mapper) -> dict[str, Entry]:
-    """``entries`` under the names the model's ``load_weights`` gives them
-    (``mapper``: the model's ``hf_to_vllm_mapper``); a tensor it drops is
-    left out. Each entry keeps its checkpoint name."""
+    """The expert tensors of ``entries`` (the kinds read here) under the
+    names the model's ``load_weights`` gives them (``mapper``: the model's
+    ``hf_to_vllm_mapper``); a tensor it drops is left out. Each entry keeps
+    its checkpoint name."""
+    map_name = getattr(mapper, "map_name", None) or mapper._map_name  # vLLM >= 0.33: public
     out = {}
     for name, e in entries.items():
-        mapped = mapper._map_name(name)
-        if mapped is not None:
-            out[mapped] = e
+        if name.endswith(KINDS):
+            mapped = map_name(name)
+            if mapped is not None:
+                out[mapped] = e
     return out
 
 
@@ -360,9 +364,9 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
                 on_device = _buffer(slot, device, size, device)
                 on_device[:size].copy_(host[:size], non_blocking=True)
             _scatter(plans, piece, on_device, a, slot)
-            if device.type != "cpu":
+            if device.type != "cpu":  # after this piece's copy and scatter on its device
                 slot["event"] = torch.cuda.Event()
-                slot["event"].record()
+                slot["event"].record(torch.cuda.current_stream(device))
             stats.pieces += 1
             stats.bytes += size
         for s in slots:
@@ -398,9 +402,10 @@ def _return_buffers(slots: list[dict]) -> None:
 
 
 def _buffer(slot: dict, key, size: int, device: torch.device, pin: bool = False) -> torch.Tensor:
-    """A byte buffer of at least ``size`` (kept in the slot, grown as needed)."""
+    """A byte buffer of at least ``size`` (kept in the slot, grown as needed;
+    pinned where asked, also if an earlier piece for the CPU made it unpinned)."""
     buf = slot.get(key)
-    if buf is None or buf.numel() < size:
+    if buf is None or buf.numel() < size or (pin and not buf.is_pinned()):
         n = -(-size // 8) * 8  # a length every dtype view divides
         buf = torch.empty(n, dtype=torch.uint8, device=device, pin_memory=pin)
         slot[key] = buf
