@@ -10,10 +10,12 @@ experts, any MoE layer not taken), the expert-parallel weight filter, the
 secondary weight sources, the "Loading weights took" line (which includes the
 expert blocks), the post-load checks. A layer is left to vLLM's loader, with
 one INFO line saying why, where the blocks cannot give it exactly what vLLM's
-loader would: a reload (vLLM's ``reload_weights`` goes through the model's
-``load_weights``), padded or unevenly sharded parameters, redundant experts,
-tensors missing from the headers or of another shape or dtype, a checkpoint
-that is not safetensors.
+loader would (``expert_blocks.plan_layer``): a reload (vLLM's
+``reload_weights`` goes through the model's ``load_weights``), padded or
+unevenly sharded parameters, parameters on several devices, redundant
+experts, tensors missing from the headers under the names the model's
+``hf_to_vllm_mapper`` gives them, or of another shape or dtype; all layers
+where the checkpoint is not safetensors.
 
 Imported only once vLLM has imported its ``model_loader`` package
 (``load_format.py`` registers this class then).
