@@ -12,6 +12,8 @@
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
+#   moe-58x256  the same with DeepSeek-V3's count of expert tensors (58 layers x 256 experts,
+#             ~36 GB; LAYERS=N fewer), as the moe step
 #   reload    the tiny MoE checkpoint (W4AFP8 attention: dense layers, and MoE layers): generate,
 #             vLLM's reload_weights (layer-wise reload from the checkpoint), generate again
 #             (identical to before), reload from a second checkpoint of other weights (seed 1),
@@ -29,7 +31,9 @@
 #             answered by the OpenAI client, upstream then ours (evals.serve_check: gsm8k
 #             completions, chat, streaming; SERVE_ARGS as above, SERVE_CHECK_ARGS more flags)
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
-# vLLM starts per mode, STARTUP_ARGS adds startup_time arguments. Every startup_time run has
+# vLLM starts per mode, STARTUP_ARGS adds startup_time arguments (e.g. "--modes
+# upstream,ours,ours-unstaged,ours-blocks": also the plugin with its staged MoE expert loading off,
+# and with --load-format w4a8_fastprep). Every startup_time run has
 # --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
 # run, so that ours vs upstream is an exact comparison.
 # Summaries and charts go to $OUT.
@@ -184,8 +188,14 @@ for step in "$@"; do
       df -h "$WORK" | tail -1
       startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe" ;;
+    moe-58x256)
+      synth "$WORK/moe-58x256" --preset moe-58x256 ${LAYERS:+--layers $LAYERS} --device cuda \
+        || continue
+      df -h "$WORK" | tail -1
+      startup moe-58x256 "$WORK/moe-58x256" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
+      done_with "$WORK/moe-58x256" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe reload registration serve)"
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe moe-58x256 reload registration serve)"
       exit 2 ;;
   esac
 done

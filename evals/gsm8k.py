@@ -136,9 +136,9 @@ def worker(args) -> int:
         include = str(out / "task")
         task = write_task(data, Path(include))
     if args.backend == "vllm":
-        from evals.modes import use_mode
+        from evals.modes import mode_load_format, use_mode
 
-        quant = use_mode(args.mode)
+        quant, load_format = use_mode(args.mode), mode_load_format(args.mode)
     # the settings this run starts with (before vLLM adds variables of its own)
     env = {k: os.environ[k] for k in sorted(os.environ)
            if k.startswith(("VLLM_", "CUBLAS")) and k != "VLLM_CONFIGURE_LOGGING"}
@@ -152,6 +152,8 @@ def worker(args) -> int:
             model_args["max_num_seqs"] = args.max_num_seqs
         if args.enforce_eager:
             model_args["enforce_eager"] = True
+        if load_format:
+            model_args["load_format"] = load_format
     else:
         model_args = {"pretrained": args.model, "dtype": "float32", "device": "cpu"}
     margs = ",".join(f"{k}={v}" for k, v in model_args.items())

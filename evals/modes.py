@@ -1,10 +1,10 @@
-"""The two ways every eval loads a W4AFP8 model."""
+"""The ways the evals load a W4AFP8 model."""
 
 from __future__ import annotations
 
 import os
 
-MODES = ("upstream", "ours")
+MODES = ("upstream", "ours", "ours-unstaged", "ours-blocks")
 
 
 def next_label(mode: str, taken: set[str]) -> str:
@@ -22,15 +22,32 @@ def mode_settings(mode: str) -> tuple[dict, str]:
     """``(environment, quantization)`` of ``mode``: the environment variables a
     process of that mode needs, and vLLM's ``quantization`` for it.
 
-    ``ours``: the plugin (``w4a8_fastprep``). ``upstream``: vLLM's own
+    ``ours``: the plugin (``w4a8_fastprep``). ``ours-unstaged``: the plugin
+    with its staged loading of MoE expert tensors off (vLLM's expert weight
+    loader as it is: what staging gains). ``ours-blocks``: the plugin with
+    its opt-in load format (``mode_load_format``). ``upstream``: vLLM's own
     compressed-tensors path, with the plugin's automatic claim turned off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "upstream":
         return {"VLLM_W4A8_FASTPREP_AUTO": "0"}, "compressed-tensors"
     from vllm_w4a8_fastprep.checkpoint_format import METHOD_NAME
+    from vllm_w4a8_fastprep.expert_staging import DEFAULT_MIB, ENV
 
-    return {}, METHOD_NAME
+    # each plugin mode sets the staging switch: none inherits it from the caller
+    return {ENV: "0" if mode == "ours-unstaged" else str(DEFAULT_MIB)}, METHOD_NAME
+
+
+def mode_load_format(mode: str) -> str | None:
+    """vLLM's ``load_format`` for ``mode``: the plugin's own for
+    ``ours-blocks``, None (vLLM's default) for the others."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "ours-blocks":
+        return None
+    from vllm_w4a8_fastprep.load_format import LOAD_FORMAT
+
+    return LOAD_FORMAT
 
 
 def use_mode(mode: str) -> str:

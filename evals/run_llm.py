@@ -30,7 +30,7 @@ from pathlib import Path
 if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.modes import MODES, use_mode  # noqa: E402
+from evals.modes import MODES, mode_load_format, use_mode  # noqa: E402
 from vllm_w4a8_fastprep.cli import positive_int  # noqa: E402
 from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
 
@@ -117,11 +117,12 @@ def run(args) -> int:
 
     summaries = _count_summaries() if in_process else (lambda: None)
 
+    load_format = mode_load_format(args.mode)
     t0 = time.perf_counter()
     llm = LLM(model=args.model, quantization=quantization, enforce_eager=args.enforce_eager,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               tensor_parallel_size=args.tensor_parallel_size, attention_backend="TRITON_ATTN",
-              seed=0)
+              seed=0, **({"load_format": load_format} if load_format else {}))
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs,
                             ignore_eos=True)

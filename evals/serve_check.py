@@ -52,7 +52,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.modes import MODES, mode_settings, next_label  # noqa: E402
+from evals.modes import MODES, mode_load_format, mode_settings, next_label  # noqa: E402
 from evals.vllm_server import running_server  # noqa: E402
 from vllm_w4a8_fastprep.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
@@ -159,7 +159,9 @@ def serve_run(args, mode: str, label: str, rows: list[dict], prefix: str, out: P
     env_update, quantization = mode_settings(mode)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_W4A8_FASTPREP_AUTO"}
     env.update(env_update)
-    extra = ["--quantization", quantization, *shlex.split(args.serve_args)]
+    load_format = mode_load_format(mode)
+    extra = ["--quantization", quantization, *shlex.split(args.serve_args),
+             *(["--load-format", load_format] if load_format else [])]
     log = out / f"{label}.server.log"
     result: dict = {"mode": mode, "label": label, "serve_args": extra, "checks": {}}
     try:
@@ -316,7 +318,7 @@ def parse_args(argv):
         ap.error(f"--model {args.model}: not a model folder (no config.json)")
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):
-        ap.error(f"--modes takes {' and '.join(MODES)}, got {args.modes!r}")
+        ap.error(f"--modes takes runs from {', '.join(MODES)}, got {args.modes!r}")
     args.modes = modes
     for name in ("limit", "concurrency", "max_tokens"):
         value = getattr(args, name)

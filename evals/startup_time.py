@@ -44,7 +44,7 @@ from vllm_w4a8_fastprep.cli import positive_int
 from vllm_w4a8_fastprep.errors import (
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
-from vllm_w4a8_fastprep.load_stats import parse_summary
+from vllm_w4a8_fastprep.load_stats import parse_block_load, parse_expert_loading, parse_summary
 from vllm_w4a8_fastprep.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,13 @@ def parse_log(text: str) -> dict:
         out.update(ours_layers=ours["layers"], ours_moe_layers=ours["moe_layers"],
                    ours_experts=ours["experts"], ours_prep_s=ours["seconds"],
                    ours_timing=ours["timing"])
+    experts = parse_expert_loading(text)
+    if experts is not None:  # the MoE method's split of its expert tensors' time
+        out.update(ours_expert_tensors=experts["calls"], ours_expert_load_s=experts["load_s"],
+                   ours_expert_send_s=experts["send_s"])
+    blocks = parse_block_load(text)
+    if blocks is not None:  # the load format w4a8_fastprep read expert blocks
+        out.update(ours_block_tensors=blocks["tensors"], ours_block_s=blocks["seconds"])
     return out
 
 
@@ -97,7 +104,8 @@ def _stat(values):
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib")
+    keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib",
+            "ours_expert_load_s", "ours_expert_send_s", "ours_block_s")
     return {mode: {k: _stat([r.get(k) for r in rs]) for k in keys} for mode, rs in runs.items()}
 
 
@@ -116,6 +124,17 @@ def table(summary: dict) -> str:
         rows.append(f"| {mode} | {_fmt(s['loading_s'])} | {_fmt(s['weights_s'])} | "
                     f"{_fmt(s['prep_s'])} | {_fmt(s['ours_prep_s'], 3)} | "
                     f"{_fmt(s['loading_gib'])} |")
+    split = [(mode, s) for mode, s in summary.items() if s.get("ours_expert_load_s")]
+    if split:
+        rows.append("")
+    for mode, s in split:
+        rows.append(f"{mode}: MoE expert tensors in the method's weight loader "
+                    f"{_fmt(s['ours_expert_load_s'])} s of the weights' time; sending "
+                    f"staged ones {_fmt(s['ours_expert_send_s'])} s")
+    for mode, s in summary.items():
+        if s.get("ours_block_s"):
+            rows.append(f"{mode}: MoE expert blocks read from the files and put in place "
+                        f"{_fmt(s['ours_block_s'])} s of the weights' time")
     up, ours = summary.get("upstream"), summary.get("ours")
     if up and ours and up["prep_s"] and ours["prep_s"]:
         rows.append("")
@@ -275,10 +294,16 @@ def run(args) -> int:
             results[mode].append(result)
     summary = summarize(runs)
     verdict, details = None, None
-    if "ours" in results and "upstream" in results:
-        verdict, details = output_verdict(results)
-        print(f"greedy tokens and logprobs, ours vs upstream ({len(results['ours'])} run pairs, "
-              f"{len(results['ours'][0]['outputs'])} prompts): {verdict or 'identical'}")
+    for mode in (m for m in modes if m != "upstream" and "upstream" in results):
+        v, d = output_verdict({"upstream": results["upstream"], "ours": results[mode]})
+        print(f"greedy tokens and logprobs, {mode} vs upstream ({len(results[mode])} run pairs, "
+              f"{len(results[mode][0]['outputs'])} prompts): {v or 'identical'}")
+        if details is None:
+            details = {}
+        details.update({k.replace("ours", mode, 1) if k.startswith("ours") else k: x
+                        for k, x in d.items()})
+        if v is not None and verdict is None:
+            verdict = v if mode == "ours" else f"{mode}: {v}"
     print(table(summary))
     (out / "summary.json").write_text(json.dumps({"model": args.model, "commit": source_commit(),
                                                   "enforce_eager": args.enforce_eager,
@@ -349,9 +374,12 @@ def check_mode(name: str, mode: str, parsed: dict) -> None:
     """An ``ours`` run must show this package's summary (else the plugin did
     not prepare anything and the comparison would be upstream with itself);
     an ``upstream`` run must not."""
-    if mode == "ours" and "ours_layers" not in parsed:
+    if mode.startswith("ours") and "ours_layers" not in parsed:
         raise OneLineError(f"{name}: no 'w4a8_fastprep: prepared' line: the plugin prepared no "
-                           "layer in the 'ours' run")
+                           f"layer in the '{mode}' run")
+    if mode == "ours-blocks" and "ours_block_tensors" not in parsed:
+        raise OneLineError(f"{name}: no 'load format w4a8_fastprep' line: the load format read "
+                           "no expert blocks in the 'ours-blocks' run")
     if mode == "upstream" and "ours_layers" in parsed:
         raise OneLineError(f"{name}: the 'upstream' run has a 'w4a8_fastprep: prepared' line: the "
                            "plugin claimed the model")

@@ -102,6 +102,22 @@ def test_parse_vllm_logs():
     assert ours["prep_s"] == pytest.approx(2.47)
 
 
+def test_the_expert_loading_line_is_parsed_and_shown_below_the_table():
+    """The MoE method's own line (written by the package's formatter) splits
+    the expert tensors' time out of vLLM's "Loading weights"."""
+    from vllm_w4a8_fastprep.load_stats import format_expert_loading
+
+    line = "INFO 12-03 21:38:14 [moe.py:475] " + format_expert_loading(55296, 3.456, 1.25)
+    ours = startup_time.parse_log(_ours_log() + line + "\n")
+    assert (ours["ours_expert_tensors"], ours["ours_expert_load_s"],
+            ours["ours_expert_send_s"]) == (55296, 3.46, 1.25)
+    assert "ours_expert_load_s" not in startup_time.parse_log(_ours_log())
+    text = startup_time.table(startup_time.summarize({"upstream": [startup_time.parse_log(
+        _upstream_log())], "ours": [ours]}))
+    assert ("\n\nours: MoE expert tensors in the method's weight loader 3.46 s of the weights' "
+            "time; sending staged ones 1.25 s\n") in text
+
+
 def test_parse_older_summary_line():
     old = startup_time.parse_log(_upstream_log() + OLD_OURS + "\n")
     assert old["ours_layers"] == 128 and old["ours_prep_s"] == 0.036
@@ -155,10 +171,23 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
     ours, up = startup_time.parse_log(_ours_log()), startup_time.parse_log(_upstream_log())
     startup_time.check_mode("o.log", "ours", ours)
     startup_time.check_mode("u.log", "upstream", up)
+    startup_time.check_mode("o.log", "ours-unstaged", ours)
     with pytest.raises(startup_time.OneLineError, match="the plugin prepared no layer"):
         startup_time.check_mode("o.log", "ours", up)
+    with pytest.raises(startup_time.OneLineError, match="in the 'ours-unstaged' run"):
+        startup_time.check_mode("o.log", "ours-unstaged", up)
     with pytest.raises(startup_time.OneLineError, match="the plugin claimed the model"):
         startup_time.check_mode("u.log", "upstream", ours)
+    # ours-blocks: the load format's line too (else it read nothing)
+    from vllm_w4a8_fastprep.load_stats import format_block_load
+
+    with pytest.raises(startup_time.OneLineError, match="the load format read no expert blocks"):
+        startup_time.check_mode("b.log", "ours-blocks", ours)
+    blocks = startup_time.parse_log(_ours_log() + format_block_load(72, 2, 1 << 20, 1, 0.25))
+    assert blocks["ours_block_tensors"] == 72 and blocks["ours_block_s"] == 0.25
+    startup_time.check_mode("b.log", "ours-blocks", blocks)
+    assert "ours-blocks: MoE expert blocks read from the files and put in place 0.25 s" in \
+        startup_time.table(startup_time.summarize({"ours-blocks": [blocks]}))
 
 
 def test_chart_bars_are_the_median_model_loading_split_at_the_weights():
@@ -316,6 +345,28 @@ def _err_lines(text: str) -> list[str]:
     """stderr without tqdm's progress bar."""
     lines = [seg for line in text.splitlines() for seg in line.split("\r")]
     return [s for s in lines if s.strip() and not s.startswith("vLLM starts")]
+
+
+@pytest.mark.parametrize("logprobs, status, verdict", [
+    ({}, 0, "identical"),
+    ({"ours-unstaged-1": -0.7}, 1, "ours-unstaged: DIFFERENT in 1 of 2 run pairs"),
+])
+def test_startup_time_compares_every_mode_with_upstream(fake_run_llm, fake_runs, capsys,
+                                                        logprobs, status, verdict):
+    """--modes upstream,ours,ours-unstaged (staging's gain): each plugin mode's
+    outputs compared with upstream's, and its log must show the plugin."""
+    pytest.importorskip("matplotlib")
+    (fake_run_llm / "ours-unstaged.log").write_text(_ours_log())
+    rc, out, _ = fake_runs({"logprobs": logprobs}, "--runs", "2", "--modes",
+                              "upstream,ours,ours-unstaged")
+    captured = capsys.readouterr()
+    assert rc == status, captured.err[-800:]
+    assert "ours vs upstream (2 run pairs, 1 prompts): identical" in captured.out
+    assert "ours-unstaged vs upstream (2 run pairs, 1 prompts): " in captured.out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["outputs_verdict"].startswith(verdict)
+    assert len(s["output_comparisons"]["ours-unstaged_vs_upstream"]) == 2
+    assert [r["ours_layers"] for r in s["runs"]["ours-unstaged"]] == [144, 144]
 
 
 @pytest.mark.parametrize("logprobs, status, identical, verdict", [
@@ -640,6 +691,10 @@ def test_modes(monkeypatch):
         assert os.environ[name] == "0"
         with pytest.raises(ValueError, match="mode must be one of"):
             use_mode("fast")
+    from evals.modes import MODES, mode_load_format
+
+    assert {m: mode_load_format(m) for m in MODES} == {
+        "upstream": None, "ours": None, "ours-unstaged": None, "ours-blocks": "w4a8_fastprep"}
     assert os.environ.get(name) == before  # nothing leaks into later tests
 
 
@@ -650,13 +705,13 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     named = set(re.findall(r"--preset (\S+)", text))
-    assert {"qwen3-30b-a3b", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
+    assert {"qwen3-30b-a3b", "moe-58x256", "tiny-moe", "8b", "70b"} <= named <= set(PRESETS)
     # every startup_time run in-process: deterministic outputs, an exact comparison
     startup = re.search(r"^startup\(\) \{.*?^\}", text, re.M | re.S).group(0)
     assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
-    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe", "reload",
-                     "registration", "serve"}
+    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe",
+                     "moe-58x256", "reload", "registration", "serve"}
     listed = re.search(r"unknown step '\$step' \(([^)]*)\)", text).group(1).split()
     assert set(listed) == steps  # the error lists every step
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),

@@ -184,3 +184,25 @@ def test_gpu_time_excludes_work_between_layers_and_waits_once(lines):
     inside = s["per_layer_seconds"]["a"]
     assert inside > 0.02 and s["gpu_seconds"] < 3 * inside, s
     assert f"s of GPU time on {dev}" in lines()[0]
+
+
+def test_the_expert_loading_line_reads_back():
+    from vllm_w4a8_fastprep.load_stats import format_expert_loading, parse_expert_loading
+
+    text = "x\n" + format_expert_loading(12, 0.5, 0.0) + "\n" + format_expert_loading(
+        55296, 3.456, 1.25) + "\n"
+    assert parse_expert_loading(text) == {"calls": 55296, "load_s": 3.46, "send_s": 1.25}
+    assert parse_expert_loading("w4a8_fastprep: prepared 1 dense layers") is None
+
+
+def test_the_block_load_line_reads_back():
+    from vllm_w4a8_fastprep.load_stats import format_block_load, parse_block_load
+
+    line = format_block_load(55296, 48, 15 << 30, 60, 1.234)
+    assert line == ("w4a8_fastprep: load format w4a8_fastprep: 55296 MoE expert tensors of 48 "
+                    "layers (15.00 GiB) read from the safetensors files in 60 pieces and put in "
+                    "place in 1.23 s")
+    text = "x\n" + format_block_load(9, 1, 1 << 20, 1, 0.5) + "\n" + line + "\n"
+    assert parse_block_load(text) == {"tensors": 55296, "layers": 48, "gib": 15.0,
+                                      "pieces": 60, "seconds": 1.23}
+    assert parse_block_load("w4a8_fastprep: prepared 1 dense layers") is None

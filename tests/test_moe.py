@@ -25,7 +25,7 @@ from bitexact import (  # noqa: E402
 )
 
 from vllm_w4a8_fastprep import moe  # noqa: E402
-from vllm_w4a8_fastprep.compat import moe_weight_names  # noqa: E402
+from vllm_w4a8_fastprep.compat import moe_weight_names, w13_num_shards  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
 from vllm_w4a8_fastprep.synthetic import (  # noqa: E402
     PRESETS,
@@ -403,6 +403,61 @@ def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_li
 WORLD = 2
 
 
+def _force_cpu_staging(capacity: int, patch=None) -> list:
+    """Make the MoE method stage CPU parameters as it stages GPU ones (its
+    own ``_stager``, with CPU stagers of ``capacity`` bytes); returns the
+    list of stagers made. ``patch``: pytest's ``monkeypatch.setattr`` (a
+    spawned rank has none: module attributes are set for good)."""
+    import builtins
+
+    from vllm_w4a8_fastprep.expert_staging import ExpertStager
+
+    made = []
+
+    class Recorded(ExpertStager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    put = patch or builtins.setattr
+    put(moe, "ExpertStager", Recorded)
+    put(moe, "STAGED_DEVICE_TYPES", ("cuda", "cpu"))
+    put(moe, "staging_capacity", lambda: capacity)
+    return made
+
+
+_UNFORCED = (moe.ExpertStager, moe.STAGED_DEVICE_TYPES, moe.staging_capacity)
+
+
+def _direct_then_staged():
+    """``("", None)`` with the method's own staging choice (none on the CPU),
+    then ``("staged.", stagers made)`` with each tensor through a CPU staging
+    buffer small enough for several flushes."""
+    moe.ExpertStager, moe.STAGED_DEVICE_TYPES, moe.staging_capacity = _UNFORCED
+    yield "", None
+    yield "staged.", _force_cpu_staging(64 << 10)
+
+
+def _blocks_layer(ckpt):
+    """Layer 0's experts filled from the checkpoint's files by the load
+    format's expert blocks (``expert_blocks.py``), then prepared."""
+    from vllm_w4a8_fastprep import expert_blocks
+
+    runner = _fused_moe(_prepare_only_config(), "model.layers.0.mlp.experts", TINY.experts,
+                        TINY.hidden, TINY.moe_intermediate, "cpu")
+    layer = runner.routed_experts
+    entries = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        entries.update(expert_blocks.read_header(str(path)))
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries,
+                                         w13_num_shards(layer.quant_method.moe))
+    if plan is None:
+        raise AssertionError(f"the blocks did not take the layer: {why}")
+    stats = expert_blocks.load([plan], piece_bytes=64 << 10)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, stats
+
+
 def _rank_main(rank: int, port: int, ckpt: str, results):
     import pathlib
 
@@ -426,17 +481,26 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
                                          distributed_init_method=f"tcp://127.0.0.1:{port}",
                                          backend="gloo")
             initialize_model_parallel(WORLD, 1)
-            # expert parallelism: this rank holds whole experts, 4 of the 8
-            runner = _fused_moe(_prepare_only_config(), "ep.mlp.experts", TINY.experts,
-                                TINY.hidden, TINY.moe_intermediate, "cpu")
-            layer = runner.routed_experts
-            local = [e for e in range(TINY.experts)
-                     if layer._map_global_expert_id_to_local_expert_id(e) != -1]
-            _load(runner, tensors)
-            layer.quant_method.process_weights_after_loading(layer)
-            _check_prepared(layer, _expected(tensors, local), TINY.hidden,
-                            TINY.moe_intermediate)
-            out["ep_local"] = local
+            for pass_, made in _direct_then_staged():
+                # expert parallelism: this rank holds whole experts, 4 of the 8
+                runner = _fused_moe(_prepare_only_config(), f"ep.{pass_}mlp.experts",
+                                    TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
+                layer = runner.routed_experts
+                local = [e for e in range(TINY.experts)
+                         if layer._map_global_expert_id_to_local_expert_id(e) != -1]
+                _load(runner, tensors)
+                if made is not None:
+                    out["ep_staged"] = (sum(m.staged_tensors for m in made),
+                                        sum(1 for n in tensors if int(n.split(".")[0]) in local))
+                layer.quant_method.process_weights_after_loading(layer)
+                _check_prepared(layer, _expected(tensors, local), TINY.hidden,
+                                TINY.moe_intermediate)
+                out["ep_local_staged" if pass_ else "ep_local"] = local
+            # the load format's expert blocks: this rank's experts read from the files
+            layer, stats = _blocks_layer(ckpt)
+            _check_prepared(layer, _expected(tensors, local), TINY.hidden, TINY.moe_intermediate)
+            out["ep_blocks"] = (stats.tensors, sum(1 for n in tensors
+                                                   if int(n.split(".")[0]) in local))
         with set_current_vllm_config(tp):
             # tensor parallelism: every expert, this rank's half of the
             # intermediate size (128: an odd multiple of 128)
@@ -447,16 +511,25 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
             except ValueError as e:
                 out["tp_refused"] = str(e)
             moe._GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
-            runner = _fused_moe(_prepare_only_config(), "tp.mlp.experts", TINY.experts,
-                                TINY.hidden, TINY.moe_intermediate, "cpu")
-            layer = runner.routed_experts
-            _load(runner, tensors)
-            layer.quant_method.process_weights_after_loading(layer)
+            for pass_, made in _direct_then_staged():
+                runner = _fused_moe(_prepare_only_config(), f"tp.{pass_}mlp.experts",
+                                    TINY.experts, TINY.hidden, TINY.moe_intermediate, "cpu")
+                layer = runner.routed_experts
+                _load(runner, tensors)
+                if made is not None:
+                    out["tp_staged"] = (sum(m.staged_tensors for m in made), len(tensors))
+                layer.quant_method.process_weights_after_loading(layer)
+                half = TINY.moe_intermediate // WORLD
+                _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
+                                                 i_slice=slice(rank * half, (rank + 1) * half)),
+                                TINY.hidden, half)
+                out["tp_ok_staged" if pass_ else "tp_ok"] = True
+            layer, stats = _blocks_layer(ckpt)  # every expert, this rank's slice of each
             half = TINY.moe_intermediate // WORLD
             _check_prepared(layer, _expected(tensors, list(range(TINY.experts)),
                                              i_slice=slice(rank * half, (rank + 1) * half)),
                             TINY.hidden, half)
-            out["tp_ok"] = True
+            out["tp_blocks"] = (stats.tensors, len(tensors))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["error"] = f"{type(e).__name__}: {e}"
     results.put((rank, out))
@@ -464,6 +537,9 @@ def _rank_main(rank: int, port: int, ckpt: str, results):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process test (gloo)")
 def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe):
+    """Each rank's slices, loaded through vLLM's loader and again with
+    staging on (CPU parameters staged as GPU ones would be): expert
+    parallelism stages each rank's own experts, tensor parallelism none."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -476,7 +552,16 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
         p.join(timeout=60)
     for rank in range(WORLD):
         assert "error" not in got[rank], got[rank]["error"]
-        assert got[rank]["tp_ok"]
+        assert got[rank]["tp_ok"] and got[rank]["tp_ok_staged"]
+        # staged: every tensor of this rank's experts (EP), every tensor (TP)
+        staged, local = got[rank]["ep_staged"]
+        assert staged == local > 0 and got[rank]["ep_local_staged"] == got[rank]["ep_local"]
+        staged, every = got[rank]["tp_staged"]
+        assert staged == 0 and every > 0  # tensor-parallel experts: vLLM's loader as it is
+        read, want = got[rank]["ep_blocks"]  # the blocks: this rank's experts (EP), or
+        assert read == want > 0  # every expert's slice (TP), prepared as above
+        read, every = got[rank]["tp_blocks"]
+        assert read == every > 0
         assert "intermediate_size_per_partition=128" in got[rank]["tp_refused"]
         assert "--enable-expert-parallel" in got[rank]["tp_refused"]
     # linear placement: rank r holds experts 4r .. 4r+3, each expert once

@@ -344,3 +344,155 @@ def test_a_reload_keeps_what_a_captured_cuda_graph_reads(gpu_ctx):
     assert_same(_forward(gpu_ctx, model.moe, x, logits), want, "eager forward after the reload")
     assert_same(out, want, "graph replay after the reload")
     del junk
+
+
+# ------------------------------------------------- staged expert loading
+
+
+def _staged_load(monkeypatch, prefix, tensors, mib: str):
+    """A layer of ours loaded with a staging buffer of ``mib`` MiB; its stager."""
+    from vllm_w4a8_fastprep import expert_staging
+
+    monkeypatch.setenv(expert_staging.ENV, mib)
+    staged = _ours(prefix, (32, 1024, 512))
+    names = list(staged.load_weights(list(tensors.items())))
+    (stager,) = staged.routed_experts.quant_method.stats.stagers.values()
+    return staged, names, stager
+
+
+def _direct_load(monkeypatch, prefix, tensors):
+    from vllm_w4a8_fastprep import expert_staging
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    direct = _ours(prefix, (32, 1024, 512))
+    names = list(direct.load_weights(list(tensors.items())))
+    assert not direct.routed_experts.quant_method.stats.stagers
+    return direct, names
+
+
+def _assert_same_params(a, b):
+    pa, pb = dict(a.routed_experts.named_parameters()), dict(b.routed_experts.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n].data.view(torch.uint8), pb[n].data.view(torch.uint8)), n
+
+
+def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
+    """Expert tensors go to the GPU through the pinned staging buffers by
+    default: the loaded parameters equal those of vLLM's loader alone
+    (staging off) byte for byte, with a buffer small enough for several
+    transfers; after preparation the same prepared tensors, no stager left."""
+    tensors = _per_expert({}, 32, 1024, 512)
+    direct, names_direct = _direct_load(monkeypatch, "stage.gpu.direct.experts", tensors)
+    staged, names, stager = _staged_load(monkeypatch, "stage.gpu.staged.experts", tensors, "2")
+    assert names == names_direct
+    assert stager.staged_tensors == len(tensors) and stager.transfers > 1  # weight_shape too
+    stager.flush()
+    _assert_same_params(direct, staged)
+    for layer in (direct, staged):
+        layer.routed_experts.quant_method.process_weights_after_loading(layer.routed_experts)
+    _assert_same_params(direct, staged)
+    assert not staged.routed_experts.quant_method.stats.stagers
+
+
+def _syncs(fn) -> int:
+    """How many synchronising CUDA calls torch's sync debug mode reports while
+    ``fn`` runs."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
+def test_a_staged_load_does_not_wait_on_the_gpu_per_tensor(gpu_ctx, monkeypatch):
+    """With a buffer that is never reused, loading a layer's expert tensors
+    and sending them makes no stream or device synchronisation that torch's
+    sync debug mode reports (a buffer's reuse waits on an event, which it
+    does not report); vLLM's loader alone makes one per tensor, which the
+    same count sees. With expert parallelism (an expert map on the GPU, half
+    the experts on another rank; vLLM's own lookup is a sync per tensor):
+    one, the map read to the host once per load."""
+    from vllm_w4a8_fastprep import expert_staging
+
+    tensors = _per_expert({}, 32, 1024, 512)
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    direct = _ours("stage.sync.direct.experts", (32, 1024, 512))
+    monkeypatch.setenv(expert_staging.ENV, "64")
+    staged = _ours("stage.sync.staged.experts", (32, 1024, 512))
+    ep = _ours("stage.sync.ep.experts", (32, 1024, 512))
+    manager = ep.routed_experts.expert_map_manager
+    local = torch.arange(32, device="cuda") // 2
+    manager._expert_map = torch.where(torch.arange(32, device="cuda") % 2 == 0, local, -1)
+    torch.cuda.synchronize()
+    stagers = []
+
+    def load_and_send(layer):
+        list(layer.load_weights(list(tensors.items())))
+        (stager,) = layer.routed_experts.quant_method.stats.stagers.values()
+        stagers.append(stager)
+        assert stager.transfers == 0
+        stager.flush()  # sent, vLLM's loader run on the GPU copies
+
+    try:
+        assert _syncs(lambda: list(direct.load_weights(list(tensors.items())))) >= len(tensors)
+        assert _syncs(lambda: load_and_send(staged)) == 0
+        assert _syncs(lambda: load_and_send(ep)) == 1
+    finally:
+        for stager in stagers:
+            stager.discard()
+    assert stagers[0].staged_tensors == len(tensors)
+    assert stagers[1].staged_tensors == len(tensors) // 2  # this rank's experts only
+    even = torch.arange(0, 32, 2)
+    for name in ("w13_weight_packed", "w2_weight_packed"):
+        want = getattr(staged.routed_experts, name).data[even]
+        assert torch.equal(getattr(ep.routed_experts, name).data[:16], want), name
+
+
+def test_a_buffer_is_refilled_only_after_its_copy_to_the_gpu(gpu_ctx, monkeypatch):
+    """The GPU held back (a long sleep queued after the layer and both pinned
+    buffers exist): the copies of the first buffers wait behind it while the
+    host fills the next ones; a buffer refilled before its copy ran would put
+    other bytes into the parameters."""
+    import time
+
+    from vllm_w4a8_fastprep import expert_staging
+
+    tensors = _per_expert({}, 32, 1024, 512)
+    direct, _ = _direct_load(monkeypatch, "stage.race.direct.experts", tensors)
+    monkeypatch.setenv(expert_staging.ENV, "1")
+    staged = _ours("stage.race.staged.experts", (32, 1024, 512))
+    method = staged.routed_experts.quant_method
+    stager = expert_staging.ExpertStager(torch.device("cuda", torch.cuda.current_device()),
+                                         expert_staging.capacity())
+    stager._buffers = [torch.empty(stager.capacity, dtype=torch.uint8, pin_memory=True)
+                       for _ in range(2)]
+    method.stats.stagers[stager.device] = stager
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(5e8))  # some 0.25 s of GPU time on the current stream
+    assert not torch.cuda.current_stream().query()  # the GPU is held
+    t0 = time.perf_counter()
+    list(staged.load_weights(list(tensors.items())))
+    waited = time.perf_counter() - t0
+    assert stager.transfers > 4 and waited > 0.1  # a reuse waited for the held copies
+    stager.flush()
+    _assert_same_params(direct, staged)
+    stager.discard()
+
+
+def test_the_pinned_buffers_are_returned_after_the_load(gpu_ctx, monkeypatch):
+    """The pinned memory of the staging buffers goes back to the system once
+    the layer is prepared (not kept in torch's pinned-memory cache)."""
+    tensors = _per_expert({}, 32, 1024, 512)
+    torch.cuda.synchronize()
+    torch._C._host_emptyCache()
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    staged, _, stager = _staged_load(monkeypatch, "stage.pinned.experts", tensors, "16")
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] >= before + (16 << 20)
+    staged.routed_experts.quant_method.process_weights_after_loading(staged.routed_experts)
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] == before

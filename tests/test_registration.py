@@ -28,6 +28,9 @@ HEAVY = (
     "vllm_w4a8_fastprep.moe",
     "vllm_w4a8_fastprep.ops",
     "vllm_w4a8_fastprep.load_stats",
+    # the load format's registry (0.4-1.3 s to import) and our loader in it
+    "vllm.model_executor.model_loader",
+    "vllm_w4a8_fastprep.block_loader",
 )
 
 _REPORT = """
@@ -102,10 +105,39 @@ print(" ".join(sorted(set(sys.modules) - before)))
     added = set(proc.stdout.strip().splitlines()[-1].split())
     ours = {m for m in added if m.split(".")[0] == "vllm_w4a8_fastprep"}
     assert ours == {"vllm_w4a8_fastprep", "vllm_w4a8_fastprep.checkpoint_format",
-                    "vllm_w4a8_fastprep.compat", "vllm_w4a8_fastprep.registration"}, ours
+                    "vllm_w4a8_fastprep.compat", "vllm_w4a8_fastprep.registration",
+                    "vllm_w4a8_fastprep.load_format"}, ours
     # nothing of vLLM, torch, transformers or compressed-tensors
     assert not {m for m in added if m.split(".")[0] in
                 ("vllm", "torch", "transformers", "compressed_tensors")}, sorted(added)
+
+
+_LOADER = "vllm_w4a8_fastprep.block_loader.W4A8FastPrepModelLoader"
+
+
+@pytest.mark.parametrize("order", ["register first", "vllm's loaders first"])
+def test_the_load_format_is_registered_once_whenever_vllm_imports_its_loaders(order):
+    """``--load-format w4a8_fastprep``: registered when vLLM imports its
+    model_loader package (after ``register()``), or at once where it has
+    already; ``register()`` twice registers it once (vLLM warns on a second
+    registration)."""
+    loaders = "import vllm.model_executor.model_loader as ml"
+    steps = ["import vllm_w4a8_fastprep as v", "v.register(); v.register()"]
+    steps = steps + [loaders] if order == "register first" else [loaders] + steps
+    code = "\n".join(steps) + """
+import json, logging, sys
+from vllm.config import LoadConfig
+loader = ml.get_model_loader(LoadConfig(load_format="w4a8_fastprep"))
+hooks = [f for f in sys.meta_path if type(f).__module__ == "vllm_w4a8_fastprep.load_format"]
+print(json.dumps({"loader": type(loader).__module__ + "." + type(loader).__qualname__,
+                  "inner_format": loader.load_config.load_format, "hooks": len(hooks)}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"loader": _LOADER, "inner_format": "auto", "hooks": 0}, got
+    assert "already registered" not in proc.stdout + proc.stderr
 
 
 # ------------------------------------------- the registered class in vLLM

@@ -5,6 +5,8 @@ claims about output size."""
 
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -53,6 +55,9 @@ def test_model_shaped_presets_come_from_the_shape_table():
                                         a.head_dim, a.experts, a.moe_intermediate), name
     p = PRESETS["qwen3-30b-a3b"]
     assert (p.layers, p.experts, p.moe_intermediate, p.experts_per_token) == (48, 128, 768, 8)
+    many = PRESETS["moe-58x256"]  # DeepSeek-V3's count of expert tensors, Qwen3's shape
+    assert many.layers * many.experts * 9 == 133632
+    assert replace(many, layers=48, experts=128) == p
     # one expert's projections, stacked as vLLM stacks them = the table's MoE shapes
     e = expert_shapes(p)
     (w13, w2) = moe_shapes("qwen3-30b-a3b").values()

@@ -42,4 +42,9 @@ def register() -> None:
     from .registration import W4A8FastPrepLazyConfig
 
     register_quantization_config(METHOD_NAME)(W4A8FastPrepLazyConfig)
+    # --load-format w4a8_fastprep (opt-in): registered when vLLM imports its
+    # model_loader package (not imported here: load_format.py says why)
+    from .load_format import register_lazily
+
+    register_lazily()
     _registered = True

@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .load_checks import LoadError, LoadProblems, env_flag, name_ranges
+from .load_format import LOAD_FORMAT
 
 # a child of vLLM's logger: its handler and format apply
 logger = logging.getLogger("vllm.w4a8_fastprep")
 GIB = float(1 << 30)
-PREFIX = "w4a8_fastprep: prepared "
+EXPERT_PREFIX = "w4a8_fastprep: "
+PREFIX = EXPERT_PREFIX + "prepared "
 COUNTED = "this package's preparation only, summed per layer"
 REFUSE_NONFINITE_ENV = "VLLM_W4A8_FASTPREP_REFUSE_NONFINITE"
 
@@ -94,7 +96,23 @@ class LoadStats:
         #: MoE layers served with intermediate_size_per_partition % 256 == 128
         self.odd_k_layers: dict[str, int] = {}
         self._odd_k_logged: set[str] = set()
+        #: the load's expert stagers by device (moe.py, expert_staging): kept
+        #: here, shared by the MoE layers of the config, until the first
+        #: MoE layer is prepared
+        self.stagers: dict = {}
+        #: expert tensors through the MoE method's weight loader in this load
+        #: and the seconds spent there (vLLM's loader and this package's
+        #: checks), logged and cleared at the first MoE layer's preparation
+        self.expert_calls = 0
+        self.expert_load_s = 0.0
         self._reset()
+
+    def take_expert_loading(self) -> tuple[int, float]:
+        """``(expert tensors, seconds in the weight loader)`` of this load so
+        far; the counts start afresh."""
+        taken = (self.expert_calls, self.expert_load_s)
+        self.expert_calls, self.expert_load_s = 0, 0.0
+        return taken
 
     def _reset(self) -> None:
         self._layers: dict[str, _Layer] = {}
@@ -298,6 +316,42 @@ def format_summary(s: dict) -> str:
     return text
 
 
+def format_expert_loading(calls: int, load_s: float, send_s: float) -> str:
+    """The MoE method's line per first load (``parse_expert_loading`` reads it)."""
+    return (f"{EXPERT_PREFIX}{calls} MoE expert tensors went through vLLM's expert weight loader "
+            f"in {load_s:.2f} s (sending staged ones: {send_s:.2f} s)")
+
+
+def parse_expert_loading(text: str) -> dict | None:
+    """``{"calls", "load_s", "send_s"}`` of the last expert-loading line in
+    ``text`` (a log), or None."""
+    m = _EXPERT_LOADING.findall(text)
+    if not m:
+        return None
+    calls, load_s, send_s = m[-1]
+    return {"calls": int(calls), "load_s": float(load_s), "send_s": float(send_s)}
+
+
+def format_block_load(tensors: int, layers: int, nbytes: int, pieces: int,
+                      seconds: float) -> str:
+    """The line of the load format ``w4a8_fastprep`` (``block_loader.py``)
+    per load that read expert blocks (``parse_block_load`` reads it)."""
+    return (f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: {tensors} MoE expert tensors of "
+            f"{layers} layers ({nbytes / GIB:.2f} GiB) read from the safetensors files in "
+            f"{pieces} pieces and put in place in {seconds:.2f} s")
+
+
+def parse_block_load(text: str) -> dict | None:
+    """``{"tensors", "layers", "gib", "pieces", "seconds"}`` of the last
+    block-load line in ``text`` (a log), or None."""
+    m = _BLOCK_LOAD.findall(text)
+    if not m:
+        return None
+    tensors, layers, gib, pieces, seconds = m[-1]
+    return {"tensors": int(tensors), "layers": int(layers), "gib": float(gib),
+            "pieces": int(pieces), "seconds": float(seconds)}
+
+
 _NUM = r"([\d.]+)"
 _NEW = re.compile(
     re.escape(PREFIX) + r"(\d+) dense layers \(" + _NUM + r" GiB int4 \+ " + _NUM
@@ -305,6 +359,13 @@ _NEW = re.compile(
     + _NUM + r" GiB scales\))?: (?:" + _NUM + r" s of GPU time on (\S+))?(?: \+ )?(?:"
     + _NUM + r" s of CPU time on cpu)?[^;\n]*(?:; (\d+) through the dequantised fallback)?"
     r"(?:; (\d+) preparations[^;\n]*)?(?:; FAILED: ([^\n]*))?")
+_EXPERT_LOADING = re.compile(
+    re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight "
+    r"loader in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
+_BLOCK_LOAD = re.compile(
+    re.escape(f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: ") + r"(\d+) MoE expert tensors of (\d+) "
+    r"layers \(([\d.]+) GiB\) read from the safetensors files in (\d+) pieces and put in place "
+    r"in ([\d.]+) s")
 _OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
                   + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
                   r"dequantised fallback)?$", re.M)

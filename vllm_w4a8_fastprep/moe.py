@@ -24,11 +24,14 @@ and the layer gets upstream's compressed-tensors handling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import time
+import weakref
 
 import torch
 
-from . import ops
+from . import expert_lookup, ops
 from .checkpoint_format import GROUP_SIZE, METHOD_NAME, scheme_problem
 from .compat import (
     CompressedTensorsMoEMethod,
@@ -47,8 +50,10 @@ from .compat import (
     set_weight_attrs,
     w13_num_shards,
 )
+from .expert_staging import ExpertStager
+from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
-from .load_stats import LoadStats, count_nonfinite_rows
+from .load_stats import LoadStats, count_nonfinite_rows, format_expert_loading
 from .scheme import PACK_FACTOR, scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -261,6 +266,9 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._loaded: dict[tuple[str, str], set[int]] = {}
         self._proj: dict[str, str] = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
         self._local_expert = None  # global expert id -> local id (-1: not on this rank)
+        self._layer = None  # weakref to the layer (its expert map, read once per load)
+        self._expert_table: list[int] | None = None  # the map on the host, this load
+        self._staging_bytes = 0  # one pinned staging buffer (expert_staging); 0: off
         # False for --load-format dummy: a layer no tensor was loaded into is
         # then not refused (a later weight sync through the loaders is checked)
         self._check_loads = True
@@ -278,6 +286,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         self._vllm_config = get_current_vllm_config_or_none()
         local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
         self._local_expert = weak_callable(local) if local is not None else None
+        self._layer = weakref.ref(layer)
+        self._staging_bytes = staging_capacity()  # a bad setting is named here, not mid-load
         if intermediate_size_per_partition % 256 == 0:
             super().create_weights(layer, num_experts, hidden_size,
                                    intermediate_size_per_partition, params_dtype,
@@ -294,6 +304,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             loader = getattr(param, "weight_loader", None)
             if loader is not None:
                 param.weight_loader = self._recording_loader(name, loader)
+        expert_lookup.install(layer)  # vLLM < 0.31: an index instead of a scan per tensor
         self.stats.layer_created(experts=num_experts)
 
     def _proj_name(self, shard_id) -> str:
@@ -331,30 +342,90 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
 
         def loader(param, loaded_weight, weight_name, shard_id, expert_id,
                    return_success=False):
-            problem = self._shape_problem(name, loaded_weight, shard_id, param)
-            if problem is not None:
-                local = self._local_expert()(expert_id) if self._local_expert else expert_id
-                if local == -1:  # another rank's expert: vLLM would skip it too
-                    return False if return_success else None
-                if param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
-                    self._loaded.clear()
-                    raise LoadError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be "
-                                    f"reloaded: expert {expert_id}: {problem}")
-                self.stats.problems.add(self.layer_name, problem, expert_id)
-                return True if return_success else None
-            ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
-                              return_success=True)
-            if ok:
-                if loaded_weight.dim() == 3:  # every local expert at once
-                    self._loaded.setdefault((name, shard_id), set()).update(
-                        range(param.shape[0]))
+            t0 = time.perf_counter()
+            try:
+                problem = self._shape_problem(name, loaded_weight, shard_id, param)
+                if problem is not None:
+                    local = self._local_expert()(expert_id) if self._local_expert else expert_id
+                    if local == -1:  # another rank's expert: vLLM would skip it too
+                        return False if return_success else None
+                    if param.is_meta:  # vLLM's layer-wise reload is buffering: fail now
+                        self._loaded.clear()
+                        raise LoadError(f"{METHOD_NAME}: MoE layer {self.layer_name} cannot be "
+                                        f"reloaded: expert {expert_id}: {problem}")
+                    self.stats.problems.add(self.layer_name, problem, expert_id)
+                    return True if return_success else None
+                # weight_shape too: a host sync each otherwise; a shard vLLM's loader
+                # does not take goes to it at once (its error is raised here)
+                stager = self._stager(param) if shard_id in self._proj else None
+                if stager is not None and stager.takes(param, loaded_weight):
+                    ok = self._is_local(expert_id)  # vLLM's loader skips another rank's
+                    if ok:  # loaded at the stager's next flush, by vLLM's loader (held
+                        # weakly: vLLM's reload metadata, weak on the layer, reaches this)
+                        stager.add(functools.partial(_staged_load, get_loader, self._layer,
+                                                     self._expert_table),
+                                   param, loaded_weight, weight_name, shard_id, expert_id)
                 else:
-                    self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
-                if name.endswith("weight_shape"):
-                    self._check_weight_shape(loaded_weight, shard_id, expert_id)
-            return ok if return_success else None
+                    ok = get_loader()(param, loaded_weight, weight_name, shard_id, expert_id,
+                                      return_success=True)
+                if ok:
+                    if loaded_weight.dim() == 3:  # every local expert at once
+                        self._loaded.setdefault((name, shard_id), set()).update(
+                            range(param.shape[0]))
+                    else:
+                        self._loaded.setdefault((name, shard_id), set()).add(int(expert_id))
+                    if name.endswith("weight_shape"):
+                        self._check_weight_shape(loaded_weight, shard_id, expert_id)
+                return ok if return_success else None
+            finally:  # the time this load's expert tensors take here (logged)
+                self.stats.expert_calls += 1
+                self.stats.expert_load_s += time.perf_counter() - t0
 
         return loader
+
+    def _log_expert_loading(self, send_s: float) -> None:
+        """One line per first load: how long the expert tensors took in the
+        method's weight loader (part of vLLM's "Loading weights"), and
+        sending what was staged (part of the preparation)."""
+        calls, seconds = self.stats.take_expert_loading()
+        if calls and not self._prepared:  # a reload: per layer, not said
+            logger.info(format_expert_loading(calls, seconds, send_s))
+
+    def _stager(self, param) -> ExpertStager | None:
+        """The load's stager for GPU parameters (one per device, shared by
+        the MoE layers of this config, kept on its LoadStats); None where
+        staging does not apply: off, a CPU parameter, a reload (a layer
+        prepared before: vLLM's loader as it is, one layer at a time), or
+        tensor-parallel experts (expert parallelism is staged: each rank
+        loads whole tensors of its own experts)."""
+        if (self._staging_bytes == 0 or param.device.type not in STAGED_DEVICE_TYPES
+                or self._prepared or getattr(self.moe, "tp_size", 1) > 1):
+            # tensor parallelism: each rank would stage whole checkpoint
+            # tensors (vLLM narrows them to the rank's slice on the device),
+            # tp_size times the bytes through pinned memory: not measured
+            return None
+        stagers = self.stats.stagers
+        if param.device not in stagers:
+            stagers[param.device] = ExpertStager(param.device, self._staging_bytes)
+        return stagers[param.device]
+
+    def _is_local(self, expert_id) -> bool:
+        """Whether the global ``expert_id`` is on this rank, from the layer's
+        expert map read to the host once per load (vLLM's own lookup is a
+        device sync per tensor). The host table also answers vLLM's lookup
+        when the staged call runs (``_staged_load``)."""
+        if self._local_expert is None:
+            return True
+        if self._expert_table is None:
+            layer = self._layer() if self._layer is not None else None
+            manager = getattr(layer, "expert_map_manager", None)
+            if manager is None or not _vllms_own_lookup(layer) \
+                    or not hasattr(manager, "expert_map"):
+                return self._local_expert()(expert_id) != -1  # vLLM's own, as it is
+            table = manager.expert_map  # the map vLLM's own lookup reads
+            self._expert_table = [] if table is None else [int(v) for v in table.tolist()]
+        table = self._expert_table
+        return not table or table[int(expert_id)] != -1
 
     def _shape_problem(self, name: str, loaded: torch.Tensor, shard_id, param) -> str | None:
         """Why ``loaded`` does not fit parameter ``name``'s shard (metadata
@@ -399,6 +470,33 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         return out
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # vLLM prepares layers once every tensor of the load was loaded: the
+        # first preparation sends what is staged for all layers and returns
+        # the pinned buffers; a load that stops drops what is staged
+        stagers, self.stats.stagers = self.stats.stagers, {}
+        self._expert_table = None  # read again at the next load (EPLB may move experts)
+        try:
+            t0 = time.perf_counter()
+            try:
+                for stager in stagers.values():
+                    stager.flush()  # staged expert tensors reach their parameters
+            except LoadError as e:
+                self.stats.layer_failed(None, self.layer_name)
+                raise LoadError(f"{METHOD_NAME}: an expert tensor staged for loading could "
+                                f"not be loaded (sent before MoE layer {self.layer_name} is "
+                                f"prepared): {e}") from e
+            for stager in stagers.values():
+                stager.release()
+                logger.info("%s: %d MoE expert tensors (%.2f GiB) went to %s through pinned "
+                            "staging buffers (2 x %d MiB, now returned) in %d transfers",
+                            METHOD_NAME, stager.staged_tensors, stager.staged_bytes / 2**30,
+                            stager.device, stager.capacity >> 20, stager.transfers)
+            self._log_expert_loading(time.perf_counter() - t0)
+        except BaseException:
+            self.stats.take_expert_loading()  # the next load counts afresh
+            for stager in stagers.values():
+                stager.discard()
+            raise
         with _vllm_config_if_none(self._vllm_config):
             self._prepare(layer)
 
@@ -540,6 +638,36 @@ def _kernel_tensors(kernel) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 out[f"{part}.{key}"] = value
     return out
+
+
+#: parameters on these devices are loaded through the staging buffers (the
+#: CPU tests add "cpu": the same path, a CPU stager)
+STAGED_DEVICE_TYPES = ("cuda",)
+
+
+def _vllms_own_lookup(layer) -> bool:
+    """Whether ``layer`` maps expert ids with vLLM's ``RoutedExperts`` lookup
+    (a subclass may map otherwise: then the host table is not used)."""
+    from .compat import RoutedExperts
+
+    name = "_map_global_expert_id_to_local_expert_id"
+    return getattr(type(layer), name, None) is getattr(RoutedExperts, name, None)
+
+
+def _staged_load(get_loader, layer_ref, table, *args, **kwargs):
+    """vLLM's expert weight loader for one staged tensor; with expert
+    parallelism its expert-id lookup answered from the host ``table`` (its
+    own is a device sync per call)."""
+    loader = get_loader()
+    layer = layer_ref() if table else None
+    if layer is None:
+        return loader(*args, **kwargs)
+    name = "_map_global_expert_id_to_local_expert_id"
+    layer.__dict__[name] = table.__getitem__
+    try:
+        return loader(*args, **kwargs)
+    finally:
+        layer.__dict__.pop(name, None)
 
 
 def _same_layout(old: torch.Tensor | None, new: torch.Tensor) -> bool:

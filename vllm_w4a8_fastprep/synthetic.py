@@ -94,6 +94,11 @@ PRESETS = {
     "tiny-moe": Preset(hidden=256, intermediate=0, layers=2, heads=4, kv_heads=2, vocab=512,
                        head_dim=64, experts=8, moe_intermediate=256, experts_per_token=2),
     "qwen3-30b-a3b": _from_arch("qwen3-30b-a3b", layers=48, vocab=151936, experts_per_token=8),
+    # DeepSeek-V3's count of routed-expert tensors (58 MoE layers x 256 experts x 9 =
+    # 133,632: what per-tensor loading costs scale with) on Qwen3-30B-A3B's expert
+    # shape, so that it fits one GPU machine (~36 GB)
+    "moe-58x256": replace(_from_arch("qwen3-30b-a3b", layers=58, vocab=151936,
+                                     experts_per_token=8), experts=256),
 }
 
 
