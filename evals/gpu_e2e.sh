@@ -32,7 +32,7 @@
 #             completions, chat, streaming; SERVE_ARGS as above, SERVE_CHECK_ARGS more flags)
 # Each synthetic checkpoint is removed after its step (KEEP=1 keeps them). RUNS sets the
 # vLLM starts per mode, STARTUP_ARGS adds startup_time arguments (e.g. "--modes
-# upstream,ours,ours-unstaged,ours-blocks": also the plugin with its staged MoE expert loading off,
+# upstream,ours,ours-staged,ours-blocks": also the plugin with its opt-in staged MoE expert loading,
 # and with --load-format w4a8_fastprep). Every startup_time run has
 # --in-process-engine (vLLM's engine core in the run's own process): the same outputs on every
 # run, so that ours vs upstream is an exact comparison.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-MODES = ("upstream", "ours", "ours-unstaged", "ours-blocks")
+MODES = ("upstream", "ours", "ours-staged", "ours-blocks")
 
 
 def next_label(mode: str, taken: set[str]) -> str:
@@ -22,9 +22,9 @@ def mode_settings(mode: str) -> tuple[dict, str]:
     """``(environment, quantization)`` of ``mode``: the environment variables a
     process of that mode needs, and vLLM's ``quantization`` for it.
 
-    ``ours``: the plugin (``w4a8_fastprep``). ``ours-unstaged``: the plugin
-    with its staged loading of MoE expert tensors off (vLLM's expert weight
-    loader as it is: what staging gains). ``ours-blocks``: the plugin with
+    ``ours``: the plugin (``w4a8_fastprep``), vLLM's expert weight loader as
+    it is. ``ours-staged``: the plugin with its opt-in staged loading of MoE
+    expert tensors on, at the size it was measured with (what staging gains). ``ours-blocks``: the plugin with
     its opt-in load format (``mode_load_format``). ``upstream``: vLLM's own
     compressed-tensors path, with the plugin's automatic claim turned off."""
     if mode not in MODES:
@@ -32,10 +32,10 @@ def mode_settings(mode: str) -> tuple[dict, str]:
     if mode == "upstream":
         return {"VLLM_W4A8_FASTPREP_AUTO": "0"}, "compressed-tensors"
     from vllm_w4a8_fastprep.checkpoint_format import METHOD_NAME
-    from vllm_w4a8_fastprep.expert_staging import DEFAULT_MIB, ENV
+    from vllm_w4a8_fastprep.expert_staging import DEFAULT_MIB, ENV, MEASURED_MIB
 
     # each plugin mode sets the staging switch: none inherits it from the caller
-    return {ENV: "0" if mode == "ours-unstaged" else str(DEFAULT_MIB)}, METHOD_NAME
+    return {ENV: str(MEASURED_MIB if mode == "ours-staged" else DEFAULT_MIB)}, METHOD_NAME
 
 
 def mode_load_format(mode: str) -> str | None:

@@ -171,11 +171,11 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
     ours, up = startup_time.parse_log(_ours_log()), startup_time.parse_log(_upstream_log())
     startup_time.check_mode("o.log", "ours", ours)
     startup_time.check_mode("u.log", "upstream", up)
-    startup_time.check_mode("o.log", "ours-unstaged", ours)
+    startup_time.check_mode("o.log", "ours-staged", ours)
     with pytest.raises(startup_time.OneLineError, match="the plugin prepared no layer"):
         startup_time.check_mode("o.log", "ours", up)
-    with pytest.raises(startup_time.OneLineError, match="in the 'ours-unstaged' run"):
-        startup_time.check_mode("o.log", "ours-unstaged", up)
+    with pytest.raises(startup_time.OneLineError, match="in the 'ours-staged' run"):
+        startup_time.check_mode("o.log", "ours-staged", up)
     with pytest.raises(startup_time.OneLineError, match="the plugin claimed the model"):
         startup_time.check_mode("u.log", "upstream", ours)
     # ours-blocks: the load format's line too (else it read nothing)
@@ -349,24 +349,24 @@ def _err_lines(text: str) -> list[str]:
 
 @pytest.mark.parametrize("logprobs, status, verdict", [
     ({}, 0, "identical"),
-    ({"ours-unstaged-1": -0.7}, 1, "ours-unstaged: DIFFERENT in 1 of 2 run pairs"),
+    ({"ours-staged-1": -0.7}, 1, "ours-staged: DIFFERENT in 1 of 2 run pairs"),
 ])
 def test_startup_time_compares_every_mode_with_upstream(fake_run_llm, fake_runs, capsys,
                                                         logprobs, status, verdict):
-    """--modes upstream,ours,ours-unstaged (staging's gain): each plugin mode's
+    """--modes upstream,ours,ours-staged (staging's gain): each plugin mode's
     outputs compared with upstream's, and its log must show the plugin."""
     pytest.importorskip("matplotlib")
-    (fake_run_llm / "ours-unstaged.log").write_text(_ours_log())
+    (fake_run_llm / "ours-staged.log").write_text(_ours_log())
     rc, out, _ = fake_runs({"logprobs": logprobs}, "--runs", "2", "--modes",
-                              "upstream,ours,ours-unstaged")
+                              "upstream,ours,ours-staged")
     captured = capsys.readouterr()
     assert rc == status, captured.err[-800:]
     assert "ours vs upstream (2 run pairs, 1 prompts): identical" in captured.out
-    assert "ours-unstaged vs upstream (2 run pairs, 1 prompts): " in captured.out
+    assert "ours-staged vs upstream (2 run pairs, 1 prompts): " in captured.out
     s = json.loads((out / "summary.json").read_text())
     assert s["outputs_verdict"].startswith(verdict)
-    assert len(s["output_comparisons"]["ours-unstaged_vs_upstream"]) == 2
-    assert [r["ours_layers"] for r in s["runs"]["ours-unstaged"]] == [144, 144]
+    assert len(s["output_comparisons"]["ours-staged_vs_upstream"]) == 2
+    assert [r["ours_layers"] for r in s["runs"]["ours-staged"]] == [144, 144]
 
 
 @pytest.mark.parametrize("logprobs, status, identical, verdict", [
@@ -694,7 +694,7 @@ def test_modes(monkeypatch):
     from evals.modes import MODES, mode_load_format
 
     assert {m: mode_load_format(m) for m in MODES} == {
-        "upstream": None, "ours": None, "ours-unstaged": None, "ours-blocks": "w4a8_fastprep"}
+        "upstream": None, "ours": None, "ours-staged": None, "ours-blocks": "w4a8_fastprep"}
     assert os.environ.get(name) == before  # nothing leaks into later tests
 
 

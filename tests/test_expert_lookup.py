@@ -60,8 +60,8 @@ def test_a_layer_loads_and_reports_the_same_with_the_index(vllm_ctx, monkeypatch
     ``load_weights``: the same names reported, in order, and the same bytes
     in every parameter, for tensors in shuffled order, tensors of other
     layers' experts and names that match nothing."""
-    monkeypatch.setenv("VLLM_W4A8_FASTPREP_STAGING_MIB", "0")  # the lookup alone (on a GPU
-    qc = _prepare_only_config()                                # staging is the default)
+    monkeypatch.setenv("VLLM_W4A8_FASTPREP_STAGING_MIB", "0")  # the lookup alone (staging
+    qc = _prepare_only_config()                                # off whatever the caller set)
     a = _fused_moe(qc, "lookup.layers.3.mlp.experts", 16, 256, 256, vllm_ctx)
     b = _fused_moe(qc, "lookup.layers.4.mlp.experts", 16, 256, 256, vllm_ctx)
     la, lb = a.routed_experts, b.routed_experts

@@ -2,7 +2,7 @@
 layer loaded through the stager holds byte for byte what vLLM's loader alone
 gives it, for any buffer size (several flushes, tensors larger than the
 buffer); the staging size's environment switch. On the CPU the stager is
-forced onto CPU parameters (on a GPU it is the default for GPU parameters:
+forced onto CPU parameters (on a GPU, asked for, it takes GPU parameters:
 tests/test_moe_gpu.py)."""
 
 import random
@@ -41,8 +41,8 @@ def test_staged_loading_equals_vllms_loader(vllm_ctx, monkeypatch, capacity):
     items = list(tensors.items())
     random.Random(capacity).shuffle(items)
     qc = _prepare_only_config()
-    with monkeypatch.context() as m:  # the reference: vLLM's loader alone (on a GPU
-        m.setenv(expert_staging.ENV, "0")  # staging is otherwise the default)
+    with monkeypatch.context() as m:  # the reference: vLLM's loader alone (staging off,
+        m.setenv(expert_staging.ENV, "0")  # also where the caller's environment asks for it)
         direct = _fused_moe(qc, f"stage.direct{capacity}.experts", 8, 512, 256, vllm_ctx)
         names_direct = list(direct.load_weights(items))
     with monkeypatch.context() as m:
@@ -70,8 +70,8 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, log_l
     layer loaded without staging, and the stagers are released."""
     tensors = _per_expert({}, 4, 256, 256)
     qc = _prepare_only_config()
-    with monkeypatch.context() as m:  # the reference: vLLM's loader alone (on a GPU
-        m.setenv(expert_staging.ENV, "0")  # staging is otherwise the default)
+    with monkeypatch.context() as m:  # the reference: vLLM's loader alone (staging off,
+        m.setenv(expert_staging.ENV, "0")  # also where the caller's environment asks for it)
         direct = _fused_moe(qc, "stage.prep.direct.experts", 4, 256, 256, vllm_ctx)
         list(direct.load_weights(list(tensors.items())))
         direct.routed_experts.quant_method.process_weights_after_loading(direct.routed_experts)
@@ -96,7 +96,7 @@ def test_a_staged_layer_is_prepared_as_a_direct_one(vllm_ctx, monkeypatch, log_l
         assert torch.equal(pd[n].data.view(torch.uint8), ps[n].data.view(torch.uint8)), n
 
 
-@pytest.mark.parametrize("value, mib", [("", 256), ("0", 0), ("64", 64), (" 8 ", 8),
+@pytest.mark.parametrize("value, mib", [("", 0), ("0", 0), ("256", 256), ("64", 64), (" 8 ", 8),
                                         ("300", 512), ("4096", 4096)])
 def test_the_staging_size_switch(monkeypatch, value, mib):
     """MiB, rounded up to a power of two (the size torch pins)."""

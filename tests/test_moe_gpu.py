@@ -378,8 +378,8 @@ def _assert_same_params(a, b):
 
 
 def test_staged_loading_equals_vllms_loader_on_the_gpu(gpu_ctx, monkeypatch):
-    """Expert tensors go to the GPU through the pinned staging buffers by
-    default: the loaded parameters equal those of vLLM's loader alone
+    """Expert tensors go to the GPU through the pinned staging buffers where
+    asked for: the loaded parameters equal those of vLLM's loader alone
     (staging off) byte for byte, with a buffer small enough for several
     transfers; after preparation the same prepared tensors, no stager left."""
     tensors = _per_expert({}, 32, 1024, 512)

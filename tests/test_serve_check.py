@@ -193,9 +193,9 @@ def test_data_that_is_not_utf8_is_read_as_the_check_read_it(tmp_path):
 def test_mode_settings_leave_this_process_alone(monkeypatch):
     monkeypatch.delenv("VLLM_W4A8_FASTPREP_AUTO", raising=False)
     assert mode_settings("upstream") == ({"VLLM_W4A8_FASTPREP_AUTO": "0"}, "compressed-tensors")
-    assert mode_settings("ours") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "256"}, "w4a8_fastprep")
-    assert mode_settings("ours-unstaged") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "0"},
-                                              "w4a8_fastprep")
+    assert mode_settings("ours") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "0"}, "w4a8_fastprep")
+    assert mode_settings("ours-staged") == ({"VLLM_W4A8_FASTPREP_STAGING_MIB": "256"},
+                                            "w4a8_fastprep")
     assert mode_settings("ours-blocks") == mode_settings("ours")  # + --load-format
     assert "VLLM_W4A8_FASTPREP_AUTO" not in os.environ
 
