@@ -160,6 +160,72 @@ def test_a_truncated_file_is_one_error_naming_it(vllm_ctx, tmp_path):
         expert_blocks.load([plan])
 
 
+@pytest.fixture(params=["msgspec", "json"])
+def header_reader(request, monkeypatch):
+    """Each of read_header's two JSON readers: msgspec's typed one (vLLM's
+    dependency) and the standard library's (where msgspec is missing or the
+    header is not of the expected shape)."""
+    if request.param == "json":
+        monkeypatch.setattr(expert_blocks, "_TYPED_DECODE", None)
+    elif expert_blocks._TYPED_DECODE is None:
+        pytest.skip("msgspec is not installed")
+    return request.param
+
+
+def test_both_header_readers_read_the_same_entries(tmp_path, monkeypatch):
+    tensors = _named("blocks.json.experts", _per_expert({}, 4, 256, 256))
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    head["__metadata__"] = {"format": "pt", "shape": "not a tensor"}  # any strings
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    (tmp_path / "m.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    typed = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(expert_blocks, "_TYPED_DECODE", None)
+    plain = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    assert typed == plain and len(plain) == len(tensors) and "__metadata__" not in plain
+    name, t = tensors[5]
+    e = plain[name]
+    assert (e.dtype, e.shape, e.end - e.start) == (t.dtype, tuple(t.shape),
+                                                   t.numel() * t.element_size())
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets"])
+def test_a_header_entry_lacking_a_field_is_one_error_naming_the_tensor(tmp_path, header_reader,
+                                                                       field):
+    path = tmp_path / "lacks.safetensors"
+    write_safetensors(path, _named("blocks.lack.experts", _per_expert({}, 2, 256, 256)))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    name = "blocks.lack.experts.1.down_proj.weight_scale"
+    del head[name][field]
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: ") as e:
+        expert_blocks.read_header(str(path))
+    assert name in str(e.value) or repr(field) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_and_left_as_it_was(enabled):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        with pytest.raises(KeyError):
+            with expert_blocks.gc_paused():
+                assert not gc.isenabled()
+                raise KeyError("a load that stops")
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 @pytest.mark.parametrize("content, said", [
     (b"", "not a safetensors file (header length -1, file size 0)"),
     ((1 << 40).to_bytes(8, "little"),
@@ -167,7 +233,7 @@ def test_a_truncated_file_is_one_error_naming_it(vllm_ctx, tmp_path):
     ((5).to_bytes(8, "little") + b"{nope", "cannot read its safetensors header"),
     ((2).to_bytes(8, "little") + b"[]", "cannot read its safetensors header"),
 ])
-def test_a_bad_header_is_one_error_naming_the_file(tmp_path, content, said):
+def test_a_bad_header_is_one_error_naming_the_file(tmp_path, header_reader, content, said):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
     with pytest.raises(LoadError, match=f"^{path}: ") as e:
@@ -203,7 +269,8 @@ def _rewrite_offsets(path, name, change) -> None:
 @pytest.mark.parametrize("change", [lambda o: [o[0], o[1] - 64], lambda o: [-8, o[1]],
                                     lambda o: [o[0], o[1] + (1 << 30)]],
                          ids=["shorter than its shape", "negative", "past the end"])
-def test_a_tensor_whose_bytes_do_not_fit_its_header_is_one_error_naming_it(tmp_path, change):
+def test_a_tensor_whose_bytes_do_not_fit_its_header_is_one_error_naming_it(tmp_path, change,
+                                                                          header_reader):
     """As safetensors refuses such a file: never a neighbour's bytes read as
     the tensor's."""
     prefix = "blocks.hdr.experts"

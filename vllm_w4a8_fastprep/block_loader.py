@@ -105,16 +105,17 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
             logger.info("%s: load format %s: the model has no MoE layer served by this "
                         "package: it loads as with the load format auto", METHOD_NAME,
                         LOAD_FORMAT)
-        else:
-            # (hf folder, files, use_safetensors[, index file]) by vLLM's release
-            prepared = self._prepare_weights(source.model_or_path, source.subfolder,
-                                             source.revision, source.fall_back_to_pt,
-                                             source.allow_patterns_overrides)
-            files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
-            if use_safetensors:
-                skip = self._load_expert_blocks(model, layers, files)
-            else:
-                self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
+        else:  # (the index, headers and plans: ~100k small objects, no collections)
+            with expert_blocks.gc_paused():
+                # (hf folder, files, use_safetensors[, index file]) by vLLM's release
+                prepared = self._prepare_weights(source.model_or_path, source.subfolder,
+                                                 source.revision, source.fall_back_to_pt,
+                                                 source.allow_patterns_overrides)
+                files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
+                if use_safetensors:
+                    skip = self._load_expert_blocks(model, layers, files)
+                else:
+                    self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
         if not skip:
             yield from super().get_all_weights(model_config, model)
             return

@@ -27,12 +27,15 @@ name what is wrong). A layer prepared before (a reload) is never taken.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -64,8 +67,7 @@ _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0
                "F64": 8, "C64": 8}
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One tensor of a safetensors file: its name there, its dtype (None:
     one this module never reads), shape and absolute byte range in the file."""
 
@@ -75,6 +77,69 @@ class Entry:
     shape: tuple[int, ...]
     start: int
     end: int
+
+
+class _Info(NamedTuple):
+    """One tensor's header entry."""
+
+    dtype: Any
+    shape: Any
+    data_offsets: Any
+
+
+def _decode_json(raw: bytes) -> dict[str, _Info]:
+    """The header's tensor entries by the standard library's JSON reader."""
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError(f"its header is a JSON {type(meta).__name__}, not an object")
+    return {name: _Info(info["dtype"], [int(d) for d in info["shape"]],
+                        [int(v) for v in info["data_offsets"]])
+            for name, info in meta.items() if name != "__metadata__"}
+
+
+def _typed_decoder():
+    """msgspec's typed JSON reader (a vLLM dependency), several times faster
+    than ``json`` on the 50k-entry headers of large MoE checkpoints, or None."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+
+    class Info(msgspec.Struct):  # fields absent from an entry stay None
+        dtype: str | None = None
+        shape: list[int] | None = None
+        data_offsets: list[int] | None = None
+
+    decode = msgspec.json.Decoder(dict[str, Info]).decode
+
+    def entries(raw: bytes) -> dict[str, Info] | None:
+        try:
+            meta = decode(raw)
+        except msgspec.MsgspecError:
+            return None  # not the shape expected: the standard reader says what is wrong
+        meta.pop("__metadata__", None)
+        return meta
+
+    return entries
+
+
+_TYPED_DECODE = _typed_decoder()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a while (as it was after):
+    the headers and plans of a large MoE checkpoint are ~100k small objects,
+    whose creation otherwise sets off collections that walk the whole heap
+    of a vLLM process, several times the work itself. Nothing they make is
+    cyclic garbage."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def read_header(path: str) -> dict[str, Entry]:
@@ -89,27 +154,26 @@ def read_header(path: str) -> dict[str, Entry]:
             if not 0 < n <= MAX_HEADER_BYTES or 8 + n > size:
                 raise LoadError(f"{path}: not a safetensors file (header length {n}, file "
                                 f"size {size})")
-            meta = json.loads(f.read(n))
-        if not isinstance(meta, dict):
-            raise ValueError(f"its header is a JSON {type(meta).__name__}, not an object")
-        base = 8 + n
+            raw = f.read(n)
+        items = _TYPED_DECODE(raw) if _TYPED_DECODE is not None else None
+        if items is None:
+            items = _decode_json(raw)
+        base, data = 8 + n, size - 8 - n
         out = {}
-        for name, info in meta.items():
-            if name == "__metadata__":
-                continue
-            start, end = (int(v) for v in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-            item = _ITEM_BYTES.get(info["dtype"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            if not 0 <= start <= end <= size - base or min(shape, default=0) < 0 \
-                    or (item is not None and end - start != numel * item):
+        item_bytes, dtypes = _ITEM_BYTES, _DTYPES
+        for name, info in items.items():
+            dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
+            if dtype is None or shape is None or offsets is None or len(offsets) != 2:
+                raise ValueError(f"tensor {name}: its entry lacks a dtype, shape or the two "
+                                 "data_offsets")
+            start, end = offsets
+            item = item_bytes.get(dtype)
+            if not 0 <= start <= end <= data or (shape and min(shape) < 0) \
+                    or (item is not None and end - start != math.prod(shape) * item):
                 raise ValueError(f"tensor {name}: bytes {start}-{end} of the data (which "
-                                 f"holds {size - base}) do not fit its {info['dtype']} "
-                                 f"{list(shape)}")
-            out[name] = Entry(name, path, _DTYPES.get(info["dtype"]), shape,
-                              base + start, base + end)
+                                 f"holds {data}) do not fit its {dtype} {list(shape)}")
+            out[name] = Entry(name, path, dtypes.get(dtype), tuple(shape), base + start,
+                              base + end)
         return out
     except LoadError:
         raise
@@ -132,7 +196,7 @@ def rename(entries: dict[str, Entry], mapper) -> dict[str, Entry]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Copy:
     entry: Entry
     param: str  # the layer's parameter: w13_weight_packed, ...
@@ -199,27 +263,28 @@ def plan_layer(layer, method, entries: dict[str, Entry],
         return None, (f"its {held} experts are not {held} of the checkpoint's {experts}, each "
                       "once (redundant experts)")
     prefix = method.layer_name
+    mine = [(e, loc) for e, loc in enumerate(local) if loc >= 0]
     copies = []
     for shard, proj in method._proj.items():
         p = "w13_" if shard in ("w1", "w3") else "w2_"
         for kind in KINDS:
-            want = method.expected_shape(p + kind, shard)
-            src = _src_shape(want, p + kind, tp_size)
-            dst = _dst(params[p + kind].data, p + kind, shard, halves)
+            param = p + kind
+            want = method.expected_shape(param, shard)
+            src = _src_shape(want, param, tp_size)
+            dst = _dst(params[param].data, param, shard, halves)
             if src is None or list(dst.shape[1:]) != src:
-                return None, (f"{p + kind} (shard {shard}) is {list(dst.shape[1:])} per "
+                return None, (f"{param} (shard {shard}) is {list(dst.shape[1:])} per "
                               f"expert, the checkpoint's slice would be {src} (padded, or "
                               f"not divisible by tensor parallelism {tp_size})")
-            for e, loc in enumerate(local):
-                if loc < 0:
-                    continue
+            shape, dtypes = tuple(want), _KIND_DTYPES[kind]
+            for e, loc in mine:
                 name = f"{prefix}.{e}.{proj}.{kind}"
                 ent = entries.get(name)
                 if ent is None:
                     return None, f"{name} is not in the checkpoint's headers"
-                if list(ent.shape) != want or ent.dtype not in _KIND_DTYPES[kind]:
+                if ent.shape != shape or ent.dtype not in dtypes:
                     return None, f"{name} is {ent.dtype} {list(ent.shape)}"
-                copies.append(_Copy(ent, p + kind, shard, e, loc))
+                copies.append(_Copy(ent, param, shard, e, loc))
     return LayerPlan(layer, method, copies, halves), None
 
 
@@ -271,8 +336,8 @@ def _pieces(copies: list[tuple[int, _Copy]], cap: int,
     """Consecutive copies of one file bound for one device (``devices``: per
     plan), read together: gaps of at most GAP_BYTES, at most ``cap`` bytes
     (a single larger tensor alone)."""
-    copies = sorted(copies, key=lambda ic: (str(devices[ic[0]]), ic[1].entry.path,
-                                            ic[1].entry.start))
+    names = [str(d) for d in devices]
+    copies = sorted(copies, key=lambda ic: (names[ic[0]], ic[1].entry.path, ic[1].entry.start))
     out: list[list[tuple[int, _Copy]]] = []
     for ic in copies:
         e = ic[1].entry
@@ -376,9 +441,10 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
         reader.close()
         _return_buffers(slots)
     for plan in plans:
+        loaded = plan.method._loaded
         for c in plan.copies:
-            plan.method._loaded.setdefault((c.param, c.shard), set()).add(c.expert)
-            stats.names.add(c.entry.name)
+            loaded.setdefault((c.param, c.shard), set()).add(c.expert)
+        stats.names.update(c.entry.name for c in plan.copies)
     stats.tensors = len(indexed)
     stats.seconds = time.perf_counter() - t0
     return stats
