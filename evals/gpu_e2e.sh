@@ -14,6 +14,10 @@
 #             W4AFP8 too), --enforce-eager: startup ours vs upstream, output identity
 #   moe-58x256  the same with DeepSeek-V3's count of expert tensors (58 layers x 256 experts,
 #             ~36 GB; LAYERS=N fewer), as the moe step
+#   blockread the Qwen3-30B-A3B-shaped checkpoint's expert bytes read and sent as the load format
+#             w4a8_fastprep does, per reader thread count and piece size, against the host link
+#             (benchmarks/bench_block_read.py; READ_ARGS, default "--threads 4,8,16 --piece-mib
+#             64,256,1024")
 #   reload    the tiny MoE checkpoint (W4AFP8 attention: dense layers, and MoE layers): generate,
 #             vLLM's reload_weights (layer-wise reload from the checkpoint), generate again
 #             (identical to before), reload from a second checkpoint of other weights (seed 1),
@@ -188,6 +192,13 @@ for step in "$@"; do
       df -h "$WORK" | tail -1
       startup moe "$WORK/moe" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe" ;;
+    blockread)
+      synth "$WORK/moe" --preset qwen3-30b-a3b --device cuda || continue
+      # shellcheck disable=SC2086  # READ_ARGS holds several flags
+      python3 benchmarks/bench_block_read.py "$WORK/moe" ${READ_ARGS:---threads 4,8,16 --piece-mib 64,256,1024} \
+        --json "$OUT/block-read.json" 2>&1 | tee "$OUT/block-read.log" | tail -30
+      echo "bench_block_read rc=${PIPESTATUS[0]}"
+      done_with "$WORK/moe" ;;
     moe-58x256)
       synth "$WORK/moe-58x256" --preset moe-58x256 ${LAYERS:+--layers $LAYERS} --device cuda \
         || continue
@@ -195,7 +206,7 @@ for step in "$@"; do
       startup moe-58x256 "$WORK/moe-58x256" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe-58x256" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe moe-58x256 reload registration serve)"
+      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe blockread moe-58x256 reload registration serve)"
       exit 2 ;;
   esac
 done

@@ -711,7 +711,7 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
     assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe",
-                     "moe-58x256", "reload", "registration", "serve"}
+                     "blockread", "moe-58x256", "reload", "registration", "serve"}
     listed = re.search(r"unknown step '\$step' \(([^)]*)\)", text).group(1).split()
     assert set(listed) == steps  # the error lists every step
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),

@@ -1,0 +1,249 @@
+"""Where the load format's time goes: a MoE checkpoint's expert blocks read
+from the files and sent to the GPU, against the host link's own speed.
+
+The load format ``w4a8_fastprep`` (``vllm_w4a8_fastprep/expert_blocks.py``)
+finds every expert tensor in the safetensors headers, cuts the byte ranges
+into pieces (consecutive tensors of one file, at most ``--piece-mib``), reads
+each piece into a pinned host buffer on several threads and sends it to the
+GPU in one copy, two buffers alternating. Here, on the same pieces, median
+of ``--runs`` after one warm-up pass (which also brings the files into the
+page cache):
+
+- ``headers``: reading and matching the headers (Python, the collector
+  paused as the load format pauses it);
+- ``read``: every piece read into a pinned buffer, nothing sent, for each
+  thread count of ``--threads`` and piece size of ``--piece-mib``;
+- ``read+send``: read and sent as the load format does (without its
+  scatter into the layers: a GPU copy of a few percent of the time);
+- ``send``: the same piece sizes sent from a pinned buffer already filled
+  with the checkpoint's bytes: the host link, measured in the same run.
+
+Each row: seconds, GiB/s and the ratio to ``send`` (of the same piece size).
+On a machine without a GPU only ``headers`` and ``read`` run (pageable buffers).
+``--check`` compares every byte read in the warm-up with the file's bytes.
+
+    python benchmarks/bench_block_read.py DIR [--threads 8,16] [--piece-mib 256,1024]
+        [--runs 5] [--check] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_w4a8_fastprep import expert_blocks
+from vllm_w4a8_fastprep.cli import positive_int
+from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser
+from vllm_w4a8_fastprep.provenance import source_commit
+
+GIB = 1 << 30
+
+
+def positive_ints(text: str) -> list[int]:
+    """``8,16`` -> [8, 16]: whole numbers above 0, comma-separated."""
+    try:
+        return [positive_int(v) for v in text.split(",")]
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected whole numbers above 0 separated by "
+                                         f"commas, got {text!r}") from None
+
+
+def expert_entries(folder: Path) -> tuple[list[expert_blocks.Entry], float]:
+    """The expert tensors of every safetensors file of ``folder`` (the kinds
+    the load format reads), and the seconds the headers took."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise OneLineError(f"{folder}: no .safetensors files", USAGE)
+    t0 = time.perf_counter()
+    with expert_blocks.gc_paused():
+        entries = {}
+        for f in files:
+            entries.update(expert_blocks.read_header(str(f)))
+        out = [e for n, e in entries.items()
+               if ".experts." in n and n.endswith(expert_blocks.KINDS)]
+    seconds = time.perf_counter() - t0
+    if not out:
+        raise OneLineError(f"{folder}: no MoE expert tensors (*.experts.*.weight_packed, "
+                           "weight_scale, weight_shape) in its headers", USAGE)
+    return out, seconds
+
+
+def pieces(entries: list[expert_blocks.Entry], piece_bytes: int) -> list[tuple[str, int, int]]:
+    """(file, first byte, length) of each piece, as the load format cuts them."""
+    copies = [(0, expert_blocks._Copy(e, "", "", 0, 0)) for e in entries]
+    cap = max(piece_bytes, max(e.end - expert_blocks._aligned(e.start) for e in entries))
+    out = []
+    for piece in expert_blocks._pieces(copies, cap, [torch.device("cpu")]):
+        first = piece[0][1].entry
+        start = expert_blocks._aligned(first.start)
+        out.append((first.path, start, max(c.entry.end for _, c in piece) - start))
+    return out
+
+
+def _reader(threads: int) -> expert_blocks._Reader:
+    expert_blocks.READ_THREADS = threads  # the reader reads it when made and per read
+    return expert_blocks._Reader()
+
+
+def read_all(cut, threads: int, buffers: list[torch.Tensor], check: bool = False) -> float:
+    """Seconds to read every piece into ``buffers`` (alternating)."""
+    reader = _reader(threads)
+    views = [memoryview(b.numpy()) for b in buffers]
+    try:
+        t0 = time.perf_counter()
+        for n, (path, start, size) in enumerate(cut):
+            reader.read(path, start, views[n % len(views)][:size])
+            if check:
+                _check(path, start, buffers[n % len(buffers)][:size])
+        return time.perf_counter() - t0
+    finally:
+        reader.close()
+
+
+def _check(path: str, start: int, got: torch.Tensor) -> None:
+    with open(path, "rb") as f:
+        f.seek(start)
+        want = f.read(got.numel())
+    if got.numpy().tobytes() != want:
+        diff = (got != torch.frombuffer(bytearray(want), dtype=torch.uint8)).nonzero()
+        raise OneLineError(f"{path}: byte {start + int(diff[0])} read differs from the file")
+
+
+def read_and_send(cut, threads: int, hosts: list[torch.Tensor],
+                  devs: list[torch.Tensor]) -> float:
+    """Seconds to read and send every piece as the load format does: a
+    buffer is refilled once its last copy to the GPU is done."""
+    reader = _reader(threads)
+    views = [memoryview(h.numpy()) for h in hosts]
+    done: list[torch.cuda.Event | None] = [None, None]
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for n, (path, start, size) in enumerate(cut):
+            s = n % 2
+            if done[s] is not None:
+                done[s].synchronize()
+            reader.read(path, start, views[s][:size])
+            devs[s][:size].copy_(hosts[s][:size], non_blocking=True)
+            done[s] = torch.cuda.Event()
+            done[s].record()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    finally:
+        reader.close()
+
+
+def send_only(cut, host: torch.Tensor, devs: list[torch.Tensor]) -> float:
+    """Seconds (CUDA events) to send the pieces' sizes from one filled
+    pinned buffer: the host-to-device link alone."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for n, (_, _, size) in enumerate(cut):
+        devs[n % 2][:size].copy_(host[:size], non_blocking=True)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _row(name: str, seconds: list[float], nbytes: int | None, base: float | None) -> dict:
+    med = statistics.median(seconds)
+    row = {"case": name, "seconds": med, "runs": seconds,
+           "gib_per_s": nbytes / GIB / med if nbytes else None,
+           "vs_send": (base / med) if base else None}
+    rate = f"{row['gib_per_s']:.2f}" if nbytes else "-"
+    ratio = f"{row['vs_send']:.2f}x send" if base else "-"
+    print(f"| {name} | {med:.3f} | {rate} | {ratio} |", flush=True)
+    return row
+
+
+def run(args) -> int:
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise OneLineError(f"{folder}: not a folder", USAGE)
+    if args.json:
+        try:
+            Path(args.json).touch()
+        except OSError as e:
+            raise OneLineError(f"--json {args.json}: cannot write it ({e.strerror})", USAGE) \
+                from None
+    entries, head_s = expert_entries(folder)
+    gpu = torch.cuda.is_available()
+    nbytes = sum(e.end - e.start for e in entries)
+    print(f"{folder.name}: {len(entries)} expert tensors, {nbytes / GIB:.2f} GiB; "
+          f"{'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU: read only'}; "
+          f"commit {source_commit()}")
+    print("| case | s (median) | GiB/s | vs send |\n|---|---|---|---|")
+    heads = [head_s] + [expert_entries(folder)[1] for _ in range(args.runs - 1)]
+    rows = [_row("headers", heads, None, None)]
+    for mib in args.piece_mib:
+        cut = pieces(entries, mib << 20)
+        cap = max(size for _, _, size in cut)
+        hosts = [torch.empty(cap, dtype=torch.uint8, pin_memory=gpu) for _ in range(2)]
+        devs = [torch.empty(cap, dtype=torch.uint8, device="cuda") for _ in range(2)] \
+            if gpu else []
+        read_all(cut, max(args.threads), hosts, check=args.check)  # warm-up: page cache
+        send = None
+        if gpu:
+            send_only(cut, hosts[0], devs)
+            send = statistics.median(send_only(cut, hosts[0], devs) for _ in range(args.runs))
+            rows.append(_row(f"send, {len(cut)} pieces of <= {mib} MiB",
+                             [send], nbytes, send))
+        for threads in args.threads:
+            rows.append(_row(f"read, {threads} threads, <= {mib} MiB",
+                             [read_all(cut, threads, hosts) for _ in range(args.runs)],
+                             nbytes, send))
+            if gpu:
+                rows.append(_row(f"read+send, {threads} threads, <= {mib} MiB",
+                                 [read_and_send(cut, threads, hosts, devs)
+                                  for _ in range(args.runs)], nbytes, send))
+        del hosts, devs
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": str(folder), "tensors": len(entries), "bytes": nbytes,
+            "device": torch.cuda.get_device_name() if gpu else "cpu",
+            "commit": source_commit(), "cpus": os.cpu_count(), "rows": rows}, indent=1))
+    return 0
+
+
+def parse_args(argv=None):
+    ap = OneLineParser(prog="bench_block_read", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a W4AFP8 MoE checkpoint folder (safetensors)")
+    ap.add_argument("--threads", type=positive_ints, default=[expert_blocks.READ_THREADS],
+                    help=f"reader threads, comma-separated (default "
+                         f"{expert_blocks.READ_THREADS}, the load format's)")
+    ap.add_argument("--piece-mib", type=positive_ints,
+                    default=[expert_blocks.PIECE_BYTES >> 20],
+                    help=f"piece sizes in MiB, comma-separated (default "
+                         f"{expert_blocks.PIECE_BYTES >> 20}, the load format's)")
+    ap.add_argument("--runs", type=positive_int, default=5, help="timed passes per case")
+    ap.add_argument("--check", action="store_true",
+                    help="compare the bytes read in the warm-up with the files")
+    ap.add_argument("--json", help="write all numbers here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except OneLineError as e:
+        print(f"bench_block_read: error: {e}", file=sys.stderr)
+        return e.status
+    except expert_blocks.LoadError as e:
+        print(f"bench_block_read: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"bench_block_read: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
