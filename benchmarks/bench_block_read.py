@@ -16,7 +16,11 @@ page cache):
 - ``read+send``: read and sent as the load format does (without its
   scatter into the layers: a GPU copy of a few percent of the time);
 - ``send``: the same piece sizes sent from a pinned buffer already filled
-  with the checkpoint's bytes: the host link, measured in the same run.
+  with the checkpoint's bytes: the host link, measured in the same run;
+- ``register+send``: no host copy at all: each piece's pages of the
+  memory-mapped file registered with CUDA (``cudaHostRegister``, read-only)
+  and sent from there, then unregistered (where the driver refuses, the row
+  says so): what reading through the page cache costs, against not copying.
 
 Each row: seconds, GiB/s and the ratio to ``send`` (of the same piece size).
 On a machine without a GPU only ``headers`` and ``read`` run (pageable buffers).
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,6 +159,67 @@ def send_only(cut, host: torch.Tensor, devs: list[torch.Tensor]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+PAGE = mmap.PAGESIZE
+REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
+
+
+def register_and_send(cut, devs: list[torch.Tensor]) -> float:
+    """Seconds to send every piece straight from the file's mapped pages,
+    each piece's pages registered with CUDA while its copy runs (a slot is
+    reused, and its pages unregistered, once its copy is done)."""
+    rt = torch.cuda.cudart()
+    maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+    held: list[tuple[torch.cuda.Event, int] | None] = [None, None]
+
+    def release(slot: int) -> None:
+        if held[slot] is not None:
+            event, ptr = held[slot]
+            event.synchronize()
+            held[slot] = None
+            err = int(rt.cudaHostUnregister(ptr))
+            if err:
+                raise OneLineError(f"cudaHostUnregister failed (cudaError {err})")
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        for n, (path, start, size) in enumerate(cut):
+            if path not in maps:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                with warnings.catch_warnings():  # read-only: only ever read here
+                    warnings.simplefilter("ignore", UserWarning)
+                    maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            whole = maps[path][1]
+            s = n % 2
+            release(s)
+            lo, hi = start - start % PAGE, min(whole.numel(), -(-(start + size) // PAGE) * PAGE)
+            ptr = whole[lo:].data_ptr()
+            err = int(rt.cudaHostRegister(ptr, hi - lo, REGISTER_READ_ONLY))
+            if err:
+                raise OneLineError(f"cudaHostRegister of a read-only file mapping failed "
+                                   f"(cudaError {err})")
+            devs[s][:size].copy_(whole[start:start + size], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            held[s] = (event, ptr)
+        release(0)
+        release(1)
+        return time.perf_counter() - t0
+    finally:
+        for s in (0, 1):
+            if held[s] is not None:
+                held[s][0].synchronize()
+                rt.cudaHostUnregister(held[s][1])
+        mms = [mm for mm, _ in maps.values()]
+        maps.clear()  # the tensors over the mappings go first
+        for mm in mms:
+            try:
+                mm.close()
+            except BufferError:  # a view still alive: closed when collected
+                pass
+
+
 def _row(name: str, seconds: list[float], nbytes: int | None, base: float | None) -> dict:
     med = statistics.median(seconds)
     row = {"case": name, "seconds": med, "runs": seconds,
@@ -204,6 +271,15 @@ def run(args) -> int:
                 rows.append(_row(f"read+send, {threads} threads, <= {mib} MiB",
                                  [read_and_send(cut, threads, hosts, devs)
                                   for _ in range(args.runs)], nbytes, send))
+        if gpu:
+            try:
+                register_and_send(cut, devs)  # warm-up
+                rows.append(_row(f"register+send, <= {mib} MiB",
+                                 [register_and_send(cut, devs) for _ in range(args.runs)],
+                                 nbytes, send))
+            except OneLineError as e:
+                print(f"| register+send, <= {mib} MiB | {e} | - | - |", flush=True)
+                rows.append({"case": f"register+send, <= {mib} MiB", "error": str(e)})
         del hosts, devs
     if args.json:
         Path(args.json).write_text(json.dumps({
