@@ -128,9 +128,10 @@ def table(summary: dict) -> str:
     if split:
         rows.append("")
     for mode, s in split:
+        staged = (f"; sending staged ones {_fmt(s['ours_expert_send_s'])} s"
+                  if s.get("ours_expert_send_s") is not None else "")
         rows.append(f"{mode}: MoE expert tensors in the method's weight loader "
-                    f"{_fmt(s['ours_expert_load_s'])} s of the weights' time; sending "
-                    f"staged ones {_fmt(s['ours_expert_send_s'])} s")
+                    f"{_fmt(s['ours_expert_load_s'])} s of the weights' time{staged}")
     for mode, s in summary.items():
         if s.get("ours_block_s"):
             rows.append(f"{mode}: MoE expert blocks read from the files and put in place "

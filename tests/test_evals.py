@@ -116,6 +116,12 @@ def test_the_expert_loading_line_is_parsed_and_shown_below_the_table():
         _upstream_log())], "ours": [ours]}))
     assert ("\n\nours: MoE expert tensors in the method's weight loader 3.46 s of the weights' "
             "time; sending staged ones 1.25 s\n") in text
+    off = startup_time.parse_log(_ours_log() + "INFO [moe.py:475] "
+                                 + format_expert_loading(9, 0.5, None) + "\n")
+    assert off["ours_expert_send_s"] is None
+    text = startup_time.table(startup_time.summarize({"ours": [off]}))
+    assert "ours: MoE expert tensors in the method's weight loader 0.50 s of the weights' time\n" \
+        in text + "\n"
 
 
 def test_parse_older_summary_line():

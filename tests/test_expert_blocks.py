@@ -173,15 +173,18 @@ def header_reader(request, monkeypatch):
 
 
 def test_both_header_readers_read_the_same_entries(tmp_path, monkeypatch):
+    if expert_blocks._TYPED_DECODE is None:
+        pytest.skip("msgspec is not installed")
     tensors = _named("blocks.json.experts", _per_expert({}, 4, 256, 256))
     write_safetensors(tmp_path / "m.safetensors", tensors)
     raw = (tmp_path / "m.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
     head = json.loads(raw[8:8 + n])
-    head["__metadata__"] = {"format": "pt", "shape": "not a tensor"}  # any strings
+    head["__metadata__"] = {"format": "pt", "note": "any strings"}
     h = json.dumps(head).encode()
     h += b" " * (-len(h) % 8)
     (tmp_path / "m.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    assert expert_blocks._TYPED_DECODE(h) is not None  # msgspec's reader read it
     typed = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
     monkeypatch.setattr(expert_blocks, "_TYPED_DECODE", None)
     plain = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
@@ -205,9 +208,59 @@ def test_a_header_entry_lacking_a_field_is_one_error_naming_the_tensor(tmp_path,
     h = json.dumps(head).encode()
     h += b" " * (-len(h) % 8)
     path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
-    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: ") as e:
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "
+                                        f"tensor {name}: its entry "):
         expert_blocks.read_header(str(path))
-    assert name in str(e.value) or repr(field) in str(e.value), str(e.value)
+
+
+def _rewrite_entry(path, name, change) -> None:
+    """Rewrite one tensor's entry in a safetensors header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    change(head[name])
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change", [
+    lambda e: e.update(shape=[str(d) for d in e["shape"]]),
+    lambda e: e.update(shape=[float(d) + 0.5 for d in e["shape"]]),
+    lambda e: e.update(shape=[True] + e["shape"][1:]),
+    lambda e: e.update(data_offsets=[str(v) for v in e["data_offsets"]]),
+    lambda e: e.update(shape=[1e400]),
+    lambda e: e.update(dtype=7),
+], ids=["shape strings", "shape floats", "shape bool", "offset strings", "infinite",
+        "dtype number"])
+def test_an_entry_safetensors_would_refuse_is_one_error_naming_the_tensor(tmp_path, change,
+                                                                        header_reader):
+    """Not quietly read as numbers ("24" as (2, 4), 2.5 as 2, true as 1)."""
+    path = tmp_path / "typed.safetensors"
+    write_safetensors(path, _named("blocks.typed.experts", _per_expert({}, 2, 256, 256)))
+    name = "blocks.typed.experts.0.up_proj.weight_packed"
+    _rewrite_entry(path, name, change)
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "
+                                        f"tensor {name}: its entry needs "):
+        expert_blocks.read_header(str(path))
+
+
+def test_overlapping_tensors_are_one_error_naming_both(tmp_path, header_reader):
+    path = tmp_path / "overlap.safetensors"
+    write_safetensors(path, [("a", torch.zeros(8, dtype=torch.int32)),
+                             ("b", torch.ones(8, dtype=torch.int32))])
+    _rewrite_entry(path, "b", lambda e: e.update(data_offsets=[16, 48]))
+    with pytest.raises(LoadError, match="tensors a and b overlap in the data"):
+        expert_blocks.read_header(str(path))
+
+
+def test_a_header_not_in_utf8_is_one_error(tmp_path, header_reader):
+    path = tmp_path / "utf16.safetensors"
+    h = json.dumps({"a": {"dtype": "I32", "shape": [0], "data_offsets": [0, 0]}}).encode("utf-16")
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "):
+        expert_blocks.read_header(str(path))
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -227,7 +280,8 @@ def test_the_collector_is_paused_and_left_as_it_was(enabled):
 
 
 @pytest.mark.parametrize("content, said", [
-    (b"", "not a safetensors file (header length -1, file size 0)"),
+    (b"", "not a safetensors file (shorter than 8 bytes: 0)"),
+    (b"\x01\x02", "not a safetensors file (shorter than 8 bytes: 2)"),
     ((1 << 40).to_bytes(8, "little"),
      f"not a safetensors file (header length {1 << 40}, file size 8)"),
     ((5).to_bytes(8, "little") + b"{nope", "cannot read its safetensors header"),

@@ -192,6 +192,9 @@ def test_the_expert_loading_line_reads_back():
     text = "x\n" + format_expert_loading(12, 0.5, 0.0) + "\n" + format_expert_loading(
         55296, 3.456, 1.25) + "\n"
     assert parse_expert_loading(text) == {"calls": 55296, "load_s": 3.46, "send_s": 1.25}
+    unstaged = format_expert_loading(7, 0.25, None)  # staging off: nothing said of it
+    assert unstaged.endswith("loader in 0.25 s") and "staged" not in unstaged
+    assert parse_expert_loading(text + unstaged) == {"calls": 7, "load_s": 0.25, "send_s": None}
     assert parse_expert_loading("w4a8_fastprep: prepared 1 dense layers") is None
 
 

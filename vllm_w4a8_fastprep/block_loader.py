@@ -105,17 +105,16 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
             logger.info("%s: load format %s: the model has no MoE layer served by this "
                         "package: it loads as with the load format auto", METHOD_NAME,
                         LOAD_FORMAT)
-        else:  # (the index, headers and plans: ~100k small objects, no collections)
-            with expert_blocks.gc_paused():
-                # (hf folder, files, use_safetensors[, index file]) by vLLM's release
-                prepared = self._prepare_weights(source.model_or_path, source.subfolder,
-                                                 source.revision, source.fall_back_to_pt,
-                                                 source.allow_patterns_overrides)
-                files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
-                if use_safetensors:
-                    skip = self._load_expert_blocks(model, layers, files)
-                else:
-                    self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
+        else:
+            # (hf folder, files, use_safetensors[, index file]) by vLLM's release
+            prepared = self._prepare_weights(source.model_or_path, source.subfolder,
+                                             source.revision, source.fall_back_to_pt,
+                                             source.allow_patterns_overrides)
+            files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
+            if use_safetensors:
+                skip = self._load_expert_blocks(model, layers, files)
+            else:
+                self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
         if not skip:
             yield from super().get_all_weights(model_config, model)
             return
@@ -140,26 +139,27 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         from .compat import w13_num_shards
 
         t0 = time.perf_counter()
-        entries: dict[str, expert_blocks.Entry] = {}
-        for path in files:
-            entries.update(expert_blocks.read_header(path))
-        mapper = getattr(model, "hf_to_vllm_mapper", None)
-        if mapper is not None:  # the names the model's load_weights gives the tensors
-            if not callable(getattr(mapper, "map_name", None)
-                            or getattr(mapper, "_map_name", None)):
-                self._log_left(len(layers), {"all": "the model renames the checkpoint's "
-                                             "tensors in a way this vLLM does not expose"})
-                return set()
-            entries = expert_blocks.rename(entries, mapper)
-        plans, left = [], {}
-        for layer in layers:
-            method = layer.quant_method
-            plan, why = expert_blocks.plan_layer(layer, method, entries,
-                                                 w13_num_shards(method.moe))
-            if plan is None:
-                left[method.layer_name] = why
-            else:
-                plans.append(plan)
+        with expert_blocks.gc_paused():  # headers and plans: ~100k small objects
+            entries: dict[str, expert_blocks.Entry] = {}
+            for path in files:
+                entries.update(expert_blocks.read_header(path))
+            mapper = getattr(model, "hf_to_vllm_mapper", None)
+            if mapper is not None:  # the names the model's load_weights gives the tensors
+                if not callable(getattr(mapper, "map_name", None)
+                                or getattr(mapper, "_map_name", None)):
+                    self._log_left(len(layers), {"all": "the model renames the checkpoint's "
+                                                 "tensors in a way this vLLM does not expose"})
+                    return set()
+                entries = expert_blocks.rename(entries, mapper)
+            plans, left = [], {}
+            for layer in layers:
+                method = layer.quant_method
+                plan, why = expert_blocks.plan_layer(layer, method, entries,
+                                                     w13_num_shards(method.moe))
+                if plan is None:
+                    left[method.layer_name] = why
+                else:
+                    plans.append(plan)
         stats = expert_blocks.load(plans)
         self.last_load = stats
         skip = set(stats.names)

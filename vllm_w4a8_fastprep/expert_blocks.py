@@ -87,14 +87,29 @@ class _Info(NamedTuple):
     data_offsets: Any
 
 
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(type(x) is int for x in v)  # noqa: E721 (not bool)
+
+
 def _decode_json(raw: bytes) -> dict[str, _Info]:
-    """The header's tensor entries by the standard library's JSON reader."""
-    meta = json.loads(raw)
+    """The header's tensor entries by the standard library's JSON reader,
+    typed as safetensors types them (a dtype string, whole numbers)."""
+    meta = json.loads(raw.decode("utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"its header is a JSON {type(meta).__name__}, not an object")
-    return {name: _Info(info["dtype"], [int(d) for d in info["shape"]],
-                        [int(v) for v in info["data_offsets"]])
-            for name, info in meta.items() if name != "__metadata__"}
+    out = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name}: its entry is a JSON {type(info).__name__}, not "
+                             "an object")
+        dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets"))
+        if not isinstance(dtype, str) or not _ints(shape) or not _ints(offsets):
+            raise ValueError(f"tensor {name}: its entry needs a dtype string and whole-number "
+                             f"shape and data_offsets, has {info!r:.200}")
+        out[name] = _Info(dtype, shape, offsets)
+    return out
 
 
 def _typed_decoder():
@@ -150,7 +165,10 @@ def read_header(path: str) -> dict[str, Entry]:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if len(head) < 8:
+                raise LoadError(f"{path}: not a safetensors file (shorter than 8 bytes: "
+                                f"{size})")
+            n = int.from_bytes(head, "little")
             if not 0 < n <= MAX_HEADER_BYTES or 8 + n > size:
                 raise LoadError(f"{path}: not a safetensors file (header length {n}, file "
                                 f"size {size})")
@@ -174,10 +192,15 @@ def read_header(path: str) -> dict[str, Entry]:
                                  f"holds {data}) do not fit its {dtype} {list(shape)}")
             out[name] = Entry(name, path, dtypes.get(dtype), tuple(shape), base + start,
                               base + end)
+        ranges = sorted((e.start, e.end, e.name) for e in out.values())
+        for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+            if start < end:  # safetensors refuses overlapping tensors too
+                raise ValueError(f"tensors {a} and {b} overlap in the data")
         return out
     except LoadError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            RecursionError) as e:
         raise LoadError(f"{path}: cannot read its safetensors header: {e}") from e
 
 

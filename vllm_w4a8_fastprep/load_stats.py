@@ -316,20 +316,23 @@ def format_summary(s: dict) -> str:
     return text
 
 
-def format_expert_loading(calls: int, load_s: float, send_s: float) -> str:
-    """The MoE method's line per first load (``parse_expert_loading`` reads it)."""
+def format_expert_loading(calls: int, load_s: float, send_s: float | None) -> str:
+    """The MoE method's line per first load (``parse_expert_loading`` reads
+    it); ``send_s``: sending the staged ones, None where staging is off."""
+    staged = "" if send_s is None else f" (sending staged ones: {send_s:.2f} s)"
     return (f"{EXPERT_PREFIX}{calls} MoE expert tensors went through vLLM's expert weight loader "
-            f"in {load_s:.2f} s (sending staged ones: {send_s:.2f} s)")
+            f"in {load_s:.2f} s{staged}")
 
 
 def parse_expert_loading(text: str) -> dict | None:
     """``{"calls", "load_s", "send_s"}`` of the last expert-loading line in
-    ``text`` (a log), or None."""
+    ``text`` (a log), or None; ``send_s`` None where staging was off."""
     m = _EXPERT_LOADING.findall(text)
     if not m:
         return None
     calls, load_s, send_s = m[-1]
-    return {"calls": int(calls), "load_s": float(load_s), "send_s": float(send_s)}
+    return {"calls": int(calls), "load_s": float(load_s),
+            "send_s": float(send_s) if send_s else None}
 
 
 def format_block_load(tensors: int, layers: int, nbytes: int, pieces: int,
@@ -361,7 +364,7 @@ _NEW = re.compile(
     r"(?:; (\d+) preparations[^;\n]*)?(?:; FAILED: ([^\n]*))?")
 _EXPERT_LOADING = re.compile(
     re.escape(EXPERT_PREFIX) + r"(\d+) MoE expert tensors went through vLLM's expert weight "
-    r"loader in ([\d.]+) s \(sending staged ones: ([\d.]+) s\)")
+    r"loader in ([\d.]+) s(?: \(sending staged ones: ([\d.]+) s\))?")
 _BLOCK_LOAD = re.compile(
     re.escape(f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: ") + r"(\d+) MoE expert tensors of (\d+) "
     r"layers \(([\d.]+) GiB\) read from the safetensors files in (\d+) pieces and put in place "

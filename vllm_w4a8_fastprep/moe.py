@@ -389,7 +389,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         sending what was staged (part of the preparation)."""
         calls, seconds = self.stats.take_expert_loading()
         if calls and not self._prepared:  # a reload: per layer, not said
-            logger.info(format_expert_loading(calls, seconds, send_s))
+            logger.info(format_expert_loading(calls, seconds,
+                                              send_s if self._staging_bytes else None))
 
     def _stager(self, param) -> ExpertStager | None:
         """The load's stager for GPU parameters (one per device, shared by
