@@ -23,11 +23,18 @@ page cache):
   says so): what reading through the page cache costs, against not copying.
 
 Each row: seconds, GiB/s and the ratio to ``send`` (of the same piece size).
+``--ep N``: instead, what expert parallelism over N ranks makes each rank read
+(its own experts' tensors, with the gaps of up to 1 MiB between them that the
+load format reads through: other ranks' experts, other tensors), against the
+bytes of its own experts (``--ep 1``: the gaps alone), for vLLM's
+two placements (``linear``: rank r holds a contiguous range of expert ids;
+``round_robin``: id % N == r). Computed from the headers, not timed.
 On a machine without a GPU only ``headers`` and ``read`` run (pageable buffers).
 ``--check`` compares every byte read in the warm-up with the file's bytes.
 
     python benchmarks/bench_block_read.py DIR [--threads 8,16] [--piece-mib 256,1024]
         [--runs 5] [--check] [--json out.json]
+    python benchmarks/bench_block_read.py DIR --ep 8
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import argparse
 import json
 import mmap
 import os
+import re
 import statistics
 import sys
 import time
@@ -90,6 +98,26 @@ def pieces(entries: list[expert_blocks.Entry], piece_bytes: int) -> list[tuple[s
         first = piece[0][1].entry
         start = expert_blocks._aligned(first.start)
         out.append((first.path, start, max(c.entry.end for _, c in piece) - start))
+    return out
+
+
+_EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")
+
+
+def ep_reads(entries: list[expert_blocks.Entry], ranks: int, placement: str) -> list[float]:
+    """Per rank: the bytes the load format reads for that rank's experts
+    over the bytes of those experts' tensors."""
+    ids = [int(_EXPERT_ID.search(e.name).group(1)) for e in entries]
+    experts = max(ids) + 1
+    if experts % ranks:
+        raise OneLineError(f"--ep {ranks}: the checkpoint's {experts} experts do not divide "
+                           f"into {ranks} ranks", USAGE)
+    out = []
+    for r in range(ranks):
+        mine = [e for i, e in zip(ids, entries)
+                if (i // (experts // ranks) if placement == "linear" else i % ranks) == r]
+        read = sum(size for _, _, size in pieces(mine, expert_blocks.PIECE_BYTES))
+        out.append(read / sum(e.end - e.start for e in mine))
     return out
 
 
@@ -242,6 +270,19 @@ def run(args) -> int:
             raise OneLineError(f"--json {args.json}: cannot write it ({e.strerror})", USAGE) \
                 from None
     entries, head_s = expert_entries(folder)
+    if args.ep:
+        print(f"{folder.name}: bytes read per rank / bytes of its experts, expert parallelism "
+              f"over {args.ep} ranks")
+        result = {}
+        for placement in ("linear", "round_robin"):
+            ratios = ep_reads(entries, args.ep, placement)
+            result[placement] = ratios
+            print(f"{placement}: max {max(ratios):.3f}, mean {statistics.mean(ratios):.3f} "
+                  f"(ranks: {', '.join(f'{x:.3f}' for x in ratios)})")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": str(folder), "ep": args.ep,
+                                                   "read_over_own": result}, indent=1))
+        return 0
     gpu = torch.cuda.is_available()
     nbytes = sum(e.end - e.start for e in entries)
     print(f"{folder.name}: {len(entries)} expert tensors, {nbytes / GIB:.2f} GiB; "
@@ -303,6 +344,8 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=positive_int, default=5, help="timed passes per case")
     ap.add_argument("--check", action="store_true",
                     help="compare the bytes read in the warm-up with the files")
+    ap.add_argument("--ep", type=positive_int, metavar="N",
+                    help="the bytes each of N expert-parallel ranks reads (computed, not timed)")
     ap.add_argument("--json", help="write all numbers here")
     return ap.parse_args(argv)
 

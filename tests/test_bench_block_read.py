@@ -86,3 +86,27 @@ def test_bad_arguments_get_one_line(tmp_path, args, said):
     proc = _run(*[a.format(**names) for a in args])
     assert proc.returncode == 2, proc.stderr
     assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path):
+    """--ep N: each rank's bytes read (its experts and the small gaps read
+    through: other ranks' tensors, and other tensors between experts, as in
+    this many-file checkpoint) over its experts' bytes."""
+    out = tmp_path / "ep.json"
+    for ranks in (1, 2):
+        proc = _run(moe, "--ep", ranks, "--json", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads(out.read_text())["read_over_own"]
+        assert set(res) == {"linear", "round_robin"}
+        assert all(len(v) == ranks for v in res.values())
+        if ranks == 1:  # one rank: the placements are the same
+            assert res["linear"] == res["round_robin"]
+            alone = res["linear"][0]
+        assert all(x >= 1.0 for v in res.values() for x in v)
+    assert min(res["round_robin"]) > alone  # the other rank's experts lie between
+    bench = _load()
+    entries, _ = bench.expert_entries(moe)
+    odd = [e for e in entries if ".experts.3." in e.name]  # one expert alone
+    assert bench.pieces(odd, 1 << 20)  # read in its own pieces
+    proc = _run(moe, "--ep", 3)
+    assert proc.returncode == 2 and "do not divide into 3 ranks" in proc.stderr, proc.stderr
