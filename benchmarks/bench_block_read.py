@@ -121,14 +121,9 @@ def ep_reads(entries: list[expert_blocks.Entry], ranks: int, placement: str) -> 
     return out
 
 
-def _reader(threads: int) -> expert_blocks._Reader:
-    expert_blocks.READ_THREADS = threads  # the reader reads it when made and per read
-    return expert_blocks._Reader()
-
-
 def read_all(cut, threads: int, buffers: list[torch.Tensor], check: bool = False) -> float:
     """Seconds to read every piece into ``buffers`` (alternating)."""
-    reader = _reader(threads)
+    reader = expert_blocks._Reader(threads)
     views = [memoryview(b.numpy()) for b in buffers]
     try:
         t0 = time.perf_counter()
@@ -154,7 +149,7 @@ def read_and_send(cut, threads: int, hosts: list[torch.Tensor],
                   devs: list[torch.Tensor]) -> float:
     """Seconds to read and send every piece as the load format does: a
     buffer is refilled once its last copy to the GPU is done."""
-    reader = _reader(threads)
+    reader = expert_blocks._Reader(threads)
     views = [memoryview(h.numpy()) for h in hosts]
     done: list[torch.cuda.Event | None] = [None, None]
     try:
@@ -354,15 +349,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except OneLineError as e:
+    except (OneLineError, expert_blocks.LoadError, OSError) as e:
         print(f"bench_block_read: error: {e}", file=sys.stderr)
-        return e.status
-    except expert_blocks.LoadError as e:
-        print(f"bench_block_read: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"bench_block_read: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "status", 1)
 
 
 if __name__ == "__main__":

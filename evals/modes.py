@@ -24,8 +24,9 @@ def mode_settings(mode: str) -> tuple[dict, str]:
 
     ``ours``: the plugin (``w4a8_fastprep``), vLLM's expert weight loader as
     it is. ``ours-staged``: the plugin with its opt-in staged loading of MoE
-    expert tensors on, at the size it was measured with (what staging gains). ``ours-blocks``: the plugin with
-    its opt-in load format (``mode_load_format``). ``upstream``: vLLM's own
+    expert tensors on, at the size it was measured with (what staging gains).
+    ``ours-blocks``: the plugin with its opt-in load format
+    (``mode_load_format``). ``upstream``: vLLM's own
     compressed-tensors path, with the plugin's automatic claim turned off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_format import GROUP_SIZE, checkpoint_problem
+from .checkpoint_format import GROUP_SIZE, ITEM_BYTES, checkpoint_problem
 from .errors import USAGE, OneLineError
 
 MULTIPLE = 128  # vLLM's CUTLASS W4A8 kernel: N and K multiples of 128
@@ -34,18 +34,17 @@ ROLES = ("gate", "up", "down")
 # config.json keys holding the number of routed experts per layer
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 # safetensors dtype -> (bytes per element, torch's name)
-DTYPES = {
-    "BOOL": (1, "torch.bool"), "U8": (1, "torch.uint8"), "I8": (1, "torch.int8"),
-    "F8_E4M3": (1, "torch.float8_e4m3fn"), "F8_E5M2": (1, "torch.float8_e5m2"),
-    "I16": (2, "torch.int16"), "U16": (2, "torch.uint16"), "F16": (2, "torch.float16"),
-    "BF16": (2, "torch.bfloat16"), "I32": (4, "torch.int32"), "U32": (4, "torch.uint32"),
-    "F32": (4, "torch.float32"), "I64": (8, "torch.int64"), "U64": (8, "torch.uint64"),
-    "F64": (8, "torch.float64"),
+TORCH_NAMES = {  # safetensors' dtype -> torch's name (widths: checkpoint_format.ITEM_BYTES)
+    "BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8",
+    "F8_E4M3": "torch.float8_e4m3fn", "F8_E5M2": "torch.float8_e5m2", "I16": "torch.int16",
+    "U16": "torch.uint16", "F16": "torch.float16", "BF16": "torch.bfloat16",
+    "I32": "torch.int32", "U32": "torch.uint32", "F32": "torch.float32", "I64": "torch.int64",
+    "U64": "torch.uint64", "F64": "torch.float64",
 }
 
 
 def _dtype_name(dtype: str) -> str:
-    return DTYPES.get(dtype, (0, dtype))[1]
+    return TORCH_NAMES.get(dtype, dtype)
 
 
 @dataclass
@@ -116,7 +115,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         numel = 1
         for d in shape:
             numel *= d
-        width = DTYPES.get(dtype, (None,))[0]
+        width = ITEM_BYTES.get(dtype)
         if width is not None and e - b != numel * width:
             raise OneLineError(f"{path}: corrupt header: {name} {dtype}{shape} needs "
                                f"{numel * width} bytes, has {e - b}")

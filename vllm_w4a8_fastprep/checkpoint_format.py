@@ -18,6 +18,10 @@ from typing import Any
 METHOD_NAME = "w4a8_fastprep"
 GROUP_SIZE = 128
 FORMAT = "pack-quantized"
+#: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
+              "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+              "F64": 8, "C64": 8}
 
 
 def _value(x) -> str:

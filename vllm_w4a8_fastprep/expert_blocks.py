@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .checkpoint_format import ITEM_BYTES
 from .load_checks import LoadError
 
 #: safetensors' own limit on the header
@@ -59,12 +60,6 @@ _DTYPES = {"I32": torch.int32, "I64": torch.int64, "BF16": torch.bfloat16,
 _KIND_DTYPES = {"weight_packed": (torch.int32,),
                 "weight_scale": (torch.bfloat16, torch.float16, torch.float32),
                 "weight_shape": (torch.int64, torch.int32)}
-
-
-#: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
-_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
-               "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-               "F64": 8, "C64": 8}
 
 
 class Entry(NamedTuple):
@@ -178,7 +173,7 @@ def read_header(path: str) -> dict[str, Entry]:
             items = _decode_json(raw)
         base, data = 8 + n, size - 8 - n
         out = {}
-        item_bytes, dtypes = _ITEM_BYTES, _DTYPES
+        item_bytes, dtypes = ITEM_BYTES, _DTYPES
         for name, info in items.items():
             dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
             if dtype is None or shape is None or offsets is None or len(offsets) != 2:
@@ -383,8 +378,9 @@ class _Reader:
     """Reads byte ranges of the checkpoint's files into a host buffer on
     several threads (``os.preadv``, which releases the GIL)."""
 
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="w4a8-blocks")
+    def __init__(self, threads: int = READ_THREADS):
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="w4a8-blocks")
         self._fds: dict[str, int] = {}
 
     def read(self, path: str, start: int, into: memoryview) -> None:
@@ -395,7 +391,7 @@ class _Reader:
             except OSError as e:
                 raise LoadError(f"{path}: cannot open it ({e.strerror or e})") from e
         n = len(into)
-        step = max(READ_CHUNK_MIN, -(-n // READ_THREADS))
+        step = max(READ_CHUNK_MIN, -(-n // self._threads))
         jobs = [self._pool.submit(_pread_all, fd, into[lo:min(lo + step, n)], start + lo, path)
                 for lo in range(0, n, step)]
         for j in jobs:
@@ -513,7 +509,7 @@ def _strided(buf: torch.Tensor, cs: list[_Copy], base: int) -> torch.Tensor | No
     lie at a constant stride with one dtype and shape; else None."""
     e0 = cs[0].entry
     dt, shape, nbytes = e0.dtype, e0.shape, e0.end - e0.start
-    isz = torch.empty((), dtype=dt).element_size()
+    isz = dt.itemsize
     offs = [c.entry.start - base for c in cs]
     stride = offs[1] - offs[0] if len(cs) > 1 else nbytes
     if (stride < nbytes or stride % isz or offs[0] % isz
