@@ -3,6 +3,7 @@ exception that runs cleanup code."""
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -36,3 +37,93 @@ def test_sigterm_raises_terminated_and_cleanup_runs():
                 cleaned.append(True)
     assert cleaned == [True] and e.value.status == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def _swallowing_callback(raise_it):
+    """A weak reference whose callback calls ``raise_it()``: what the callback
+    raises is swallowed by Python (sent to ``sys.unraisablehook``), as when a
+    signal's handler runs inside an import's module-lock callback."""
+    import weakref
+
+    class Target:
+        pass
+
+    target = Target()
+    ref = weakref.ref(target, lambda _: raise_it())
+    return target, ref
+
+
+def _runs_until_raised(seconds=10):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # the handler runs between bytecodes
+        pass
+    pytest.fail(f"nothing was raised in {seconds} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_swallowed_by_a_callback_is_raised_again(sig, capsys):
+    cleaned = []
+    before = sys.unraisablehook
+    with pytest.raises(Terminated) as e:
+        with exit_on_signals():
+            try:
+                target, ref = _swallowing_callback(lambda: signal.raise_signal(sig))
+                del target  # the callback runs: the handler raises inside it, swallowed
+                _runs_until_raised()
+            finally:
+                cleaned.append(True)
+    assert cleaned == [True] and e.value.status == 128 + sig
+    assert "Exception ignored" not in capsys.readouterr().err  # the one line is the caller's
+    assert sys.unraisablehook is before  # restored
+
+
+def test_a_keyboard_interrupt_swallowed_by_a_callback_is_raised_again():
+    def interrupt():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with exit_on_signals():
+            target, ref = _swallowing_callback(interrupt)
+            del target
+            _runs_until_raised()
+
+
+def test_what_is_still_swallowed_when_the_block_ends_is_raised_there():
+    import time
+
+    with pytest.raises(Terminated):
+        with exit_on_signals():
+            target, ref = _swallowing_callback(lambda: signal.raise_signal(signal.SIGTERM))
+            del target  # swallowed; the block ends before it is tripped again
+    time.sleep(0.05)  # and nothing is tripped after the block
+
+
+def test_other_swallowed_exceptions_still_reach_the_hook_in_place(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+
+    def fail():
+        raise ValueError("in a callback")
+
+    with exit_on_signals():
+        target, ref = _swallowing_callback(fail)
+        del target
+    assert seen == [ValueError]
+
+
+def test_outside_the_main_thread_nothing_is_replaced():
+    import threading
+
+    seen = {}
+
+    def body():
+        with exit_on_signals():
+            seen["hook"] = sys.unraisablehook
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == {"hook": sys.unraisablehook, "handler": signal.getsignal(signal.SIGTERM)}

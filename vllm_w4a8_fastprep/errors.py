@@ -6,16 +6,22 @@ bad arguments, ``FAILED`` (1) for a problem met while running (a bad
 checkpoint, a failed check, a missing GPU). ``OneLineError`` carries the line
 and the status; ``OneLineParser`` makes argparse's usage errors one line too;
 ``exit_on_signals`` turns SIGTERM (and SIGHUP) into an exception, so cleanup
-code (``finally``, ``ExitStack``) runs before the process ends;
+code (``finally``, ``ExitStack``) runs before the process ends, also where
+Python swallowed the first raise (a handler that ran inside a weak-reference
+callback or a ``__del__``);
 ``signals_deferred`` holds Ctrl-C, SIGTERM and SIGHUP back for a few steps that
 must not be cut in half (putting a finished result in place).
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import signal
+import sys
+import threading
+import time
 
 USAGE = 2
 FAILED = 1
@@ -43,11 +49,8 @@ class Terminated(BaseException):
 
     def __init__(self, signum: int):
         super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
         self.status = 128 + signum
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -68,13 +71,92 @@ def _handlers(signals, handler):
             signal.signal(sig, previous)
 
 
+class _RaisedAgain:
+    """Signal handlers that raise (``Terminated`` for SIGTERM/SIGHUP,
+    ``KeyboardInterrupt`` for SIGINT) and raise again what Python swallowed.
+
+    Python runs a handler between two steps of whatever the main thread is
+    doing; when that is a weak-reference callback (an import's module lock),
+    a ``__del__`` or a garbage-collector callback, the exception it raises is
+    not propagated but sent to ``sys.unraisablehook`` ("Exception ignored
+    in ..."), and the process goes on to the end, exits 0 and leaves its
+    cleanup undone. While installed, the hook takes such an exception
+    silently and trips its signal again for the main thread a few
+    milliseconds later, from a short-lived thread (a trip made inside the
+    hook would run the handler inside the hook, where its exception is lost
+    for good), so it is raised in the code that runs then; if that too
+    swallows it, the same happens again. What is still pending when the
+    ``with`` block ends normally is raised there. Other unraisable
+    exceptions go to the hook that was in place."""
+
+    AGAIN_AFTER_S = 0.005
+
+    def __init__(self):
+        self.pending: list[int] = []  # signals swallowed and not yet raised again
+        self.in_hook = False
+        self.closed = False
+        self.previous_hook = sys.unraisablehook
+
+    @staticmethod
+    def exception(signum: int) -> BaseException:
+        return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+    def handler(self, signum, frame):
+        if self.in_hook:  # raised here it would be lost: raise it after the hook
+            self._trip_later(signum)
+            return
+        if signum in self.pending:
+            self.pending.remove(signum)
+        raise self.exception(signum)
+
+    def hook(self, unraisable):
+        self.in_hook = True
+        try:
+            exc = unraisable.exc_value
+            if isinstance(exc, Terminated):
+                signum = exc.signum
+            elif isinstance(exc, KeyboardInterrupt):
+                signum = signal.SIGINT
+            else:
+                self.previous_hook(unraisable)
+                return
+            self.pending.append(signum)
+            self._trip_later(signum)
+        finally:
+            self.in_hook = False
+
+    def _trip_later(self, signum: int):
+        def trip():
+            time.sleep(self.AGAIN_AFTER_S)
+            if not self.closed:
+                _thread.interrupt_main(signum)
+
+        threading.Thread(target=trip, name="signal-again", daemon=True).start()
+
+
 @contextlib.contextmanager
 def exit_on_signals():
     """While inside: SIGTERM and SIGHUP raise ``Terminated`` in the main
-    thread (SIGINT already raises KeyboardInterrupt). Outside the main thread
-    this does nothing (Python allows handlers only there)."""
-    with _handlers((signal.SIGTERM, signal.SIGHUP), _raise_terminated):
-        yield
+    thread and SIGINT ``KeyboardInterrupt`` (where its handler was Python's
+    default), also when Python swallowed the first raise (``_RaisedAgain``).
+    Outside the main thread this does nothing (Python allows handlers only
+    there)."""
+    again = _RaisedAgain()
+    sigs = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        sigs.append(signal.SIGINT)
+    with _handlers(sigs, again.handler) as replaced:
+        if not replaced:  # not the main thread
+            yield
+            return
+        sys.unraisablehook = again.hook
+        try:
+            yield
+        finally:
+            again.closed = True
+            sys.unraisablehook = again.previous_hook
+        if again.pending:
+            raise again.exception(again.pending[0])
 
 
 @contextlib.contextmanager
