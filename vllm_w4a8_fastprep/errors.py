@@ -81,20 +81,23 @@ class _RaisedAgain:
     not propagated but sent to ``sys.unraisablehook`` ("Exception ignored
     in ..."), and the process goes on to the end, exits 0 and leaves its
     cleanup undone. While installed, the hook takes such an exception
-    silently and trips its signal again for the main thread a few
-    milliseconds later, from a short-lived thread (a trip made inside the
-    hook would run the handler inside the hook, where its exception is lost
-    for good), so it is raised in the code that runs then; if that too
-    swallows it, the same happens again. What is still pending when the
-    ``with`` block ends normally is raised there. Other unraisable
-    exceptions go to the hook that was in place."""
+    silently, records its signal as pending and trips the signal again for
+    the main thread a few milliseconds later, from a short-lived thread (a
+    trip made inside the hook would run the handler inside the hook, where
+    its exception is lost for good; a handler that runs there anyway records
+    the signal in the same way), so it is raised in the code that runs then;
+    if that too swallows it, the same happens again. What is still pending
+    when the ``with`` block ends is raised there. Other unraisable
+    exceptions, and a ``KeyboardInterrupt`` where SIGINT is not ours, go to
+    the hook that was in place."""
 
     AGAIN_AFTER_S = 0.005
 
-    def __init__(self):
+    def __init__(self, signals):
+        self.signals = set(signals)  # the signals this object's handler handles
         self.pending: list[int] = []  # signals swallowed and not yet raised again
-        self.in_hook = False
         self.closed = False
+        self.lock = threading.Lock()  # no trip once closed
         self.previous_hook = sys.unraisablehook
 
     @staticmethod
@@ -102,61 +105,84 @@ class _RaisedAgain:
         return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
     def handler(self, signum, frame):
-        if self.in_hook:  # raised here it would be lost: raise it after the hook
-            self._trip_later(signum)
+        if _runs_in(frame, self.hook):  # raised here it would be lost: raise it later
+            self._swallowed(signum)
             return
         if signum in self.pending:
             self.pending.remove(signum)
         raise self.exception(signum)
 
     def hook(self, unraisable):
-        self.in_hook = True
-        try:
-            exc = unraisable.exc_value
-            if isinstance(exc, Terminated):
-                signum = exc.signum
-            elif isinstance(exc, KeyboardInterrupt):
-                signum = signal.SIGINT
-            else:
-                self.previous_hook(unraisable)
-                return
-            self.pending.append(signum)
-            self._trip_later(signum)
-        finally:
-            self.in_hook = False
+        exc = unraisable.exc_value
+        signum = (exc.signum if isinstance(exc, Terminated)
+                  else signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
+        if signum not in self.signals:
+            self.previous_hook(unraisable)
+            return
+        self._swallowed(signum)
 
-    def _trip_later(self, signum: int):
-        def trip():
-            time.sleep(self.AGAIN_AFTER_S)
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+    def _swallowed(self, signum: int) -> None:
+        if signum not in self.pending:
+            self.pending.append(signum)
+        threading.Thread(target=self._trip, args=(signum,), name="signal-again",
+                         daemon=True).start()
+
+    def _trip(self, signum: int) -> None:
+        time.sleep(self.AGAIN_AFTER_S)
+        with self.lock:
             if not self.closed:
                 _thread.interrupt_main(signum)
 
-        threading.Thread(target=trip, name="signal-again", daemon=True).start()
+
+def _runs_in(frame, method) -> bool:
+    """``frame`` is ``method``'s or called from it."""
+    code = method.__func__.__code__
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
 def exit_on_signals():
     """While inside: SIGTERM and SIGHUP raise ``Terminated`` in the main
     thread and SIGINT ``KeyboardInterrupt`` (where its handler was Python's
-    default), also when Python swallowed the first raise (``_RaisedAgain``).
-    Outside the main thread this does nothing (Python allows handlers only
-    there)."""
-    again = _RaisedAgain()
+    default), also when Python swallowed the first raise (``_RaisedAgain``);
+    a termination still pending when the block ends is raised there, in
+    place of another exception the block ends with. Outside the main thread
+    this does nothing (Python allows handlers only there)."""
     sigs = [signal.SIGTERM, signal.SIGHUP]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         sigs.append(signal.SIGINT)
-    with _handlers(sigs, again.handler) as replaced:
-        if not replaced:  # not the main thread
-            yield
-            return
-        sys.unraisablehook = again.hook
-        try:
-            yield
-        finally:
-            again.closed = True
+    again = _RaisedAgain(sigs)
+    hook = again.hook  # one bound method: the one put in place is the one looked for
+    try:
+        with _handlers(sigs, again.handler) as replaced:
+            if not replaced:  # not the main thread
+                yield
+                return
+            sys.unraisablehook = hook
+            try:
+                yield
+            except BaseException as e:
+                if again.pending and not isinstance(e, (Terminated, KeyboardInterrupt)):
+                    raise again.exception(again.pending[0]) from e
+                raise
+            finally:
+                again.close()
+                # a trip made before closing runs our handler now, while it is in place
+                if hasattr(signal, "pthread_sigmask"):
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        if sys.unraisablehook is hook:  # after our handlers are gone
             sys.unraisablehook = again.previous_hook
-        if again.pending:
-            raise again.exception(again.pending[0])
+    if again.pending:
+        raise again.exception(again.pending[0])
 
 
 @contextlib.contextmanager
