@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 
 from vllm_w4a8_fastprep import expert_blocks
-from vllm_w4a8_fastprep.cli import positive_int
-from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser
-from vllm_w4a8_fastprep.provenance import source_commit
+from vllm_w4a8_fastprep.tools.cli import positive_int
+from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError, OneLineParser
+from vllm_w4a8_fastprep.tools.provenance import source_commit
 
 GIB = 1 << 30
 

@@ -17,7 +17,7 @@ GPU timing: CUDA events, warm-up, median of many repeats, inputs random (never
 zeros) and rotated over >= 512 MiB so that L2 does not serve them, the copy and
 upstream measured in the same run. The upstream columns need vLLM's compiled
 ops (``--upstream PATH`` to its ``_C`` library, or ``--upstream auto``: the
-repository's one lookup, tests/oracle.py). Where
+repository's one lookup, vllm_w4a8_fastprep/tools/vllm_ops.py). Where
 upstream runs, ours is also compared with it byte for byte ("same").
 
 ``--smoke`` runs the same code on tiny shapes with a few repeats, on CPU
@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from vllm_w4a8_fastprep import model_shapes, ops, reference
-from vllm_w4a8_fastprep import upstream as upstream_chain
-from vllm_w4a8_fastprep.cli import non_negative_int, positive_int
-from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser
-from vllm_w4a8_fastprep.provenance import source_commit
+from vllm_w4a8_fastprep import ops, reference
+from vllm_w4a8_fastprep.tools import model_shapes
+from vllm_w4a8_fastprep.tools import upstream as upstream_chain
+from vllm_w4a8_fastprep.tools.cli import non_negative_int, positive_int
+from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError, OneLineParser
+from vllm_w4a8_fastprep.tools.provenance import source_commit
 
 ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2 (50 MiB on H100)
 GROUP = reference.GROUP_SIZE
@@ -144,12 +145,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def find_upstream() -> str:
-    """The repository's one lookup of vLLM's ops library (tests/oracle.py:
+    """The repository's one lookup of vLLM's ops library (vllm_w4a8_fastprep/tools/vllm_ops.py:
     $W4A8_FASTPREP_ORACLE, .oracle/, the installed vllm package)."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "oracle.py"
-    spec = importlib.util.spec_from_file_location("w4a8_fastprep_oracle", path)
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    from vllm_w4a8_fastprep.tools import vllm_ops as oracle
+
     try:
         found = oracle.find_oracle()
     except oracle.OracleError as e:

@@ -2,7 +2,7 @@
 # On a machine with a Hopper GPU, in one invocation: build the extension, run
 # every test (GPU ones included, with vLLM's compiled ops as the oracle), the
 # kernel geometry sweep, the benchmark (dense layers, then MoE layers). Logs go
-# to $OUT (or ./gpu-out). The oracle is found by tests/oracle.py
+# to $OUT (or ./gpu-out). The oracle is found by vllm_w4a8_fastprep/tools/vllm_ops.py
 # ($W4A8_FASTPREP_ORACLE, a vLLM _C library in .oracle/, or the installed vllm).
 #   bash benchmarks/gpu_suite.sh [pytest args...]
 # e.g. -m "gpu or vllm_layers": the GPU tests and the tests that build vLLM's layers (which
@@ -12,12 +12,12 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-found=$(python3 tests/oracle.py) || { echo "oracle: $found"; exit 1; }
+found=$(python3 -m vllm_w4a8_fastprep.tools.vllm_ops) || { echo "oracle: $found"; exit 1; }
 if [[ -f $found ]]; then export W4A8_FASTPREP_ORACLE=$found; echo "oracle: $found"
 else echo "oracle: $found (GPU comparisons with upstream will skip)"; fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv; date -u; \
   python3 -c 'import torch; print("torch", torch.__version__)'; \
-  python3 -c 'from vllm_w4a8_fastprep.provenance import source_commit; print("commit", source_commit())'; } \
+  python3 -c 'from vllm_w4a8_fastprep.tools.provenance import source_commit; print("commit", source_commit())'; } \
   2>&1 | tee "$OUT/env.log"
 t0=$(date +%s)
 if [[ ${SKIP_BUILD:-0} == 1 ]]; then
@@ -30,7 +30,7 @@ else
   echo "build: $(( $(date +%s) - t0 )) s"
 fi
 if [[ ${SKIP_VARIANTS:-0} != 1 ]]; then
-  shapes=$(python3 -c "from vllm_w4a8_fastprep.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))")
+  shapes=$(python3 -c "from vllm_w4a8_fastprep.tools.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))")
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
     benchmarks/encode_reorder_variants.cu -o /tmp/variants && /tmp/variants $shapes 2>&1 | tee "$OUT/variants.log"
 fi

@@ -6,7 +6,7 @@
 #   bash evals/gpu_e2e.sh STEP...
 # Steps:
 #   setup     vLLM in $VB if not there yet, build the extension, install the plugin
-#   tests     all tests, upstream's ops (found by tests/oracle.py: the vLLM in use) as the oracle
+#   tests     all tests, upstream's ops (found by vllm_w4a8_fastprep/tools/vllm_ops.py: the vLLM in use) as the oracle
 #   bench     benchmarks/bench_prep.py, dense layers then MoE layers (--moe)
 #   tiny, 8b, 70b            dense synthetic checkpoints: startup time ours vs upstream, output identity
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
@@ -48,9 +48,9 @@ export VB=${VB:-$HOME/vb}  # an unpacked vLLM tree, if vLLM is not installed
 export PYTHONUNBUFFERED=1
 [[ -f $VB/activate.sh ]] && source $VB/activate.sh
 
-oracle() {  # the one lookup (tests/oracle.py); empty when there is none
+oracle() {  # the one lookup (vllm_w4a8_fastprep/tools/vllm_ops.py); empty when there is none
   local found
-  found=$(python3 tests/oracle.py) || return 1
+  found=$(python3 -m vllm_w4a8_fastprep.tools.vllm_ops) || return 1
   [[ -f $found ]] && echo "$found"
 }
 

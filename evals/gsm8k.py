@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a file: python path/to/evals/gsm8k.py
 
 from evals.modes import next_label  # noqa: E402
 from evals.process_group import run_in_own_group  # noqa: E402
-from vllm_w4a8_fastprep.errors import (  # noqa: E402
+from vllm_w4a8_fastprep.tools.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
 

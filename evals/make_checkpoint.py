@@ -20,7 +20,7 @@
         writes it back as bf16 (no llm-compressor needed).
     python -m evals.make_checkpoint check CKPT_DIR
         What vLLM will see: the same validator as ``vllm-w4a8-fastprep prepare``
-        (vllm_w4a8_fastprep.checkpoint_check: config, every layer's tensors, every expert of
+        (vllm_w4a8_fastprep.tools.checkpoint_check: config, every layer's tensors, every expert of
         every MoE layer), every group scale finite, plus what a conversion must get right
         (pack-quantized format, embeddings, no linear layer left dense).
 
@@ -57,7 +57,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python path/to/evals/make_checkpoint.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_w4a8_fastprep.errors import (  # noqa: E402
+from vllm_w4a8_fastprep.tools.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
 
@@ -560,7 +560,7 @@ def load_gguf_dense(src: str | Path, tie: str = "auto", log=print):
 def read_hf_config(src: str | Path) -> dict:
     """The config.json of an unquantized Hugging Face model folder; OneLineError (status 2)
     when the folder is not one. Reads json only: called before any heavy import."""
-    from vllm_w4a8_fastprep.checkpoint_check import read_json
+    from vllm_w4a8_fastprep.tools.checkpoint_check import read_json
 
     src = Path(src)
     if not (src / "config.json").is_file():
@@ -630,7 +630,7 @@ def check_checkpoint(folder: str | Path, dense: bool = False) -> str:
     """Raise OneLineError naming the first problem; else a one-line summary. A W4AFP8
     checkpoint goes through checkpoint_check.inspect (the validator ``prepare`` uses) and
     its group scales through checkpoint_check.scan_scales; then what a conversion adds."""
-    from vllm_w4a8_fastprep import checkpoint_check as cc
+    from vllm_w4a8_fastprep.tools import checkpoint_check as cc
 
     folder = Path(folder)
     if dense:
@@ -760,8 +760,8 @@ def convert(args, argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    from vllm_w4a8_fastprep.cli import positive_int
-    from vllm_w4a8_fastprep.synthetic import PRESETS
+    from vllm_w4a8_fastprep.tools.cli import positive_int
+    from vllm_w4a8_fastprep.tools.synthetic import PRESETS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = OneLineParser(prog="python -m evals.make_checkpoint",
@@ -819,7 +819,7 @@ def _run(args, argv: list[str]) -> int:
     if args.source == "synthetic":
         import torch
 
-        from vllm_w4a8_fastprep.synthetic import write_checkpoint
+        from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
         try:
             device = torch.device(args.device)

@@ -37,7 +37,7 @@ if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.vllm_server import running_server, vllm_command  # noqa: E402
-from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
+from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
 
 MODES = ("with", "without")
 CHILD = """

@@ -31,8 +31,8 @@ if not __package__:  # run as a script: make ``evals`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.modes import MODES, mode_load_format, use_mode  # noqa: E402
-from vllm_w4a8_fastprep.cli import positive_int  # noqa: E402
-from vllm_w4a8_fastprep.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
+from vllm_w4a8_fastprep.tools.cli import positive_int  # noqa: E402
+from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError, OneLineParser  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",

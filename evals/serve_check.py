@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a file
 
 from evals.modes import MODES, mode_load_format, mode_settings, next_label  # noqa: E402
 from evals.vllm_server import running_server  # noqa: E402
-from vllm_w4a8_fastprep.errors import (  # noqa: E402
+from vllm_w4a8_fastprep.tools.errors import (  # noqa: E402
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
 

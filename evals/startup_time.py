@@ -40,12 +40,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_w4a8_fastprep.cli import positive_int
-from vllm_w4a8_fastprep.errors import (
+from vllm_w4a8_fastprep.tools.cli import positive_int
+from vllm_w4a8_fastprep.tools.errors import (
     USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals,
 )
 from vllm_w4a8_fastprep.load_stats import parse_block_load, parse_expert_loading, parse_summary
-from vllm_w4a8_fastprep.provenance import source_commit
+from vllm_w4a8_fastprep.tools.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: make ``evals`` importable

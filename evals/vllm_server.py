@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evals.process_group import _dies_with, end_group
-from vllm_w4a8_fastprep.errors import OneLineError
+from vllm_w4a8_fastprep.tools.errors import OneLineError
 
 
 def vllm_command() -> list[str]:

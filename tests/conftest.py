@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from must_run import skip_or_fail
-from oracle import ENV, OracleError, find_oracle, load, searched
+from vllm_w4a8_fastprep.tools.vllm_ops import ENV, OracleError, find_oracle, load, searched
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def oracle_path():
-    """Path of vLLM 0.26.0's compiled ops library (tests/oracle.py says where
+    """Path of vLLM 0.26.0's compiled ops library (vllm_w4a8_fastprep/tools/vllm_ops.py says where
     it is looked for); child processes get this path. Skips when there is
     none (fails on compute capability 9.x); a W4A8_FASTPREP_ORACLE naming a
     missing file is an error."""
@@ -142,7 +142,7 @@ def fail_after(monkeypatch):
     ``random_w4afp8_linear`` raises ``exc`` (a class or an instance) on its
     ``calls``-th call: the tokenizer, the config and (with small shards) some
     weight files are already on disk by then. ``monkeypatch.undo()`` ends it."""
-    from vllm_w4a8_fastprep import synthetic
+    from vllm_w4a8_fastprep.tools import synthetic
 
     def arm(calls, exc=KeyboardInterrupt):
         real, n = synthetic.random_w4afp8_linear, [0]
@@ -173,7 +173,7 @@ def model_config():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A synthetic 'tiny' W4AFP8 checkpoint, one per test module."""
-    from vllm_w4a8_fastprep.synthetic import write_checkpoint
+    from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
 

@@ -26,7 +26,8 @@ import sys
 import torch
 
 from bitexact import assert_channel_scales_equal, assert_packed_scales_equal, assert_weight_equal
-from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
+from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep.tools import model_shapes, upstream as up_chain
 
 # Tolerances for a bf16 output of an fp32-accumulated product: a wrong layout
 # or a skipped k-tile gives errors of order 1.

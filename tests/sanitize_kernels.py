@@ -1,5 +1,5 @@
 """Runs every CUDA op of the package, dense and grouped, on a few small shapes
-of ``vllm_w4a8_fastprep.model_shapes`` (K % 256 == 128 included) and checks
+of ``vllm_w4a8_fastprep.tools.model_shapes`` (K % 256 == 128 included) and checks
 each result against the CPU reference. Meant to run under compute-sanitizer
 (memcheck, racecheck, synccheck; see test_sanitizer.py):
 
@@ -21,7 +21,8 @@ from bitexact import (
     assert_same,
     assert_weight_equal,
 )
-from vllm_w4a8_fastprep import model_shapes, ops, reference as ref
+from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep.tools import model_shapes
 
 DENSE = ["edge/128x128", "edge/128x384", "edge/384x128", "edge/256x512", "edge/384x5504",
          "edge/5504x384", "edge/128x33792", "edge/33792x128", "qwen2.5-0.5b/o@tp1",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vllm_w4a8_fastprep import expert_blocks
-from vllm_w4a8_fastprep.synthetic import write_checkpoint
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_block_read.py"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import model_shapes
+from vllm_w4a8_fastprep.tools import model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_prep.py"
@@ -126,7 +126,7 @@ def test_without_gpu_one_line_exit_2():
 
 
 def _oracle() -> str:
-    from oracle import find_oracle, searched
+    from vllm_w4a8_fastprep.tools.vllm_ops import find_oracle, searched
 
     path = find_oracle()
     if path is None:
@@ -165,5 +165,5 @@ def test_gpu_suite_script_parses_and_runs_both_benchmarks():
     script = ROOT / "benchmarks" / "gpu_suite.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "python3 tests/oracle.py" in text  # the one oracle lookup
+    assert "python3 -m vllm_w4a8_fastprep.tools.vllm_ops" in text  # the one oracle lookup
     assert "bench_prep.py $up --json" in text and "bench_prep.py --moe $up --json" in text

@@ -14,7 +14,7 @@ import_or_skip("vllm")
 from test_moe import TINY, _prepare_only_config  # noqa: E402
 
 from vllm_w4a8_fastprep import expert_staging  # noqa: E402
-from vllm_w4a8_fastprep.synthetic import write_checkpoint  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""vllm_w4a8_fastprep.checkpoint_check: the one validator of checkpoint folders
+"""vllm_w4a8_fastprep.tools.checkpoint_check: the one validator of checkpoint folders
 (used by ``vllm-w4a8-fastprep prepare`` and ``evals.make_checkpoint check``; their
 refusals are tested in test_cli.py and test_make_checkpoint.py)."""
 
@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import checkpoint_check as cc
-from vllm_w4a8_fastprep.errors import OneLineError
-from vllm_w4a8_fastprep.synthetic import write_checkpoint
+from vllm_w4a8_fastprep.tools import checkpoint_check as cc
+from vllm_w4a8_fastprep.tools.errors import OneLineError
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
 
 def test_expert_count_from_the_config_keys():

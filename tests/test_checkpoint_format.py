@@ -14,7 +14,7 @@ from vllm_w4a8_fastprep.checkpoint_format import (  # noqa: E402
     scheme_problem,
     weight_args_problem,
 )
-from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
 
 
 def cfg_with(**changes):

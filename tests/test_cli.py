@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_w4a8_fastprep import checkpoint_check, cli, ops
-from vllm_w4a8_fastprep.synthetic import quantization_config, write_checkpoint
+from vllm_w4a8_fastprep import ops
+from vllm_w4a8_fastprep.tools import checkpoint_check, cli
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config, write_checkpoint
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -303,7 +304,7 @@ def test_synth_command(tmp_path):
 
 
 def _oracle():
-    from oracle import find_oracle, searched
+    from vllm_w4a8_fastprep.tools.vllm_ops import find_oracle, searched
 
     path = find_oracle()
     if path is None:
@@ -518,7 +519,7 @@ def test_rate_shows_digits_for_small_checkpoints(tmp_path, capsys):
 
 
 def test_help_lists_every_preset(capsys):
-    from vllm_w4a8_fastprep.synthetic import PRESETS
+    from vllm_w4a8_fastprep.tools.synthetic import PRESETS
 
     for cmd in ("prepare", "synth"):
         with pytest.raises(SystemExit):

@@ -70,7 +70,7 @@ compat.installed_vllm_version = lambda: "0.34.0"   # the version lookup, faked
 vllm_w4a8_fastprep.register(); vllm_w4a8_fastprep.register()
 from vllm.config import ModelConfig
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-from vllm_w4a8_fastprep.synthetic import write_checkpoint
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 ckpt = write_checkpoint({tmp!r}, "tiny")
 print("registered:", "w4a8_fastprep" in QUANTIZATION_METHODS)
 print("quantization:", ModelConfig(model=str(ckpt), tokenizer=str(ckpt)).quantization)

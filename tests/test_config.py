@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
 
 NAME = "w4a8_fastprep"
 UPSTREAM = "compressed-tensors"
@@ -162,7 +162,7 @@ print("accepted")
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from vllm_w4a8_fastprep.synthetic import write_checkpoint
+    from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
 

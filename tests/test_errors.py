@@ -1,4 +1,4 @@
-"""vllm_w4a8_fastprep.errors: one-line usage errors, SIGTERM turned into an
+"""vllm_w4a8_fastprep.tools.errors: one-line usage errors, SIGTERM turned into an
 exception that runs cleanup code."""
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vllm_w4a8_fastprep.errors import OneLineError, OneLineParser, Terminated, exit_on_signals
+from vllm_w4a8_fastprep.tools.errors import OneLineError, OneLineParser, Terminated, exit_on_signals
 
 
 def test_usage_error_is_one_line_exit_2(capsys):

@@ -705,7 +705,7 @@ def test_modes(monkeypatch):
 
 
 def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
-    from vllm_w4a8_fastprep.synthetic import PRESETS
+    from vllm_w4a8_fastprep.tools.synthetic import PRESETS
 
     script = ROOT / "evals" / "gpu_e2e.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -369,7 +369,7 @@ def test_vllm_backend_needs_a_gpu(tmp_path):
 def _tiny_dense_model(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vllm_w4a8_fastprep.synthetic import write_tokenizer
+    from vllm_w4a8_fastprep.tools.synthetic import write_tokenizer
 
     vocab = write_tokenizer(path, 512)
     torch.manual_seed(0)

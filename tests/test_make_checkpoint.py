@@ -766,7 +766,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_check_and_prepare_share_one_validator(tmp_path, capsys, damage):
-    from vllm_w4a8_fastprep import cli
+    from vllm_w4a8_fastprep.tools import cli
 
     preset, breaker, phrase = DAMAGE[damage]
     folder = tmp_path / "m"

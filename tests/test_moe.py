@@ -27,7 +27,7 @@ from bitexact import (  # noqa: E402
 from vllm_w4a8_fastprep import moe  # noqa: E402
 from vllm_w4a8_fastprep.compat import moe_weight_names, w13_num_shards  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
-from vllm_w4a8_fastprep.synthetic import (  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import (  # noqa: E402
     PRESETS,
     quantization_config,
     random_w4afp8_experts,
@@ -640,7 +640,7 @@ def test_vllms_layerwise_reload_prepares_dense_and_moe_layers_again(vllm_ctx, mo
     layers' weight loaders again, ``finalize_layerwise_reload``. The MoE
     method recorded loaded experts by parameter object, so a reload was
     refused ('loaded for 0 of this rank's 4 experts')."""
-    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+    from vllm_w4a8_fastprep.tools.synthetic import random_w4afp8_linear
 
     qc = _prepare_only_config()
     model = _reloadable_model(qc, vllm_ctx)
@@ -1101,7 +1101,7 @@ def test_a_reload_with_tensors_that_do_not_fit_fails_at_once_and_leaves_no_state
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     from vllm_w4a8_fastprep.load_checks import LoadError
-    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+    from vllm_w4a8_fastprep.tools.synthetic import random_w4afp8_linear
 
     qc = _prepare_only_config()
     model = _reloadable_model(qc, vllm_ctx, name="m2")
@@ -1164,7 +1164,7 @@ def test_layers_are_freed_with_their_model(vllm_ctx):
     from vllm.config import get_current_vllm_config
     from vllm.model_executor.model_loader.reload import record_metadata_for_reloading
 
-    from vllm_w4a8_fastprep.synthetic import random_w4afp8_linear
+    from vllm_w4a8_fastprep.tools.synthetic import random_w4afp8_linear
 
     qc = _prepare_only_config()
     model = _reloadable_model(qc, vllm_ctx, name="m5")

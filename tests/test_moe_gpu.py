@@ -34,7 +34,7 @@ from test_moe import (  # noqa: E402
 from vllm_w4a8_fastprep import moe  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
 from vllm_w4a8_fastprep.compat import moe_weight_names  # noqa: E402
-from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,8 @@ load, or when CI (CI=true, where the set-up builds it) lacks it."""
 import pytest
 import torch
 
-from vllm_w4a8_fastprep import ops, reference as ref, upstream
+from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep.tools import upstream
 
 FP8 = torch.float8_e4m3fn
 

@@ -1,9 +1,9 @@
 """GPU: the dense kernels == reference == upstream vLLM 0.26.0, byte for byte,
-on the shapes of ``vllm_w4a8_fastprep.model_shapes`` (DENSE and EDGE).
+on the shapes of ``vllm_w4a8_fastprep.tools.model_shapes`` (DENSE and EDGE).
 
 Skipped without a CUDA GPU; the upstream comparisons also need vLLM's
 compiled ops library (fixtures ``oracle_path`` / ``upstream``, found by
-tests/oracle.py). Upstream's reorder runs in a child process wherever
+vllm_w4a8_fastprep/tools/vllm_ops.py). Upstream's reorder runs in a child process wherever
 K % 256 == 128 (tests/upstream_child.py)."""
 
 import functools
@@ -20,7 +20,8 @@ from bitexact import (
 )
 from gpu_inputs import FP8, U8, is_k128, rand_scales, randint32
 from upstream_child import expect_output, run_batch, run_python
-from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
+from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep.tools import model_shapes, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
 

@@ -1,5 +1,5 @@
 """GPU: the grouped (MoE) ops == reference == upstream vLLM 0.26.0, byte for
-byte, on the MoE tensors of ``vllm_w4a8_fastprep.model_shapes``: each with
+byte, on the MoE tensors of ``vllm_w4a8_fastprep.tools.model_shapes``: each with
 its own expert count, and its (N, K) with 1, 3 and (where small) 257 experts;
 both QuantFP8 paths of the scales; ``b_strides``; upstream's
 ``cutlass_w4a8_moe_mm`` fed ours gives exactly what it gives fed upstream's;
@@ -24,7 +24,8 @@ from bitexact import (
 from gpu_inputs import is_k128, rand_scales, randint32
 from moe_gemm_probe import MAX_REL_ELEM, MAX_REL_FRO, dequantized_product, errors, moe_mm, route
 from upstream_child import expect_output, run_batch, run_python
-from vllm_w4a8_fastprep import model_shapes, ops, reference as ref, upstream as up_chain
+from vllm_w4a8_fastprep import ops, reference as ref
+from vllm_w4a8_fastprep.tools import model_shapes, upstream as up_chain
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""The one oracle lookup of the GPU tests (tests/oracle.py), on the CPU."""
+"""The one oracle lookup of the GPU tests (vllm_w4a8_fastprep/tools/vllm_ops.py), on the CPU."""
 
 import importlib.util
 import lzma
@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-import oracle
+from vllm_w4a8_fastprep.tools import vllm_ops as oracle
 from upstream_child import run_python
 
 
@@ -45,8 +45,7 @@ def test_repo_copy_unpacked_from_xz(no_repo_copy):
 
 LOOKUP = """
 import pathlib, sys
-sys.path.insert(0, "tests")
-import oracle
+from vllm_w4a8_fastprep.tools import vllm_ops as oracle
 oracle.REPO_COPY = pathlib.Path(sys.argv[1])
 print(oracle.find_oracle())
 print("vllm imported:", "vllm" in sys.modules)

@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 
 from test_checkpoint_format import W4A16, W8A8_FP8  # noqa: E402
 
-from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
 
 NAME = "w4a8_fastprep"
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from vllm_w4a8_fastprep import provenance
+from vllm_w4a8_fastprep.tools import provenance
 
 
 def test_the_variable_names_the_commit_of_a_copied_tree(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_w4a8_fastprep.synthetic import quantization_config  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
 
 NAME = "w4a8_fastprep"
 #: What registering must not import (a name and everything under it).

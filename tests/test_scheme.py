@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 import w4a8_math  # noqa: E402
 
 from vllm_w4a8_fastprep.load_stats import PREFIX as SUMMARY  # noqa: E402
-from vllm_w4a8_fastprep.synthetic import quantization_config, random_w4afp8_linear  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import quantization_config, random_w4afp8_linear  # noqa: E402
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from evals import serve_check
 from evals.modes import mode_settings
-from vllm_w4a8_fastprep.errors import OneLineError
+from vllm_w4a8_fastprep.tools.errors import OneLineError
 
 ROOT = Path(__file__).resolve().parents[1]
 

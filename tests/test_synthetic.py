@@ -12,8 +12,8 @@ import torch
 
 from vllm_w4a8_fastprep import reference as ref
 from vllm_w4a8_fastprep.checkpoint_format import checkpoint_problem
-from vllm_w4a8_fastprep.model_shapes import ARCHS, moe_shapes
-from vllm_w4a8_fastprep.synthetic import (
+from vllm_w4a8_fastprep.tools.model_shapes import ARCHS, moe_shapes
+from vllm_w4a8_fastprep.tools.synthetic import (
     PRESETS,
     expert_shapes,
     linear_shapes,
@@ -279,8 +279,8 @@ def test_a_signal_while_putting_the_checkpoint_in_place_waits_for_it(tmp_path, m
     import signal
     from pathlib import Path
 
-    from vllm_w4a8_fastprep.errors import Terminated, exit_on_signals
-    from vllm_w4a8_fastprep.synthetic import PARTIAL
+    from vllm_w4a8_fastprep.tools.errors import Terminated, exit_on_signals
+    from vllm_w4a8_fastprep.tools.synthetic import PARTIAL
 
     out = tmp_path / "out"
     if existing:

@@ -56,12 +56,12 @@ def _rank_main(rank: int, port: int, device: str, oracle_path, results):
     )
 
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
-    from vllm_w4a8_fastprep.synthetic import quantization_config, random_w4afp8_linear
+    from vllm_w4a8_fastprep.tools.synthetic import quantization_config, random_w4afp8_linear
 
     if device == "cuda":
         torch.cuda.set_device(rank)
         if oracle_path is not None and not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
-            import oracle
+            from vllm_w4a8_fastprep.tools import vllm_ops as oracle
 
             oracle.load(oracle_path)
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
@@ -122,7 +122,7 @@ def _rank_main(rank: int, port: int, device: str, oracle_path, results):
 
 def _same_as_upstream(layer, parts) -> bool:
     """The rank's prepared weight and scales == vLLM's chain on its shard."""
-    from vllm_w4a8_fastprep import upstream
+    from vllm_w4a8_fastprep.tools import upstream
 
     vllm_ops = torch.ops._C
     dev = layer.weight_packed.device
@@ -174,7 +174,7 @@ def test_tp2_shards_on_two_gpus():
         # a hardware limit, not something to install: a skip even where everything must run
         pytest.skip(f"tensor parallelism over {WORLD} GPUs needs {WORLD} GPUs in this machine; "
                     f"this one has {torch.cuda.device_count()}")
-    import oracle
+    from vllm_w4a8_fastprep.tools import vllm_ops as oracle
 
     path = oracle.find_oracle()
     if path is None and everything_must_run_here():

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_w4a8_fastprep import upstream  # noqa: E402
+from vllm_w4a8_fastprep.tools import upstream  # noqa: E402
 
 
 @pytest.mark.parametrize("path", ["cuda", "native", "compiled native"])

@@ -44,7 +44,7 @@ import os
 import sys
 import torch
 torch.ops.load_library(sys.argv[1])
-from vllm_w4a8_fastprep import upstream
+from vllm_w4a8_fastprep.tools import upstream
 for mode, src, dst in torch.load(sys.argv[2]):
     w = torch.load(src)
     experts = w.unsqueeze(0) if w.dim() == 2 else w

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 COMMIT_ENV = "W4A8_FASTPREP_COMMIT"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the source tree (above the package)
 
 
 def source_commit() -> str | None:

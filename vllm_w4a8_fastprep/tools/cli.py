@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops, reference
+from .. import ops, reference
 from . import upstream as upstream_chain
 from .checkpoint_check import Checkpoint, MoE, inspect, scale_problem
 from .errors import USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals

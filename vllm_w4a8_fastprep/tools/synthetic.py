@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import GROUP_SIZE
+from ..checkpoint_format import GROUP_SIZE
 from .errors import signals_deferred
 from .model_shapes import ARCHS
 

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_format import GROUP_SIZE, ITEM_BYTES, checkpoint_problem
+from ..checkpoint_format import GROUP_SIZE, ITEM_BYTES, checkpoint_problem
 from .errors import USAGE, OneLineError
 
 MULTIPLE = 128  # vLLM's CUTLASS W4A8 kernel: N and K multiples of 128

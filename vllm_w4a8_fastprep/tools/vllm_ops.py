@@ -1,4 +1,5 @@
-"""Where vLLM 0.26.0's compiled ops library (the GPU tests' oracle) is.
+"""Where vLLM's compiled ops library is (the GPU tests' oracle, the
+benchmark's upstream), and loading it.
 
 One lookup for every test, script and child process, in this order:
 
@@ -23,7 +24,7 @@ import os
 import pathlib
 import shutil
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the source tree (above the package)
 ENV = "W4A8_FASTPREP_ORACLE"
 REPO_COPY = ROOT / ".oracle" / "vllm-0.26.0-_C.so"
 PACKAGE_NAMES = ("_C_stable_libtorch.abi3.so", "_C.abi3.so")
@@ -101,7 +102,7 @@ def load(path: pathlib.Path):
     return torch.ops._C
 
 
-if __name__ == "__main__":  # prints the path found (or why none)
+if __name__ == "__main__":  # python -m vllm_w4a8_fastprep.tools.vllm_ops: the path found (or why none)
     try:
         found = find_oracle()
     except OracleError as e:
