@@ -209,9 +209,9 @@ def test_claim_line_does_not_promise_gpu_preparation(log_lines, monkeypatch):
     """The line logged on claiming a checkpoint holds wherever it is served:
     no GPU claim (on a CPU-only machine every layer takes the fallback, which
     warns by itself)."""
-    from vllm_w4a8_fastprep import config, registration
+    from vllm_w4a8_fastprep import config, logs, registration
 
-    monkeypatch.setattr(registration, "_logged", set())
+    monkeypatch.setattr(logs, "_said", set())
     monkeypatch.delenv(registration.AUTO_ENV, raising=False)
     assert config.W4A8FastPrepConfig.override_quantization_method(
         quantization_config(), None) == NAME

@@ -24,7 +24,7 @@ from bitexact import (  # noqa: E402
     assert_weight_equal,
 )
 
-from vllm_w4a8_fastprep import moe  # noqa: E402
+from vllm_w4a8_fastprep import logs, moe  # noqa: E402
 from vllm_w4a8_fastprep.compat import moe_weight_names, w13_num_shards  # noqa: E402
 from vllm_w4a8_fastprep import reference as ref  # noqa: E402
 from vllm_w4a8_fastprep.tools.synthetic import (  # noqa: E402
@@ -374,7 +374,7 @@ def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_li
     layer, prefix = runner.routed_experts, "model.layers.10.mlp.experts"
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
-    moe._logged.clear()
+    logs.forget_said()
     w4afp8 = W4A8FastPrepConfig.from_config(quantization_config(moe=True))
     method = moe.get_moe_method(w4afp8, layer, prefix)
     if moe.moe_kernel_problem(layer.moe_config) is None:  # an SM90 GPU with vLLM's ops

@@ -106,7 +106,7 @@ print(" ".join(sorted(set(sys.modules) - before)))
     ours = {m for m in added if m.split(".")[0] == "vllm_w4a8_fastprep"}
     assert ours == {"vllm_w4a8_fastprep", "vllm_w4a8_fastprep.checkpoint_format",
                     "vllm_w4a8_fastprep.compat", "vllm_w4a8_fastprep.registration",
-                    "vllm_w4a8_fastprep.load_format"}, ours
+                    "vllm_w4a8_fastprep.load_format", "vllm_w4a8_fastprep.logs"}, ours
     # nothing of vLLM, torch, transformers or compressed-tensors
     assert not {m for m in added if m.split(".")[0] in
                 ("vllm", "torch", "transformers", "compressed_tensors")}, sorted(added)

@@ -283,9 +283,9 @@ def test_dummy_load_format_loads_nothing_and_is_served(vllm_ctx):
 
 def test_fallback_frees_the_packed_tensors_and_warns_what_it_costs(vllm_ctx, log_lines,
                                                                    monkeypatch):
-    from vllm_w4a8_fastprep import scheme
+    from vllm_w4a8_fastprep import logs, scheme
 
-    scheme._logged.clear()
+    logs.forget_said()
     if vllm_ctx.type == "cuda":  # the GPU would take the CUTLASS path: force the fallback
         monkeypatch.setattr(scheme, "hopper_kernel_problem", lambda config: "forced by the test")
     layer = _col(vllm_ctx)

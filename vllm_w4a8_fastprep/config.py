@@ -34,7 +34,8 @@ from typing import Any
 from .checkpoint_format import METHOD_NAME, scheme_problem
 from .compat import CompressedTensorsConfig, RoutedExperts
 from .load_stats import LoadStats
-from .registration import claim, log_once
+from .logs import log_once
+from .registration import claim
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 

@@ -54,6 +54,7 @@ from .expert_staging import ExpertStager
 from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows, format_expert_loading
+from .logs import log_once
 from .scheme import PACK_FACTOR, scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
@@ -80,15 +81,6 @@ def odd_k_allowed() -> bool:
     """Whether MoE layers with ``intermediate_size_per_partition % 256 ==
     128`` are served (default yes; ``VLLM_W4A8_FASTPREP_MOE_ODD_K=0`` refuses)."""
     return _GEMM_SUPPORTS_K_MOD_256_EQ_128 and env_flag(ODD_K_ENV, True)
-
-_logged: set[str] = set()
-
-
-def _log_once(key: str, level: int, msg: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, msg, *args)
-
 
 def _dummy_weights() -> bool:
     """vLLM fills the parameters itself (``load_format=dummy``): no checkpoint
@@ -214,11 +206,11 @@ def get_moe_method(config, layer, prefix: str) -> W4A8FastPrepMoEMethod | None:
         return None
     problem = moe_kernel_problem(layer.moe_config)
     if problem is not None:
-        _log_once(f"moe-fallback:{problem}", logging.WARNING,
+        log_once(logging.WARNING, f"moe-fallback:{problem}",
                   "%s: vLLM's CUTLASS W4A8 MoE path cannot run here (%s); MoE layers such as "
                   "%s get upstream's compressed-tensors handling", METHOD_NAME, problem, prefix)
         return None
-    _log_once("moe-hopper", logging.INFO,
+    log_once(logging.INFO, "moe-hopper",
               "%s: W4AFP8 MoE layers run vLLM's CUTLASS W4A8 grouped GEMM; their experts are "
               "prepared by w4a8_fastprep's grouped GPU ops", METHOD_NAME)
     weight_quant, input_quant = scheme
@@ -582,7 +574,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         if (set(self._prepared) != set(names)
                 or not all(_same_layout(self._prepared[n].data, getattr(layer, n).data)
                            for n in names)):
-            _log_once("rebuild:layout", logging.INFO, "%s: a reload of MoE layer %s gave "
+            log_once(logging.INFO, "rebuild:layout", "%s: a reload of MoE layer %s gave "
                       "tensors of other layouts than its first load: its quant config and "
                       "kernel are built anew; CUDA graphs captured before it are not valid for "
                       "it", METHOD_NAME, self.layer_name)
@@ -595,7 +587,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         kept, fresh = _kernel_tensors(kernel), _kernel_tensors(build_w4a8_moe_kernel(self, layer))
         if kept.keys() != fresh.keys() or not all(
                 _same_layout(kept[k], fresh[k]) for k in kept):
-            _log_once("rebuild:kernel", logging.INFO, "%s: a reload of MoE layer %s builds its "
+            log_once(logging.INFO, "rebuild:kernel", "%s: a reload of MoE layer %s builds its "
                       "kernel anew (the kernel's tensors changed layout); CUDA graphs captured "
                       "before it are not valid for it", METHOD_NAME, self.layer_name)
             return None

@@ -38,22 +38,16 @@ from typing import Any
 
 from .checkpoint_format import METHOD_NAME, checkpoint_problem
 from .compat import QuantizationConfig
+from .logs import log_once
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 AUTO_ENV = "VLLM_W4A8_FASTPREP_AUTO"
 #: The name the real config reports (``get_name()``): upstream's.
 UPSTREAM_NAME = "compressed-tensors"
-_logged: set[str] = set()
 
 
 def auto_claim_enabled() -> bool:
     return os.environ.get(AUTO_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def log_once(level: int, key: str, msg: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, msg, *args)
 
 
 def name_gated_problem(hf_quant_cfg: dict) -> str | None:

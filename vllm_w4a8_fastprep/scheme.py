@@ -57,20 +57,12 @@ from .compat import (
 )
 from .load_checks import LoadError, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
+from .logs import log_once
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 PACK_FACTOR = 8  # int4 values per int32
 CHECKED = ("weight_packed", "weight_scale", "weight_shape")
 FALLBACK_CHUNK = 1 << 24  # weight elements per step when building the fallback's weight
-_logged: set[str] = set()
-
-
-def _log_once(level: int, key: str, msg: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, msg, *args)
-
-
 def scale_path_of(quant_fp8: QuantFP8) -> str:
     """Which upstream QuantFP8 code path this layer's activations (and so
     upstream's scale preparation) take: ``"cuda"`` when the custom op is
@@ -198,14 +190,14 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         if problem is None:
             self.kernel = cutlass_w4a8_linear_kernel(
                 config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
-            _log_once(logging.INFO, "hopper", "%s: W4AFP8 layers run vLLM's CUTLASS W4A8 GEMM; "
+            log_once(logging.INFO, "hopper", "%s: W4AFP8 layers run vLLM's CUTLASS W4A8 GEMM; "
                       "weights and scales are prepared by w4a8_fastprep's GPU ops", METHOD_NAME)
         else:
             # the same activation quantisation the CUTLASS kernel applies
             self.quant_fp8 = QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN)
             elem = torch.empty((), dtype=params_dtype).element_size()
             dtype_name = str(params_dtype).removeprefix("torch.")
-            _log_once(
+            log_once(
                 logging.WARNING, f"fallback:{problem}:{params_dtype}",
                 "%s: vLLM's CUTLASS W4A8 GEMM cannot serve %s (%s); such layers run the same "
                 "W4A8 math (per-token fp8 activations, fp8 group scales) as a dense %s GEMM: "
