@@ -31,7 +31,7 @@ def test_python_constants_are_the_ones_python_uses():
     # The table compared above is what the package really runs with.
     assert ops.CONSTANTS["group_size"] == reference.GROUP_SIZE == checkpoint_format.GROUP_SIZE
     assert [ops.CONSTANTS[f"scale_path.{p}"] for p in ops.SCALE_PATHS] == list(range(len(ops.SCALE_PATHS)))
-    assert ops.CONSTANTS["int4_per_int32"] == reference.INT4_PER_INT32
+    assert ops.CONSTANTS["int4_per_int32"] == reference.INT4_PER_INT32 == checkpoint_format.INT4_PER_INT32
     assert reference.pack_scale_table().shape == (256, ops.CONSTANTS["scale_pack_bytes"])
     multiple = ops.CONSTANTS["shape_multiple"]
     with pytest.raises(ValueError, match=f"is not a multiple of {multiple}"):

@@ -52,3 +52,10 @@ def test_nothing_outside_tests_imports_from_tests():
             if "python3 tests/" in line or "python tests/" in line:
                 bad.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     assert not bad, bad
+
+
+def test_the_moe_method_does_not_import_the_dense_scheme():
+    """Each needs compat (vLLM's questions) and the format's constants, not
+    the other."""
+    got = [(m, level) for m, level, _ in _imports(PACKAGE / "moe.py") if m == "scheme"]
+    assert not got, got

@@ -156,6 +156,15 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def scale_path_of(quant_fp8) -> str:
+    """Which of vLLM's QuantFP8 code paths a layer's activations (and so
+    upstream's scale preparation) take: ``"cuda"`` when the custom op is
+    enabled (forward_cuda), else ``"native"`` (forward_native, compiled or not)."""
+    method = getattr(quant_fp8, "_forward_method", None)
+    return "cuda" if getattr(method, "__func__", None) is _vllm("QuantFP8").forward_cuda \
+        else "native"
+
+
 def _vllm(name: str) -> Any:
     return globals()[name] if name in globals() else __getattr__(name)
 

@@ -32,7 +32,7 @@ import weakref
 import torch
 
 from . import expert_lookup, ops
-from .checkpoint_format import GROUP_SIZE, METHOD_NAME, scheme_problem
+from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32, METHOD_NAME, scheme_problem
 from .compat import (
     CompressedTensorsMoEMethod,
     CompressedTensorsW4A8Fp8MoEMethod,
@@ -46,6 +46,7 @@ from .compat import (
     moe_channel_scales_registered_at_creation,
     rename_moe_weights,
     replace_parameter,
+    scale_path_of,
     set_current_vllm_config,
     set_weight_attrs,
     w13_num_shards,
@@ -55,7 +56,6 @@ from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows, format_expert_loading
 from .logs import log_once
-from .scheme import PACK_FACTOR, scale_path_of
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
 
@@ -319,7 +319,7 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
             return None
         n, k = nk
         if name.endswith("weight_packed"):
-            return [n, k // PACK_FACTOR]
+            return [n, k // INT4_PER_INT32]
         if name.endswith("weight_scale"):
             return [n, k // GROUP_SIZE]
         return [2]  # weight_shape
@@ -509,8 +509,8 @@ class W4A8FastPrepMoEMethod(CompressedTensorsW4A8Fp8MoEMethod):
         w13, w2 = getattr(layer, w13_name), getattr(layer, w2_name)
         s13, s2 = layer.w13_weight_scale, layer.w2_weight_scale
         experts, device = w13.shape[0], w13.device
-        n13, k13 = w13.shape[1], w13.shape[2] * 8  # 2I, H
-        n2, k2 = w2.shape[1], w2.shape[2] * 8  # H, I
+        n13, k13 = w13.shape[1], w13.shape[2] * INT4_PER_INT32  # 2I, H
+        n2, k2 = w2.shape[1], w2.shape[2] * INT4_PER_INT32  # H, I
         weight_bytes = (w13.numel() + w2.numel()) * w13.element_size()
         scale_bytes = (s13.numel() + s2.numel()) * s13.element_size()
         del w13, w2, s13, s2  # the layer holds them; each is freed once replaced

@@ -33,10 +33,9 @@ import functools
 
 import torch
 
-from .checkpoint_format import GROUP_SIZE  # noqa: F401 (re-exported)
+from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32  # noqa: F401 (re-exported)
 
 FP8 = torch.float8_e4m3fn
-INT4_PER_INT32 = 8  # checkpoint packing: 8 int4 values per int32
 SCALE_PACK_BYTES = 8  # packed fp8 bytes per group scale: s * (j - 8), j = 0..7
 FP8_MAX = 448.0
 # vLLM's QuantFP8: scales never go below 1 / (448 * 512).

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops, reference
-from .checkpoint_format import GROUP_SIZE, METHOD_NAME
+from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32, METHOD_NAME
 from .compat import (
     BasevLLMParameter,
     CompressedTensorsScheme,
@@ -53,6 +53,7 @@ from .compat import (
     cutlass_w4a8_linear_kernel,
     mp_linear_layer_config,
     scalar_types,
+    scale_path_of,
     verify_group_size_divides_partition,
 )
 from .load_checks import LoadError, weak_callable
@@ -60,17 +61,8 @@ from .load_stats import LoadStats, count_nonfinite_rows
 from .logs import log_once
 
 logger = logging.getLogger("vllm.w4a8_fastprep")
-PACK_FACTOR = 8  # int4 values per int32
 CHECKED = ("weight_packed", "weight_scale", "weight_shape")
 FALLBACK_CHUNK = 1 << 24  # weight elements per step when building the fallback's weight
-def scale_path_of(quant_fp8: QuantFP8) -> str:
-    """Which upstream QuantFP8 code path this layer's activations (and so
-    upstream's scale preparation) take: ``"cuda"`` when the custom op is
-    enabled (forward_cuda), else ``"native"`` (forward_native, compiled or not)."""
-    method = getattr(quant_fp8, "_forward_method", None)
-    return "cuda" if getattr(method, "__func__", None) is QuantFP8.forward_cuda else "native"
-
-
 def hopper_kernel_problem(config: MPLinearLayerConfig) -> str | None:
     """None if vLLM's CUTLASS W4A8 kernel and our preparation can serve it."""
     if not current_platform.is_cuda():
@@ -211,9 +203,9 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         self._check_loads = load_format != "dummy"
 
         layer.register_parameter("weight_packed", PackedvLLMParameter(
-            input_dim=1, output_dim=0, packed_dim=1, packed_factor=PACK_FACTOR,
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=INT4_PER_INT32,
             weight_loader=self._tracked(layer, "weight_packed", weight_loader),
-            data=torch.empty(n, k // PACK_FACTOR, dtype=torch.int32)))
+            data=torch.empty(n, k // INT4_PER_INT32, dtype=torch.int32)))
         layer.register_parameter("weight_scale", GroupQuantScaleParameter(
             output_dim=0, input_dim=1,
             weight_loader=self._tracked(layer, "weight_scale", weight_loader),
@@ -290,14 +282,14 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
         packed = {key: shape for key, shape, _ in self._loads.get("weight_packed", [])}
         for key, shape, value in self._loads.get("weight_shape", []):
             if key in packed and value is not None and len(value) == 2:
-                want = [packed[key][0], packed[key][1] * PACK_FACTOR] if len(packed[key]) == 2 \
+                want = [packed[key][0], packed[key][1] * INT4_PER_INT32] if len(packed[key]) == 2 \
                     else None
                 if want is not None and value != want:
                     problems.append(f"weight_shape{_of(key)} is {value} but weight_packed"
                                     f"{_of(key)} holds [N, K] = {want}")
         for key, shape, _ in self._loads.get("weight_scale", []):
             if key in packed and len(shape) == 2 and len(packed[key]) == 2:
-                want = (packed[key][0], packed[key][1] * PACK_FACTOR // GROUP_SIZE)
+                want = (packed[key][0], packed[key][1] * INT4_PER_INT32 // GROUP_SIZE)
                 if shape != want:
                     problems.append(f"weight_scale{_of(key)} has shape {list(shape)} but "
                                     f"weight_packed{_of(key)} needs {list(want)} (group size "
@@ -311,7 +303,7 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
             n = sum(rows.get(i, 0) for i in key)
         else:
             n = rows[key]
-        want = {"weight_packed": [n, k_full // PACK_FACTOR],
+        want = {"weight_packed": [n, k_full // INT4_PER_INT32],
                 "weight_scale": [n, k_full // GROUP_SIZE],
                 "weight_shape": [2]}[name]
         got = list(shape)
@@ -381,7 +373,7 @@ def _of(key) -> str:
 
 def int4_values(weight_packed: torch.Tensor) -> torch.Tensor:
     """Checkpoint int32 ``[N, K/8]`` uint4b8 -> int8 ``[N, K]`` signed values."""
-    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * PACK_FACTOR
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * INT4_PER_INT32
     b = weight_packed.contiguous().view(torch.uint8).reshape(n_rows, k // 2)
     nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n_rows, k)
     return nibbles.to(torch.int8) - 8
@@ -398,7 +390,7 @@ def fallback_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor, pat
     int4 value q (the packed ``fp8(s * (j - 8))``, positive values by
     symmetry). fp8 values are exact in bf16/fp16/fp32."""
     group_scales, chan = reference.quantize_scale_rows(weight_scale.contiguous(), path)
-    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * PACK_FACTOR
+    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * INT4_PER_INT32
     out = torch.empty(n_rows, k, dtype=dtype, device=weight_packed.device)
     step = max(1, FALLBACK_CHUNK // k)  # bounded fp32 temporaries
     for r in range(0, n_rows, step):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import ops, reference
+from ..checkpoint_format import INT4_PER_INT32
 from . import upstream as upstream_chain
 from .checkpoint_check import Checkpoint, MoE, inspect, scale_problem
 from .errors import USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals
@@ -186,7 +187,7 @@ class Checker:
         return self.device.type == "cuda"
 
     def dense(self, name, w, s, got) -> bool:
-        k = w.shape[1] * 8
+        k = w.shape[1] * INT4_PER_INT32
         if self.up is not None and k % 256 == 0:
             want = (upstream_chain.weight(self.up, w), *upstream_chain.scales(self.up, self.quant, s))
         else:
@@ -196,7 +197,7 @@ class Checker:
         return all(same_bytes(a, b) for a, b in zip(got, want))
 
     def moe(self, name, w13, w2, s13, s2, got) -> bool:
-        if self.up is not None and w13.shape[2] * 8 % 256 == 0 and w2.shape[2] * 8 % 256 == 0:
+        if self.up is not None and w13.shape[2] * INT4_PER_INT32 % 256 == 0 and w2.shape[2] * INT4_PER_INT32 % 256 == 0:
             want = (_first(upstream_chain.weight_grouped(self.up, w13)),
                     _first(upstream_chain.weight_grouped(self.up, w2)),
                     *upstream_chain.scales_grouped(self.up, self.quant, s13),
@@ -363,7 +364,7 @@ def _prepare_dense(t: Tensors, name, checker, check, path, device):
     _sync(device)
     dt = time.perf_counter() - t0
     ok = checker.dense(name, w, s, got) if check else None
-    return dt, w.numel() * 4, s.numel() * 2, ok, bad, f"N={w.shape[0]} K={w.shape[1] * 8}"
+    return dt, w.numel() * 4, s.numel() * 2, ok, bad, f"N={w.shape[0]} K={w.shape[1] * INT4_PER_INT32}"
 
 
 def _stack(t: Tensors, layer: MoE, roles, suffix: str, bad: list[str]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_format import GROUP_SIZE
+from ..checkpoint_format import GROUP_SIZE, INT4_PER_INT32
 from .errors import signals_deferred
 from .model_shapes import ARCHS
 
@@ -152,7 +152,7 @@ def random_w4afp8_linear(n: int, k: int, gen: torch.Generator, device="cpu") -> 
     ~1.2 / sqrt(K), so a layer's outputs keep about the size of its inputs."""
     if n % GROUP_SIZE or k % GROUP_SIZE:
         raise ValueError(f"N={n} and K={k} must be multiples of {GROUP_SIZE}")
-    packed = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32,
+    packed = torch.randint(-(2**31), 2**31 - 1, (n, k // INT4_PER_INT32), dtype=torch.int32,
                            generator=gen, device=device)
     base = 1.0 / (4.0 * math.sqrt(k))
     scale = (torch.rand(n, k // GROUP_SIZE, generator=gen, device=device) + 0.5) * base
@@ -172,7 +172,7 @@ def random_w4afp8_experts(experts: int, n: int, k: int, gen: torch.Generator,
         raise ValueError(f"experts must be >= 1, got {experts}")
     if n % GROUP_SIZE or k % GROUP_SIZE:
         raise ValueError(f"N={n} and K={k} must be multiples of {GROUP_SIZE}")
-    packed = torch.randint(-(2**31), 2**31 - 1, (experts, n, k // 8), dtype=torch.int32,
+    packed = torch.randint(-(2**31), 2**31 - 1, (experts, n, k // INT4_PER_INT32), dtype=torch.int32,
                            generator=gen, device=device)
     base = 1.0 / (4.0 * math.sqrt(k))
     scale = (torch.rand(experts, n, k // GROUP_SIZE, generator=gen, device=device) + 0.5) * base
