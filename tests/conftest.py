@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from must_run import skip_or_fail
-from vllm_w4a8_fastprep.tools.vllm_ops import ENV, OracleError, find_oracle, load, searched
+from vllm_w4a8_fastprep.tools.vllm_ops import PROVIDE, OracleError, find_oracle, load, searched
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,8 +44,7 @@ def oracle_path():
     except OracleError as e:
         pytest.fail(str(e))
     if path is None:
-        skip_or_fail(f"upstream vLLM ops library not found ({searched()})",
-                     f"set {ENV} to vLLM 0.26.0's _C library, or install the vllm 0.26.0 wheel")
+        skip_or_fail(f"upstream vLLM ops library not found ({searched()})", PROVIDE)
     return path
 
 

@@ -154,7 +154,7 @@ def verdict_line(intermediate, results) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--oracle", required=True, help="vLLM 0.26.0's _C library")
+    parser.add_argument("--oracle", required=True, help="vLLM's _C library (the oracle)")
     parser.add_argument("--intermediate", type=int, required=True, choices=sorted(LAYERS))
     parser.add_argument("--path", default="cuda", choices=ops.SCALE_PATHS)
     args = parser.parse_args(argv)

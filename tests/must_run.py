@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from vllm_w4a8_fastprep.compat import VLLM_MAX, VLLM_MIN
+
 ALLOW_SKIP = "W4A8_FASTPREP_ALLOW_SKIP"
 
 
@@ -38,7 +40,8 @@ def skip_or_fail(reason: str, provide: str, *, here: bool | None = None) -> None
     pytest.skip(reason, allow_module_level=True)
 
 
-VLLM = "install vLLM 0.26.0 (the wheel with its compiled _C and _moe_C libraries)"
+VLLM = (f"install a vLLM of the supported range ({VLLM_MIN} to {VLLM_MAX}: the wheel with its "
+        "compiled _C and _moe_C libraries)")
 
 
 def import_or_skip(name: str, provide: str = VLLM):

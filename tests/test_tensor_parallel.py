@@ -180,7 +180,7 @@ def test_tp2_shards_on_two_gpus():
     if path is None and everything_must_run_here():
         skip_or_fail(f"upstream vLLM ops library not found ({oracle.searched()}): the ranks' "
                      "bytes cannot be compared with vLLM's chain",
-                     f"set {oracle.ENV} to vLLM 0.26.0's _C library, or install the vllm 0.26.0 wheel")
+                     oracle.PROVIDE)
     got = _run_ranks("cuda", str(path) if path else None)
     hopper = torch.cuda.get_device_capability() == (9, 0)
     _check(got, want_fallback=None if path is None else not hopper)

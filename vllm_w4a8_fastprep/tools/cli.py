@@ -140,6 +140,16 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def ops_source(path: str | None) -> str:
+    """Whose ops ``upstream_ops`` loaded, for the report: the file given, or
+    the installed vLLM release."""
+    if path is not None:
+        return f"the ops library {path}'s"
+    from ..compat import installed_vllm_version
+
+    return f"vLLM {installed_vllm_version() or '(version unknown)'}'s"
+
+
 def upstream_ops(path: str | None):
     """vLLM's compiled ops: from ``path`` if given, else the installed vllm
     package when its ops load here (a CUDA machine); None otherwise."""
@@ -166,8 +176,8 @@ def upstream_ops(path: str | None):
 class Checker:
     """Computes each sampled layer a second, independent way."""
 
-    def __init__(self, device: torch.device, up, path: str):
-        self.device, self.up, self.path = device, up, path
+    def __init__(self, device: torch.device, up, path: str, source: str = "vLLM's"):
+        self.device, self.up, self.path, self.source = device, up, path, source
         if up is not None:
             self.quant = (upstream_chain.cuda_per_token(up) if path == "cuda"
                           else upstream_chain.native_per_token)
@@ -180,7 +190,7 @@ class Checker:
         if self.up is None:
             return ("against this package's PyTorch reference only (vLLM's compiled ops do not "
                     "load here: no comparison with upstream)")
-        return "against vLLM 0.26.0's own preparation chain (its compiled ops)"
+        return f"against {self.source} own preparation chain (its compiled ops)"
 
     @property
     def active(self) -> bool:
@@ -282,7 +292,7 @@ def _prepare(ckpt: Path, device: torch.device, up, args) -> int:
     ck = inspect(ckpt)
     plan = ck.plan
     units = ck.units
-    checker = Checker(device, up, args.path)
+    checker = Checker(device, up, args.path, ops_source(args.upstream))
     sample: set[str] = set()
     if checker.active and args.check:
         sample = sample_layers(units, args.check, random.Random(args.seed))

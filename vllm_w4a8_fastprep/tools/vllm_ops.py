@@ -26,7 +26,12 @@ import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the source tree (above the package)
 ENV = "W4A8_FASTPREP_ORACLE"
-REPO_COPY = ROOT / ".oracle" / "vllm-0.26.0-_C.so"
+#: the vLLM release of the repository's copy (what the vllm-oracle tool writes)
+REPO_COPY_RELEASE = "0.26.0"
+REPO_COPY = ROOT / ".oracle" / f"vllm-{REPO_COPY_RELEASE}-_C.so"
+#: what to do where no library is found (skip and failure messages)
+PROVIDE = (f"set {ENV} to a supported vLLM's _C library, put vLLM {REPO_COPY_RELEASE}'s at "
+           f"{REPO_COPY.relative_to(ROOT)}, or install a vLLM wheel of the supported range")
 PACKAGE_NAMES = ("_C_stable_libtorch.abi3.so", "_C.abi3.so")
 
 
