@@ -165,18 +165,13 @@ def load_upstream(spec: str | None, device: torch.device):
         return None
     if device.type != "cuda":
         raise UsageError("--upstream needs --device cuda (vLLM's ops run on the GPU only)")
+    from vllm_w4a8_fastprep.tools import vllm_ops
+
     path = find_upstream() if spec == "auto" else spec
-    if not Path(path).is_file():
-        raise UsageError(f"--upstream {path}: no such file")
-    if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
-        try:
-            torch.ops.load_library(path)
-        except Exception as e:  # noqa: BLE001  (any loader failure: say which)
-            raise UsageError(f"--upstream {path}: cannot load it as a torch library ({e})")
-    c = torch.ops._C
-    if not hasattr(c, "cutlass_encode_and_reorder_int4b"):
-        raise UsageError(f"--upstream {path}: no cutlass_encode_and_reorder_int4b in torch.ops._C")
-    return c
+    try:
+        return vllm_ops.load_given(path)
+    except vllm_ops.OracleError as e:
+        raise UsageError(f"--upstream {e}") from None
 
 
 def uint4b8_to_int4_inplace(t: torch.Tensor) -> torch.Tensor:

@@ -74,3 +74,13 @@ def test_a_second_copy_beside_the_importable_vllm_is_refused(tmp_path):
     copy.write_bytes(b"not loaded")
     with pytest.raises(oracle.OracleError, match="register its ops twice"):
         oracle.load(copy)
+
+
+def test_a_library_named_by_the_user_is_loaded_or_one_error_naming_it(tmp_path):
+    """``--upstream PATH`` of the command line and the benchmark."""
+    with pytest.raises(oracle.OracleError, match=rf"^{tmp_path}/none.so: no such file$"):
+        oracle.load_given(str(tmp_path / "none.so"))
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not a library")
+    with pytest.raises(oracle.OracleError, match=rf"^{junk}: cannot load it as a torch library"):
+        oracle.load_given(str(junk))

@@ -21,6 +21,7 @@ import torch
 from .. import ops, reference
 from ..checkpoint_format import INT4_PER_INT32
 from . import upstream as upstream_chain
+from . import vllm_ops
 from .checkpoint_check import Checkpoint, MoE, inspect, scale_problem
 from .errors import USAGE, OneLineError, OneLineParser, Terminated, exit_on_signals
 from .synthetic import PRESETS
@@ -151,26 +152,20 @@ def ops_source(path: str | None) -> str:
 
 
 def upstream_ops(path: str | None):
-    """vLLM's compiled ops: from ``path`` if given, else the installed vllm
-    package when its ops load here (a CUDA machine); None otherwise."""
+    """vLLM's compiled ops: from ``path`` if given (tools/vllm_ops.load_given),
+    else the installed vllm package's when they load here (a CUDA machine);
+    None otherwise."""
     if path is not None:
-        if not Path(path).is_file():
-            raise OneLineError(f"--upstream {path}: no such file", USAGE)
         try:
-            torch.ops.load_library(path)
-        except Exception as e:  # noqa: BLE001
-            raise OneLineError(f"--upstream {path}: cannot load it ({e})", USAGE) from None
-    else:
-        try:
-            import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
-        except Exception:  # noqa: BLE001  (no vLLM, no GPU driver, ...: no upstream check)
-            return None
-    c = torch.ops._C
-    if not hasattr(c, "cutlass_encode_and_reorder_int4b"):
-        if path is not None:
-            raise OneLineError(f"--upstream {path}: has no cutlass_encode_and_reorder_int4b", USAGE)
+            return vllm_ops.load_given(path)
+        except vllm_ops.OracleError as e:
+            raise OneLineError(f"--upstream {e}", USAGE) from None
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
+    except Exception:  # noqa: BLE001  (no vLLM, no GPU driver, ...: no upstream check)
         return None
-    return c
+    c = torch.ops._C
+    return c if hasattr(c, "cutlass_encode_and_reorder_int4b") else None
 
 
 class Checker:

@@ -107,6 +107,24 @@ def load(path: pathlib.Path):
     return torch.ops._C
 
 
+def load_given(path: str):
+    """``torch.ops._C`` from the library file a user named (``--upstream
+    PATH``): loaded once per process; OracleError naming the file where it
+    is missing, does not load, or has not vLLM's W4A8 ops."""
+    import torch
+
+    if not pathlib.Path(path).is_file():
+        raise OracleError(f"{path}: no such file")
+    if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
+        try:
+            torch.ops.load_library(path)
+        except Exception as e:  # noqa: BLE001  (any loader failure: say which)
+            raise OracleError(f"{path}: cannot load it as a torch library ({e})") from None
+    if not hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
+        raise OracleError(f"{path}: no cutlass_encode_and_reorder_int4b in torch.ops._C")
+    return torch.ops._C
+
+
 if __name__ == "__main__":  # python -m vllm_w4a8_fastprep.tools.vllm_ops: the path found (or why none)
     try:
         found = find_oracle()
