@@ -55,9 +55,8 @@ from .expert_staging import ExpertStager
 from .expert_staging import capacity as staging_capacity
 from .load_checks import LoadError, env_flag, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows, format_expert_loading
-from .logs import log_once
+from .logs import log_once, logger
 
-logger = logging.getLogger("vllm.w4a8_fastprep")
 
 # Whether vLLM 0.26.0's grouped GEMM ``cutlass_w4a8_moe_mm`` computes correctly
 # when its K is an odd multiple of 128 (K % 256 == 128), i.e. for

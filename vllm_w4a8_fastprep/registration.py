@@ -38,9 +38,8 @@ from typing import Any
 
 from .checkpoint_format import METHOD_NAME, checkpoint_problem
 from .compat import QuantizationConfig
-from .logs import log_once
+from .logs import log_once, logger
 
-logger = logging.getLogger("vllm.w4a8_fastprep")
 AUTO_ENV = "VLLM_W4A8_FASTPREP_AUTO"
 #: The name the real config reports (``get_name()``): upstream's.
 UPSTREAM_NAME = "compressed-tensors"
