@@ -7,18 +7,28 @@ where there is a GPU, build the layers there, so the GPU suite runs them too
 9.x every test must run: a missing oracle library (``W4A8_FASTPREP_ORACLE``),
 vLLM package or MoE ops, compiled extension or compute-sanitizer FAILS there,
 naming what to provide; set ``W4A8_FASTPREP_ALLOW_SKIP=1`` to let such tests
-skip instead (tests/must_run.py). Elsewhere they skip, saying why (``-rs``)."""
+skip instead (tests/support/must_run.py). Elsewhere they skip, saying why (``-rs``)."""
 
 import logging
 import os
 import pathlib
 import socket
+import sys
 
 import pytest
 import torch
 
-from must_run import skip_or_fail
-from vllm_w4a8_fastprep.tools.vllm_ops import PROVIDE, OracleError, find_oracle, load, searched
+# the tests' helpers (tests/support/), importable by name from every folder of tests
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
+
+from must_run import skip_or_fail  # noqa: E402
+from vllm_w4a8_fastprep.tools.vllm_ops import (  # noqa: E402
+    PROVIDE,
+    OracleError,
+    find_oracle,
+    load,
+    searched,
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,241 @@
+"""The load format ``w4a8_fastprep`` (``block_loader.py``) on a model of
+vLLM's own Qwen3-MoE blocks and the tiny synthetic MoE checkpoint: the
+model's ``load_weights`` is given exactly what vLLM's default loader gives it
+less the expert tensors read from the files, and every parameter ends byte
+for byte as with the default loader; layers it cannot take (a reload,
+tensors missing from the headers) load through vLLM's loader, logged."""
+
+import pytest
+import torch
+from must_run import import_or_skip
+
+import_or_skip("vllm")
+
+from moe_layers import TINY, prepare_only_config  # noqa: E402
+
+from vllm_w4a8_fastprep import expert_staging  # noqa: E402
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-moe-blocks"), "tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The same model over many files (an expert layer split between files)."""
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny-moe-sharded"), "tiny-moe",
+                            shard_bytes=96 << 10)
+    assert len(list(ckpt.glob("*.safetensors"))) >= 10
+    return ckpt
+
+
+class _Blocks(torch.nn.Module):
+    """vLLM's Qwen3-MoE blocks of every layer of the checkpoint (router and
+    experts; our MoE method in its preparation-only mode), named as the
+    model names them; ``load_weights`` as the model's: each block's tensors
+    to vLLM's AutoWeightsLoader, every name seen kept."""
+
+    def __init__(self, ckpt, device):
+        super().__init__()
+        from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.model_executor.models.qwen3_moe import Qwen3MoeSparseMoeBlock
+        from vllm.utils.torch_utils import set_default_torch_dtype
+
+        self.model_config = ModelConfig(model=str(ckpt), tokenizer=str(ckpt),
+                                        quantization="w4a8_fastprep")
+        vc = VllmConfig(model_config=self.model_config, quant_config=prepare_only_config(),
+                        device_config=DeviceConfig(device=device.type))
+        with set_current_vllm_config(vc), set_default_torch_dtype(self.model_config.dtype):
+            self.blocks = torch.nn.ModuleList(
+                Qwen3MoeSparseMoeBlock(vllm_config=vc, prefix=f"model.layers.{i}.mlp")
+                for i in range(TINY.layers)).to(device)
+        self.seen: list[str] = []
+
+    def experts(self):
+        return [b.experts.routed_experts for b in self.blocks]
+
+    def load_weights(self, weights):
+        from vllm.model_executor.models.utils import AutoWeightsLoader
+
+        per_block: dict[int, list] = {}
+        for name, t in weights:
+            self.seen.append(name)
+            parts = name.split(".")
+            if len(parts) > 4 and parts[1] == "layers" and parts[3] == "mlp":  # layers.I.mlp
+                per_block.setdefault(int(parts[2]), []).append((".".join(parts[4:]), t))
+        for i, items in per_block.items():
+            list(AutoWeightsLoader(self.blocks[i]).load_weights(items))
+        return None
+
+
+def _loader(fmt: str, **load_config):
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import vllm_w4a8_fastprep
+
+    vllm_w4a8_fastprep.register()
+    return get_model_loader(LoadConfig(load_format=fmt, **load_config))
+
+
+def _load(model, fmt: str, local_expert_ids=None, **load_config):
+    loader = _loader(fmt, **load_config)
+    loader.local_expert_ids = local_expert_ids  # vLLM's expert-parallel filter
+    model.load_weights(loader.get_all_weights(model.model_config, model))
+    return loader
+
+
+def _assert_same(a, b):
+    for la, lb in zip(a.experts(), b.experts()):
+        pa, pb = dict(la.named_parameters()), dict(lb.named_parameters())
+        assert pa.keys() == pb.keys()
+        for n in pa:
+            x, y = pa[n].data.view(torch.uint8), pb[n].data.view(torch.uint8)
+            diff = (x != y).nonzero()
+            assert diff.numel() == 0, f"{n}: first difference at {diff[0].tolist()}"
+    for ba, bb in zip(a.blocks, b.blocks):
+        assert torch.equal(ba.gate.weight, bb.gate.weight)
+
+
+@pytest.mark.parametrize("strategy", [None, "eager"])
+def test_the_load_format_gives_the_model_the_rest_and_fills_experts_as_vllm(
+        vllm_ctx, tiny_moe, monkeypatch, log_lines, strategy):
+    """None: vLLM's default (lazy) reads, the rest read here without opening
+    the expert tensors; eager: vLLM's own iterator, the expert names dropped."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto", safetensors_load_strategy=strategy)
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep", safetensors_load_strategy=strategy)
+    stats = loader.last_load
+    experts = TINY.layers * TINY.experts * 3 * 3  # layers x experts x proj x kinds
+    assert stats.layers == TINY.layers and stats.tensors == experts
+    rest = [n for n in ref.seen if n not in stats.names]
+    if strategy == "eager":  # safetensors' load() orders a file's tensors anew each call
+        ours.seen, rest = sorted(ours.seen), sorted(rest)
+    assert ours.seen == rest
+    assert len(ref.seen) - len(ours.seen) == experts
+    _assert_same(ref, ours)
+    for a, b in zip(ref.experts(), ours.experts()):
+        assert a.quant_method._loaded == b.quant_method._loaded
+        a.quant_method.process_weights_after_loading(a)
+        b.quant_method.process_weights_after_loading(b)
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        f"w4a8_fastprep: load format w4a8_fastprep: {experts} MoE expert tensors of "
+        f"{TINY.layers} layers"), said
+
+
+def test_a_layer_not_taken_loads_through_vllms_loader_and_is_named(
+        vllm_ctx, tiny_moe, monkeypatch, log_lines):
+    from vllm_w4a8_fastprep import expert_blocks
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto")
+    plan_layer = expert_blocks.plan_layer
+
+    def refuse_layer_1(layer, method, entries, halves):
+        if method.layer_name == "model.layers.1.mlp.experts":
+            return None, "refused by this test"
+        return plan_layer(layer, method, entries, halves)
+
+    monkeypatch.setattr(expert_blocks, "plan_layer", refuse_layer_1)
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep")
+    assert loader.last_load.layers == 1
+    assert all(n.startswith("model.layers.0.") for n in loader.last_load.names)
+    assert [n for n in ours.seen if ".mlp.experts." in n] == \
+        [n for n in ref.seen if n.startswith("model.layers.1.mlp.experts.")]
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert said[-1] == ("w4a8_fastprep: load format w4a8_fastprep: 1 of 2 MoE layers load "
+                        "through vLLM's expert weight loader (model.layers.1.mlp.experts: "
+                        "refused by this test)"), said
+
+
+@pytest.mark.parametrize("case", ["shards", "multithread", "ep filter"])
+def test_the_load_format_over_many_files_and_vllms_other_reads(vllm_ctx, sharded, monkeypatch,
+                                                               case):
+    """Many files (vLLM's file order); vLLM's multithreaded reads (its own
+    iterator, the expert names dropped); vLLM's expert-parallel weight filter
+    (the other tensors filtered as vLLM filters them)."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    kw = {"shards": {}, "multithread": {
+        "model_loader_extra_config": {"enable_multithread_load": True}},
+          "ep filter": {"local_expert_ids": {0, 1, 2, 3}}}[case]
+    ref = _Blocks(sharded, vllm_ctx)
+    _load(ref, "auto", **kw)
+    ours = _Blocks(sharded, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep", **kw)
+    rest = [n for n in ref.seen if n not in loader.last_load.names]
+    if case == "multithread":  # files read concurrently: vLLM's order is not fixed
+        ours.seen, rest = sorted(ours.seen), sorted(rest)
+    assert ours.seen == rest
+    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    if case != "ep filter":  # (the filter keeps vLLM's loader from some experts' tensors)
+        _assert_same(ref, ours)
+
+
+def test_a_reload_through_the_load_format_goes_through_vllms_loader(vllm_ctx, tiny_moe,
+                                                                    monkeypatch, log_lines):
+    """vLLM's layer-wise reload with the load format: every layer was
+    prepared before, so all go through vLLM's loader, and end as a fresh
+    load does."""
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+        record_metadata_for_reloading,
+    )
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    models = []
+    for fmt in ("auto", "w4a8_fastprep"):
+        model = _Blocks(tiny_moe, vllm_ctx)
+        record_metadata_for_reloading(model)
+        _load(model, fmt)
+        for layer in model.experts():
+            layer.quant_method.process_weights_after_loading(layer)
+        models.append(model)
+    ref, ours = models
+    _assert_same(ref, ours)
+    initialize_layerwise_reload(ours)
+    loader = _load(ours, "w4a8_fastprep")
+    finalize_layerwise_reload(ours, None)
+    assert loader.last_load.tensors == 0  # no block read
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert said[-1].startswith(
+        f"w4a8_fastprep: load format w4a8_fastprep: {TINY.layers} of {TINY.layers} MoE layers "
+        "load through vLLM's expert weight loader (model.layers.0.mlp.experts: prepared "
+        "before (a reload goes through vLLM's loader)"), said
+
+
+def test_a_checkpoint_without_safetensors_loads_as_auto_and_says_so(vllm_ctx, tiny_moe,
+                                                                     tmp_path, monkeypatch,
+                                                                     log_lines):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    for f in tiny_moe.iterdir():  # the same tensors as one PyTorch .bin file
+        if f.suffix not in (".safetensors",) and f.name != "model.safetensors.index.json":
+            shutil.copy(f, tmp_path / f.name)
+    tensors = {}
+    for f in sorted(tiny_moe.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto")
+    ours = _Blocks(tmp_path, vllm_ctx)
+    loader = _load(ours, "w4a8_fastprep")
+    assert loader.last_load is None
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert said[-1] == (f"w4a8_fastprep: load format w4a8_fastprep: {TINY.layers} of "
+                        f"{TINY.layers} MoE layers load through vLLM's expert weight loader "
+                        "(all: the checkpoint is not safetensors)"), said

@@ -1,0 +1,435 @@
+"""Expert tensors read straight from safetensors files (``expert_blocks.py``,
+the load format ``w4a8_fastprep``): a layer filled from the file's bytes
+holds byte for byte what vLLM's expert weight loader gives it, whatever the
+file's order (experts at a constant stride, or not), piece size and read
+split; layers the blocks cannot give exactly what vLLM's loader would are
+left to it, saying why; bad files are one error naming the file."""
+
+import json
+import random
+
+import pytest
+import torch
+from must_run import import_or_skip
+
+import_or_skip("vllm")
+
+from moe_layers import fused_moe, per_expert, prepare_only_config  # noqa: E402
+
+from vllm_w4a8_fastprep import expert_blocks, expert_staging  # noqa: E402
+from vllm_w4a8_fastprep.compat import w13_num_shards  # noqa: E402
+from vllm_w4a8_fastprep.load_checks import LoadError  # noqa: E402
+
+_ST_DTYPES = {torch.int32: "I32", torch.int64: "I64", torch.bfloat16: "BF16",
+              torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
+
+
+def write_safetensors(path, items: list[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file holding ``items`` in this order (safetensors'
+    own writer sorts them; here the order is the test's)."""
+    header, blobs, at = {}, [], 0
+    for name, t in items:
+        raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() \
+            if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+
+
+def _layer(qc, prefix, device, experts=8, hidden=256, inter=256):
+    return fused_moe(qc, prefix, experts, hidden, inter, device)
+
+
+def _reference(prefix, tensors, device, monkeypatch, **shape):
+    """The layer as vLLM's expert weight loader fills it (staging off),
+    named ``ref.<prefix>`` (vLLM's layer names are unique)."""
+    with monkeypatch.context() as m:
+        m.setenv(expert_staging.ENV, "0")
+        runner = _layer(prepare_only_config(), f"ref.{prefix}", device, **shape)
+        list(runner.load_weights(list(tensors.items())))
+    return runner
+
+
+def _blocks(prefix, path, device, piece_bytes=expert_blocks.PIECE_BYTES, **shape):
+    """The layer filled by the blocks from ``path``; (runner, stats)."""
+    runner = _layer(prepare_only_config(), prefix, device, **shape)
+    layer = runner.routed_experts
+    method = layer.quant_method
+    plan, why = expert_blocks.plan_layer(layer, method, expert_blocks.read_header(str(path)),
+                                         w13_num_shards(method.moe))
+    assert plan is not None, why
+    return runner, expert_blocks.load([plan], piece_bytes)
+
+
+def _assert_same_params(a, b):
+    pa, pb = dict(a.routed_experts.named_parameters()), dict(b.routed_experts.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        x, y = pa[n].data.view(torch.uint8), pb[n].data.view(torch.uint8)
+        diff = (x != y).nonzero()
+        assert diff.numel() == 0, f"{n}: first difference at {diff[0].tolist()}"
+
+
+def _named(prefix, tensors):
+    return [(f"{prefix}.{k}", v) for k, v in tensors.items()]
+
+
+@pytest.mark.parametrize("order, piece", [("sorted", expert_blocks.PIECE_BYTES),
+                                          ("sorted", 100 << 10), ("by-expert", 256 << 10),
+                                          ("shuffled", 64 << 10)])
+def test_blocks_fill_a_layer_as_vllms_loader_does(vllm_ctx, monkeypatch, tmp_path, order, piece):
+    """sorted: each kind's experts at a constant stride (llm-compressor's
+    files), one strided copy per parameter, shard and piece; by-expert: a
+    constant stride over the kinds; shuffled: one copy per tensor. Small
+    pieces: many pieces through the two buffers."""
+    prefix = f"blocks.{order}{piece}.experts"
+    tensors = per_expert({}, 8, 256, 256)
+    items = _named(prefix, tensors)
+    if order == "sorted":  # safetensors' own order: by dtype, then name
+        items.sort(key=lambda kv: (str(kv[1].dtype), kv[0]))
+    elif order == "by-expert":
+        items.sort(key=lambda kv: int(kv[0].split(".")[3]))
+    else:
+        random.Random(piece).shuffle(items)
+    other = [("model.norm.weight", torch.randn(256, dtype=torch.bfloat16)),
+             ("model.gap", torch.randint(0, 9, (3333,), dtype=torch.uint8))]
+    write_safetensors(tmp_path / "m.safetensors", other[:1] + items[:13] + other[1:] + items[13:])
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch)
+    got, stats = _blocks(prefix, tmp_path / "m.safetensors", vllm_ctx, piece)
+    _assert_same_params(ref, got)
+    assert stats.tensors == len(tensors) and stats.layers == 1
+    assert stats.names == {n for n, _ in items}
+    assert (stats.pieces == 1) == (piece == expert_blocks.PIECE_BYTES)
+    mr, mg = ref.routed_experts.quant_method, got.routed_experts.quant_method
+    assert mr._loaded == mg._loaded
+    # prepared alike: the method takes the blocks' load as loaded
+    mr.process_weights_after_loading(ref.routed_experts)
+    mg.process_weights_after_loading(got.routed_experts)
+    _assert_same_params(ref, got)
+
+
+def test_a_layer_the_blocks_cannot_give_exactly_is_left_to_vllm_saying_why(vllm_ctx, tmp_path):
+    prefix = "blocks.left.experts"
+    tensors = per_expert({}, 8, 256, 256)
+    entries = {n: expert_blocks.Entry(n, "f", t.dtype, tuple(t.shape), 0, 0)
+               for n, t in _named(prefix, tensors)}
+    runner = _layer(prepare_only_config(), prefix, vllm_ctx)
+    layer = runner.routed_experts
+    m = layer.quant_method
+    plan, why = expert_blocks.plan_layer(layer, m, entries, 2)
+    assert plan is not None and why is None and len(plan.copies) == len(tensors)
+    for damage, said in (
+            (lambda e: e.pop(f"{prefix}.5.up_proj.weight_scale"),
+             f"{prefix}.5.up_proj.weight_scale is not in the checkpoint's headers"),
+            (lambda e: e.__setitem__(f"{prefix}.2.down_proj.weight_packed",
+                                     expert_blocks.Entry("x", "f", torch.int32, (256, 16), 0, 0)),
+             f"{prefix}.2.down_proj.weight_packed is torch.int32 [256, 16]"),
+            (lambda e: e.__setitem__(f"{prefix}.0.gate_proj.weight_packed",
+                                     expert_blocks.Entry("x", "f", torch.float32, (256, 32), 0,
+                                                         0)),
+             f"{prefix}.0.gate_proj.weight_packed is torch.float32 [256, 32]")):
+        bad = dict(entries)
+        damage(bad)
+        plan, why = expert_blocks.plan_layer(layer, m, bad, 2)
+        assert plan is None and why == said
+    m._prepared = {"w13_weight_packed": layer.w13_weight_packed}  # as after a first load
+    plan, why = expert_blocks.plan_layer(layer, m, entries, 2)
+    assert plan is None and "reload" in why
+
+
+def test_a_truncated_file_is_one_error_naming_it(vllm_ctx, tmp_path):
+    prefix = "blocks.cut.experts"
+    path = tmp_path / "cut.safetensors"
+    write_safetensors(path, _named(prefix, per_expert({}, 8, 256, 256)))
+    runner = _layer(prepare_only_config(), prefix, vllm_ctx)
+    layer = runner.routed_experts
+    plan, _ = expert_blocks.plan_layer(layer, layer.quant_method,
+                                       expert_blocks.read_header(str(path)), 2)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    with pytest.raises(LoadError, match=rf"^{path}: ended at byte \d+, its header says \d+ "
+                                        r"\(a truncated checkpoint file\)"):
+        expert_blocks.load([plan])
+
+
+@pytest.fixture(params=["msgspec", "json"])
+def header_reader(request, monkeypatch):
+    """Each of read_header's two JSON readers: msgspec's typed one (vLLM's
+    dependency) and the standard library's (where msgspec is missing or the
+    header is not of the expected shape)."""
+    if request.param == "json":
+        monkeypatch.setattr(expert_blocks, "_TYPED_DECODE", None)
+    elif expert_blocks._TYPED_DECODE is None:
+        pytest.skip("msgspec is not installed")
+    return request.param
+
+
+def test_both_header_readers_read_the_same_entries(tmp_path, monkeypatch):
+    if expert_blocks._TYPED_DECODE is None:
+        pytest.skip("msgspec is not installed")
+    tensors = _named("blocks.json.experts", per_expert({}, 4, 256, 256))
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    head["__metadata__"] = {"format": "pt", "note": "any strings"}
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    (tmp_path / "m.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    assert expert_blocks._TYPED_DECODE(h) is not None  # msgspec's reader read it
+    typed = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(expert_blocks, "_TYPED_DECODE", None)
+    plain = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    assert typed == plain and len(plain) == len(tensors) and "__metadata__" not in plain
+    name, t = tensors[5]
+    e = plain[name]
+    assert (e.dtype, e.shape, e.end - e.start) == (t.dtype, tuple(t.shape),
+                                                   t.numel() * t.element_size())
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets"])
+def test_a_header_entry_lacking_a_field_is_one_error_naming_the_tensor(tmp_path, header_reader,
+                                                                       field):
+    path = tmp_path / "lacks.safetensors"
+    write_safetensors(path, _named("blocks.lack.experts", per_expert({}, 2, 256, 256)))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    name = "blocks.lack.experts.1.down_proj.weight_scale"
+    del head[name][field]
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "
+                                        f"tensor {name}: its entry "):
+        expert_blocks.read_header(str(path))
+
+
+def _rewrite_entry(path, name, change) -> None:
+    """Rewrite one tensor's entry in a safetensors header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    change(head[name])
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change", [
+    lambda e: e.update(shape=[str(d) for d in e["shape"]]),
+    lambda e: e.update(shape=[float(d) + 0.5 for d in e["shape"]]),
+    lambda e: e.update(shape=[True] + e["shape"][1:]),
+    lambda e: e.update(data_offsets=[str(v) for v in e["data_offsets"]]),
+    lambda e: e.update(shape=[1e400]),
+    lambda e: e.update(dtype=7),
+], ids=["shape strings", "shape floats", "shape bool", "offset strings", "infinite",
+        "dtype number"])
+def test_an_entry_safetensors_would_refuse_is_one_error_naming_the_tensor(tmp_path, change,
+                                                                        header_reader):
+    """Not quietly read as numbers ("24" as (2, 4), 2.5 as 2, true as 1)."""
+    path = tmp_path / "typed.safetensors"
+    write_safetensors(path, _named("blocks.typed.experts", per_expert({}, 2, 256, 256)))
+    name = "blocks.typed.experts.0.up_proj.weight_packed"
+    _rewrite_entry(path, name, change)
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "
+                                        f"tensor {name}: its entry needs "):
+        expert_blocks.read_header(str(path))
+
+
+def test_overlapping_tensors_are_one_error_naming_both(tmp_path, header_reader):
+    path = tmp_path / "overlap.safetensors"
+    write_safetensors(path, [("a", torch.zeros(8, dtype=torch.int32)),
+                             ("b", torch.ones(8, dtype=torch.int32))])
+    _rewrite_entry(path, "b", lambda e: e.update(data_offsets=[16, 48]))
+    with pytest.raises(LoadError, match="tensors a and b overlap in the data"):
+        expert_blocks.read_header(str(path))
+
+
+def test_a_header_not_in_utf8_is_one_error(tmp_path, header_reader):
+    path = tmp_path / "utf16.safetensors"
+    h = json.dumps({"a": {"dtype": "I32", "shape": [0], "data_offsets": [0, 0]}}).encode("utf-16")
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(LoadError, match=f"^{path}: cannot read its safetensors header: "):
+        expert_blocks.read_header(str(path))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_and_left_as_it_was(enabled):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        with pytest.raises(KeyError):
+            with expert_blocks.gc_paused():
+                assert not gc.isenabled()
+                raise KeyError("a load that stops")
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"", "not a safetensors file (shorter than 8 bytes: 0)"),
+    (b"\x01\x02", "not a safetensors file (shorter than 8 bytes: 2)"),
+    ((1 << 40).to_bytes(8, "little"),
+     f"not a safetensors file (header length {1 << 40}, file size 8)"),
+    ((5).to_bytes(8, "little") + b"{nope", "cannot read its safetensors header"),
+    ((2).to_bytes(8, "little") + b"[]", "cannot read its safetensors header"),
+])
+def test_a_bad_header_is_one_error_naming_the_file(tmp_path, header_reader, content, said):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(LoadError, match=f"^{path}: ") as e:
+        expert_blocks.read_header(str(path))
+    assert said in str(e.value)
+
+
+def test_bad_weight_shape_values_are_refused_as_vllms_loader_refuses_them(
+        vllm_ctx, monkeypatch, tmp_path):
+    """A ``weight_shape`` saying another size: recorded by the method's own
+    check, one error at preparation naming layer, expert and values."""
+    prefix = "blocks.shape.experts"
+    tensors = per_expert({}, 8, 256, 256)
+    tensors["3.up_proj.weight_shape"] = torch.tensor([128, 256], dtype=torch.int64)
+    write_safetensors(tmp_path / "s.safetensors", _named(prefix, tensors))
+    got, _ = _blocks(prefix, tmp_path / "s.safetensors", vllm_ctx)
+    with pytest.raises(LoadError, match=r"up_proj\.weight_shape is \[128, 256\]") as e:
+        got.routed_experts.quant_method.process_weights_after_loading(got.routed_experts)
+    assert prefix in str(e.value) and "expert 3" in str(e.value), str(e.value)
+
+
+def _rewrite_offsets(path, name, change) -> None:
+    """Rewrite one tensor's data_offsets in a safetensors header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    head[name]["data_offsets"] = change(head[name]["data_offsets"])
+    h = json.dumps(head).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change", [lambda o: [o[0], o[1] - 64], lambda o: [-8, o[1]],
+                                    lambda o: [o[0], o[1] + (1 << 30)]],
+                         ids=["shorter than its shape", "negative", "past the end"])
+def test_a_tensor_whose_bytes_do_not_fit_its_header_is_one_error_naming_it(tmp_path, change,
+                                                                          header_reader):
+    """As safetensors refuses such a file: never a neighbour's bytes read as
+    the tensor's."""
+    prefix = "blocks.hdr.experts"
+    path = tmp_path / "hdr.safetensors"
+    write_safetensors(path, _named(prefix, per_expert({}, 4, 256, 256)))
+    name = f"{prefix}.2.gate_proj.weight_packed"
+    _rewrite_offsets(path, name, change)
+    with pytest.raises(LoadError, match=rf"^{path}: cannot read its safetensors header: "
+                                        rf"tensor {name}: bytes -?\d+-\d+ of the data"):
+        expert_blocks.read_header(str(path))
+
+
+def test_safetensors_own_files_over_two_shards_with_other_scale_dtypes(
+        vllm_ctx, monkeypatch, tmp_path):
+    """12 experts (safetensors orders names 0, 1, 10, 11, 2, ...) written by
+    safetensors itself over two files, fp32 scales and int32 shapes in part:
+    converted as vLLM's loader converts them."""
+    from safetensors.torch import save_file
+
+    prefix = "blocks.st12.experts"
+    tensors = per_expert({}, 12, 256, 256)
+    for k in list(tensors):
+        if k.endswith("up_proj.weight_scale"):
+            tensors[k] = tensors[k].float()
+        if k.endswith("down_proj.weight_shape"):
+            tensors[k] = tensors[k].to(torch.int32)
+    named = dict(_named(prefix, tensors))
+    first = {n: t for n, t in named.items() if "gate" in n or int(n.split(".")[3]) % 2}
+    save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({n: t for n, t in named.items() if n not in first},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch, experts=12)
+    runner = _layer(prepare_only_config(), prefix, vllm_ctx, experts=12)
+    layer = runner.routed_experts
+    entries = {}
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        entries.update(expert_blocks.read_header(str(path)))
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+    assert plan is not None, why
+    stats = expert_blocks.load([plan], 64 << 10)
+    assert stats.tensors == len(tensors) and stats.pieces > 2
+    _assert_same_params(ref, runner)
+
+
+def test_checkpoint_names_the_model_renames_are_matched_under_its_names(vllm_ctx, monkeypatch,
+                                                                        tmp_path):
+    """A model whose load_weights renames the checkpoint's tensors
+    (``hf_to_vllm_mapper``): the layer is matched under the renamed names,
+    and what was read is named as stored."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    prefix = "blocks.mapped.experts"
+    tensors = per_expert({}, 8, 256, 256)
+    stored = [(f"ckpt.mapped.experts.{k}", v) for k, v in tensors.items()]
+    write_safetensors(tmp_path / "m.safetensors", stored)
+    entries = expert_blocks.rename(expert_blocks.read_header(str(tmp_path / "m.safetensors")),
+                                   WeightsMapper(orig_to_new_prefix={"ckpt.": "blocks."}))
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch)
+    runner = _layer(prepare_only_config(), prefix, vllm_ctx)
+    layer = runner.routed_experts
+    plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+    assert plan is not None, why
+    stats = expert_blocks.load([plan])
+    assert stats.names == {n for n, _ in stored}
+    _assert_same_params(ref, runner)
+    dropped = expert_blocks.rename(entries, WeightsMapper(orig_to_new_prefix={"blocks.": None}))
+    assert dropped == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and the CPU")
+def test_layers_on_the_gpu_and_offloaded_to_the_cpu_load_alike(vllm_ctx, monkeypatch, tmp_path):
+    """Pieces go to one device each (vLLM's offloaders put parameters on the
+    CPU before loading); a layer with parameters on two devices is left to
+    vLLM's loader."""
+    tensors = per_expert({}, 8, 256, 256)
+    items = []
+    for p in ("blocks.dev0.experts", "blocks.dev1.experts"):
+        items += _named(p, tensors)
+    items.sort(key=lambda kv: (str(kv[1].dtype), kv[0]))  # the two layers in one piece
+    write_safetensors(tmp_path / "m.safetensors", items)
+    entries = expert_blocks.read_header(str(tmp_path / "m.safetensors"))
+    ref = _reference("blocks.dev0.experts", tensors, vllm_ctx, monkeypatch)
+    on_gpu = _layer(prepare_only_config(), "blocks.dev0.experts", vllm_ctx)
+    on_cpu = _layer(prepare_only_config(), "blocks.dev1.experts", vllm_ctx).to("cpu")
+    plans = []
+    for runner in (on_gpu, on_cpu):
+        layer = runner.routed_experts
+        plan, why = expert_blocks.plan_layer(layer, layer.quant_method, entries, 2)
+        assert plan is not None, why
+        plans.append(plan)
+    buffer, sent_from = expert_blocks._buffer, []
+
+    def watched(slot, key, size, device, pin=False):
+        out = buffer(slot, key, size, device, pin)
+        if pin:  # a host buffer a GPU piece is sent from
+            sent_from.append(out.is_pinned())
+        return out
+
+    monkeypatch.setattr(expert_blocks, "_buffer", watched)
+    expert_blocks.load(plans, 64 << 10)  # the CPU layer's pieces first, then the GPU's
+    assert sent_from and all(sent_from)  # pinned, not the CPU pieces' pageable buffers
+    _assert_same_params(ref, on_gpu)
+    _assert_same_params(ref.to("cpu"), on_cpu)
+    half = _layer(prepare_only_config(), "blocks.dev2.experts", vllm_ctx)
+    half.routed_experts.w2_weight_scale.data = half.routed_experts.w2_weight_scale.data.cpu()
+    plan, why = expert_blocks.plan_layer(half.routed_experts, half.routed_experts.quant_method,
+                                         entries, 2)
+    assert plan is None and why == "its parameters are on several devices (offloaded in part)"

@@ -1,0 +1,112 @@
+"""The load format's read benchmark (benchmarks/bench_block_read.py): on the
+CPU it reads every expert tensor's bytes of a synthetic MoE checkpoint, equal
+to the files' (``--check``), in the pieces the load format cuts; bad
+arguments and checkpoints without experts get one line and exit 2."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_w4a8_fastprep import expert_blocks
+from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bench_block_read.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_block_read", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("bbr-moe"), "tiny-moe",
+                            shard_bytes=96 << 10)
+
+
+def test_it_reads_every_expert_byte_in_the_load_formats_pieces(moe, tmp_path):
+    out = tmp_path / "r.json"
+    proc = _run(moe, "--threads", "1,3", "--piece-mib", "1", "--runs", "2", "--check",
+                "--json", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    entries = {}
+    for f in moe.glob("*.safetensors"):
+        entries.update(expert_blocks.read_header(str(f)))
+    experts = [e for n, e in entries.items() if ".experts." in n]
+    assert res["tensors"] == len(experts) > 0
+    assert res["bytes"] == sum(e.end - e.start for e in experts)
+    cases = [r["case"] for r in res["rows"]]
+    assert cases[0] == "headers" and "read, 1 threads, <= 1 MiB" in cases
+    assert "read, 3 threads, <= 1 MiB" in cases
+    if not torch.cuda.is_available():
+        assert not any("send" in c for c in cases)
+    bench = _load()
+    cut = bench.pieces(experts, 1 << 20)
+    covered = sum(size for _, _, size in cut)
+    assert covered >= res["bytes"] and len({p for p, _, _ in cut}) > 1  # many files
+
+
+def test_the_check_names_the_first_byte_that_differs(moe):
+    bench = _load()
+    entries, _ = bench.expert_entries(moe)
+    path, start, size = bench.pieces(entries, 1 << 20)[0]
+    got = torch.empty(size, dtype=torch.uint8)
+    bench.read_all([(path, start, size)], 2, [got])
+    bench._check(path, start, got)  # the same bytes
+    got[size // 2] ^= 0xFF
+    with pytest.raises(bench.OneLineError, match=rf"byte {start + size // 2} read differs"):
+        bench._check(path, start, got)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["{missing}"], "not a folder"),
+    (["{dense}"], "no MoE expert tensors"),
+    (["{empty}"], "no .safetensors files"),
+    (["{dense}", "--threads", "0"], "expected whole numbers above 0"),
+    (["{dense}", "--piece-mib", "8,x"], "expected whole numbers above 0"),
+])
+def test_bad_arguments_get_one_line(tmp_path, args, said):
+    dense = write_checkpoint(tmp_path / "dense", "tiny")
+    (tmp_path / "empty").mkdir()
+    names = {"missing": tmp_path / "missing", "dense": dense, "empty": tmp_path / "empty"}
+    proc = _run(*[a.format(**names) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path):
+    """--ep N: each rank's bytes read (its experts and the small gaps read
+    through: other ranks' tensors, and other tensors between experts, as in
+    this many-file checkpoint) over its experts' bytes."""
+    out = tmp_path / "ep.json"
+    for ranks in (1, 2):
+        proc = _run(moe, "--ep", ranks, "--json", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads(out.read_text())["read_over_own"]
+        assert set(res) == {"linear", "round_robin"}
+        assert all(len(v) == ranks for v in res.values())
+        if ranks == 1:  # one rank: the placements are the same
+            assert res["linear"] == res["round_robin"]
+            alone = res["linear"][0]
+        assert all(x >= 1.0 for v in res.values() for x in v)
+    assert min(res["round_robin"]) > alone  # the other rank's experts lie between
+    bench = _load()
+    entries, _ = bench.expert_entries(moe)
+    odd = [e for e in entries if ".experts.3." in e.name]  # one expert alone
+    assert bench.pieces(odd, 1 << 20)  # read in its own pieces
+    proc = _run(moe, "--ep", 3)
+    assert proc.returncode == 2 and "do not divide into 3 ranks" in proc.stderr, proc.stderr
