@@ -18,7 +18,7 @@ What lands in the parameters is what vLLM's expert weight loader writes, byte
 for byte: the rank's tensor-parallel slice (gate and up by rows, down by
 columns), expert parallelism's local experts only, the ``weight_shape``
 values (also checked against the layer, as the method's loader checks them);
-``tests/test_expert_blocks.py`` compares both. A layer is taken only when
+``tests/plugin/test_expert_blocks.py`` compares both. A layer is taken only when
 every tensor it needs is in the headers with the shape and dtype it needs and
 its parameters are not padded; any other layer, and every other tensor, goes
 through vLLM's loader as with the default load format (whose checks then

@@ -63,14 +63,14 @@ from .logs import log_once, logger
 # ``intermediate_size_per_partition % 256 == 128`` (the K of ``w2``; e.g.
 # Qwen3-30B-A3B at tensor-parallel size 2: 768 / 2 = 384). Upstream refuses
 # these layers in ``create_weights``; this package's preparation handles them.
-# Measured on an H100 (2026-11-25, tests/moe_gemm_probe.py via
-# tests/test_moe_gemm_gpu.py, and tests/test_moe_gpu.py's forward vs a
+# Measured on an H100 (2026-11-25, tests/support/moe_gemm_probe.py via
+# tests/ops/test_moe_gemm_gpu.py, and tests/plugin/test_moe_gpu.py's forward vs a
 # dequantised MoE at I = 384): correct at every kernel vLLM's heuristic picks
 # (max relative error 5.5e-3 against an fp32 product of the same quantised
 # operands, as for I = 256 and 512). Against an oracle upstream accepts (the
 # same experts zero-padded to the next multiple of 256, served by upstream's
 # own method): identical layer outputs for I in {384, 640, 896, 1408} and
-# several expert counts (tests/test_moe_gpu.py, evals/RESULTS.md). So such
+# several expert counts (tests/plugin/test_moe_gpu.py, evals/RESULTS.md). So such
 # layers are served, unless ``VLLM_W4A8_FASTPREP_MOE_ODD_K=0``.
 _GEMM_SUPPORTS_K_MOD_256_EQ_128 = True
 ODD_K_ENV = "VLLM_W4A8_FASTPREP_MOE_ODD_K"

@@ -33,7 +33,7 @@ INPUT_ALIGNMENT = 16  # bytes: the weight kernels' load width
 MAX_EXPERTS = 65535  # experts per grouped call (the weight kernel's grid.y)
 
 # The constants the compiled ops share with this module, by the names the op
-# ``torch.ops.w4a8_fastprep.constant(name)`` answers to (tests/test_contract.py
+# ``torch.ops.w4a8_fastprep.constant(name)`` answers to (tests/ops/test_contract.py
 # checks that both sides agree).
 CONSTANTS = {
     "group_size": reference.GROUP_SIZE,
