@@ -593,7 +593,7 @@ def test_synth_on_a_full_disk_in_a_real_process(tmp_path):
             "def full(*a, **k): raise safetensors.SafetensorError("
             "'Error while serializing: I/O error: No space left on device (os error 28)')\n"
             "st.save_file = full\n"
-            "from vllm_w4a8_fastprep import cli\n"
+            "from vllm_w4a8_fastprep.tools import cli\n"
             "sys.exit(cli.main(sys.argv[1:]))\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", code, "synth", str(out), "--layers", "1"],
