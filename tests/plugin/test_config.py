@@ -4,6 +4,7 @@ quantization's name, a claimed checkpoint behaves as under upstream's
 when it declines, to upstream's handling."""
 
 import ast
+import functools
 import json
 import pathlib
 import subprocess
@@ -72,14 +73,20 @@ def _literals(node):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _name_comparisons():
     """Every ``X.get_name() <op> <literal(s)>`` and ``X.quantization <op>
-    <literal(s)>`` in the installed vLLM: (file, line, kind, op, values)."""
+    <literal(s)>`` in the installed vLLM: (file, line, kind, op, values).
+    Only files that spell ``get_name`` or ``.quantization`` are parsed (the
+    comparisons' own spelling; the rest cannot hold one)."""
     found = []
     root = _vllm_root()
     for path in sorted(root.rglob("*.py")):
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            if "get_name" not in text and ".quantization" not in text:
+                continue
+            tree = ast.parse(text)
         except (SyntaxError, UnicodeDecodeError):
             continue
         for node in ast.walk(tree):
@@ -98,7 +105,7 @@ def _name_comparisons():
                 continue
             found.append((str(path.relative_to(root)), node.lineno, kind,
                           type(node.ops[0]).__name__, values))
-    return found
+    return tuple(found)
 
 
 def _holds(op: str, name: str, values: list[str]) -> bool:
