@@ -410,7 +410,10 @@ def _prepare_moe(t: Tensors, layer: MoE, checker, check, path, device):
     return dt, nw, (s13.numel() + s2.numel()) * 2, ok, bad
 
 
-def _device(spec: str | None) -> torch.device:
+def _device(spec: str | None, kernels: bool = True) -> torch.device:
+    """The device ``--device`` names, checked: one this machine has, and, with
+    ``kernels``, one the preparation kernels run on (the extension loaded, a
+    Hopper GPU or newer)."""
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -429,6 +432,8 @@ def _device(spec: str | None) -> torch.device:
     if index >= torch.cuda.device_count():
         raise OneLineError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs",
                            USAGE)
+    if not kernels:
+        return torch.device("cuda", index)
     err = ops.extension_error()
     if err is not None:
         raise OneLineError(f"--device {spec}: {err}", USAGE)
@@ -454,8 +459,8 @@ def write_synthetic(out, preset_name: str, layers: int | None = None, force: boo
         raise OneLineError(str(e), USAGE) from None
     try:
         return write_checkpoint(out, preset_name, layers=layers, force=force, **kw)
-    except torch.OutOfMemoryError:
-        raise  # main's own line
+    except torch.OutOfMemoryError as e:
+        raise OneLineError(f"out of GPU memory ({str(e).splitlines()[0]})") from None
     except Exception as e:  # noqa: BLE001  (OSError, SafetensorError, ...: one line each)
         raise OneLineError(f"{out}: cannot write the checkpoint ({_cause(e)})") from None
 
@@ -469,7 +474,8 @@ def _cause(e: Exception) -> str:
 
 
 def cmd_synth(args) -> int:
-    device = _device(args.device or "cpu")
+    """``synth`` (also ``python -m evals.make_checkpoint synthetic``)."""
+    device = _device(args.device or "cpu", kernels=False)  # random tensors: any GPU draws them
     out = write_synthetic(args.out_dir, args.preset, layers=args.layers, seed=args.seed,
                           device=str(device), progress=True, force=args.force)
     print(f"wrote {out}")
@@ -508,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bar even without a tty")
     p.set_defaults(func=cmd_prepare)
     s = sub.add_parser("synth", help=COMMANDS["synth"], description=SYNTH, formatter_class=raw)
+    add_synth_arguments(s)
+    return ap
+
+
+def add_synth_arguments(s: argparse.ArgumentParser) -> None:
+    """The arguments of ``synth`` (``cmd_synth`` runs them): also those of
+    ``python -m evals.make_checkpoint synthetic``."""
     s.add_argument("out_dir", metavar="OUT_DIR",
                    help="the checkpoint's folder: new or empty (made with its parents)")
     s.add_argument("--preset", default="tiny",
@@ -521,7 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into OUT_DIR even if it is not empty (files of the same names "
                         "are replaced once the new checkpoint is complete; others are kept)")
     s.set_defaults(func=cmd_synth)
-    return ap
 
 
 def main(argv=None) -> int:

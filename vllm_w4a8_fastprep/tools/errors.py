@@ -42,6 +42,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message on one line: its first line, or, when that ends in a colon (a
+    list follows), all its lines joined; cut at 300 characters (a library's error, such as
+    transformers' or llm-compressor's, in a ``OneLineError``)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    text = " ".join(lines) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class Terminated(BaseException):
     """The process got SIGTERM/SIGHUP; ``status`` is 128 + the signal number.
     A BaseException, like KeyboardInterrupt, so ``except Exception`` blocks
