@@ -33,7 +33,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -61,8 +60,6 @@ REAL_SHA256 = {
 # Environment variables that vLLM sets in its own process with a fresh value each time (a
 # shared-memory buffer's name): not a setting, so two runs are not told apart by them.
 PER_PROCESS_ENV = ("VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME",)
-LOG_LINES = re.compile(r"(Model loading took .*|Loading weights took .*|"
-                       r"w4a8_fastprep: (?:prepared|serving) .*)$", re.MULTILINE)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -201,6 +198,8 @@ def read_json(f: Path):
 def load_runs(out: Path) -> dict[str, dict]:
     """Every run in ``out``: its record (LABEL.json), samples (LABEL.samples.jsonl, where
     present) and load lines (LABEL.log). A file that is not what a run writes is an error."""
+    from evals.vllm_log import LOG_LINES, parse_log  # imports torch (load_stats): here only
+
     runs = {}
     for f in sorted(out.glob("*.json")):
         if f.name in ("data.json", "summary.json"):
@@ -230,7 +229,7 @@ def load_runs(out: Path) -> dict[str, dict]:
         log = out / f"{r['label']}.log"
         text = log.read_text(errors="replace") if log.is_file() else ""
         r["log_lines"] = LOG_LINES.findall(text)
-        r["load"] = _parse_load(text) if text else {}
+        r["load"] = parse_log(text) if text else {}
         runs[r["label"]] = r
     return dict(sorted(runs.items(), key=lambda kv: _run_order(kv[0])))
 
@@ -238,18 +237,6 @@ def load_runs(out: Path) -> dict[str, dict]:
 def _run_order(label: str):
     mode, _, k = label.partition("-")
     return (0 if mode == "upstream" else 1, mode, int(k) if k.isdigit() else 1)
-
-
-def _parse_load(text: str) -> dict:
-    """vLLM's load times and this package's summary line, from a run's log."""
-    from evals.startup_time import parse_log
-    from vllm_w4a8_fastprep.load_stats import parse_summary
-
-    out = parse_log(text)
-    ours = parse_summary(text)
-    if ours:
-        out.update(ours_layers=ours["layers"], ours_prep_s=ours["seconds"])
-    return out
 
 
 def compare(a: dict, b: dict) -> dict:

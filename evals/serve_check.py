@@ -124,7 +124,7 @@ def log_problem(mode: str, log_text: str) -> str | None:
     """Why the server's log does not show ``mode``'s own preparation, or None."""
     from vllm_w4a8_fastprep.load_stats import parse_summary
 
-    from evals.startup_time import LOADING  # vLLM's "Model loading took" line
+    from evals.vllm_log import LOADING  # vLLM's "Model loading took" line
 
     if not LOADING.search(log_text):
         return "no 'Model loading took' line in the server's log (vLLM's logging off?)"

@@ -224,23 +224,6 @@ def test_the_same_data_in_another_folder_is_the_same_data():
     assert not gsm8k.same_data([1], [1])
 
 
-def test_load_lines_from_a_run_log():
-    log = ("INFO 11-25 12:03:10 [default_loader.py:431] Loading weights took 0.52 seconds\n"
-           "INFO 11-25 12:03:11 [load_stats.py:184] w4a8_fastprep: prepared 196 dense layers "
-           "(0.61 GiB int4 + 0.02 GiB scales): 0.012 s of GPU time on cuda:0 (this package's "
-           "preparation only, summed per layer)\n"
-           "INFO 11-25 12:03:12 [gpu_model_runner.py:5348] Model loading took 1.1 GiB memory "
-           "and 3.250000 seconds\n")
-    load = gsm8k._parse_load(log)
-    assert load["loading_s"] == 3.25 and load["weights_s"] == 0.52
-    assert load["ours_layers"] == 196 and load["ours_prep_s"] == 0.012
-    assert [x.split(" took")[0] for x in gsm8k.LOG_LINES.findall(log)] == [
-        "Loading weights", "w4a8_fastprep: prepared 196 dense layers (0.61 GiB int4 + 0.02 GiB "
-        "scales): 0.012 s of GPU time on cuda:0 (this package's preparation only, summed per "
-        "layer)", "Model loading"]
-    assert "ours_layers" not in gsm8k._parse_load(log.splitlines()[0])
-
-
 def test_samples_by_doc_merges_the_filters():
     samples = [{"doc_id": 0, "filter": f, "resps": [["r #### 7"]], "filtered_resps": [a],
                 "exact_match": 1.0, "prompt_hash": "h", "target": "#### 7"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from one_line import one_line_error
 from vllm_w4a8_fastprep import ops
 from vllm_w4a8_fastprep.tools import checkpoint_check, cli
 from vllm_w4a8_fastprep.tools.synthetic import quantization_config, write_checkpoint
@@ -43,13 +44,9 @@ def _ours(tmp):
 
 
 def _one_line_error(capsys, *phrases):
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vllm-w4a8-fastprep"), err
-    for p in phrases:
-        assert p in lines[0], (p, err)
-    return lines[0]
+    line = one_line_error(capsys, *phrases)
+    assert line.startswith("vllm-w4a8-fastprep"), line
+    return line
 
 
 def test_help_lists_commands():
