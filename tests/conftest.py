@@ -35,7 +35,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # vLLM's layers, built on the GPU where there is one
         if "vllm_ctx" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.vllm_layers)
-    if torch.cuda.is_available():
+    # Workers of the README's command (pytest-xdist: -n 2 --dist loadgroup): a file's tests
+    # on one worker (its module fixtures built once, its files written by one process), and
+    # every test that uses the GPU on one worker (no two fill its memory or time it at once).
+    gpu = torch.cuda.is_available()
+    for item in items:
+        on_gpu = gpu and ("gpu" in item.keywords or "vllm_layers" in item.keywords)
+        item.add_marker(pytest.mark.xdist_group("gpu" if on_gpu else item.nodeid.split("::")[0]))
+    if gpu:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
