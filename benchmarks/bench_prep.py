@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_w4a8_fastprep import ops, reference
+from vllm_w4a8_fastprep import checkpoint_format, ops
 from vllm_w4a8_fastprep.tools import model_shapes
 from vllm_w4a8_fastprep.tools import upstream as upstream_chain
 from vllm_w4a8_fastprep.tools.cli import non_negative_int, positive_int
@@ -48,7 +48,7 @@ from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError, OneLineParser
 from vllm_w4a8_fastprep.tools.provenance import source_commit
 
 ROTATE_BYTES = 512 << 20  # inputs rotated over >= 512 MiB: far past L2 (50 MiB on H100)
-GROUP = reference.GROUP_SIZE
+GROUP = checkpoint_format.GROUP_SIZE
 # --smoke: the smallest legal shapes, one with K % 256 == 128
 SMOKE_DENSE = {"smoke/128x256": (128, 256), "smoke/256x384": (256, 384)}
 # (I = 256: upstream's grouped op refuses K % 256 == 128, so the GPU smoke run compares)

@@ -18,6 +18,7 @@ from typing import Any
 METHOD_NAME = "w4a8_fastprep"
 GROUP_SIZE = 128
 INT4_PER_INT32 = 8  # checkpoint packing: 8 int4 values per int32 (weight_packed)
+SHAPE_MULTIPLE = 128  # vLLM's CUTLASS W4A8 kernel: a layer's N and K are multiples of it
 FORMAT = "pack-quantized"
 #: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
 ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,

@@ -23,12 +23,11 @@ import functools
 
 import torch
 
-from . import reference
+from . import checkpoint_format, reference
 
 NAMESPACE = "w4a8_fastprep"
 SCALE_PATHS = reference.SCALE_PATHS
 _SCALE_PATH_ID = {name: i for i, name in enumerate(SCALE_PATHS)}
-_MULTIPLE = 128
 INPUT_ALIGNMENT = 16  # bytes: the weight kernels' load width
 MAX_EXPERTS = 65535  # experts per grouped call (the weight kernel's grid.y)
 
@@ -36,9 +35,9 @@ MAX_EXPERTS = 65535  # experts per grouped call (the weight kernel's grid.y)
 # ``torch.ops.w4a8_fastprep.constant(name)`` answers to (tests/ops/test_contract.py
 # checks that both sides agree).
 CONSTANTS = {
-    "group_size": reference.GROUP_SIZE,
-    "shape_multiple": _MULTIPLE,
-    "int4_per_int32": reference.INT4_PER_INT32,
+    "group_size": checkpoint_format.GROUP_SIZE,
+    "shape_multiple": checkpoint_format.SHAPE_MULTIPLE,
+    "int4_per_int32": checkpoint_format.INT4_PER_INT32,
     "scale_pack_bytes": reference.SCALE_PACK_BYTES,
     "input_alignment": INPUT_ALIGNMENT,
     "max_experts": MAX_EXPERTS,
@@ -214,9 +213,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_multiple(value: int, what: str, name: str) -> None:
-    if value % _MULTIPLE:
+    if value % checkpoint_format.SHAPE_MULTIPLE:
         raise ValueError(
-            f"{name}: {what} = {value} is not a multiple of {_MULTIPLE} "
+            f"{name}: {what} = {value} is not a multiple of {checkpoint_format.SHAPE_MULTIPLE} "
             "(vLLM's CUTLASS W4A8 kernel needs K and N multiples of 128)"
         )
 
@@ -359,7 +358,7 @@ def prepare_layer(
         )
     if weight_packed.dim() == 2 and weight_scale.dim() == 2:
         n, k = weight_packed.shape[0], 8 * weight_packed.shape[1]
-        want = (n, k // reference.GROUP_SIZE)
+        want = (n, k // checkpoint_format.GROUP_SIZE)
         if tuple(weight_scale.shape) != want:
             raise ValueError(
                 f"weight_scale has shape {tuple(weight_scale.shape)} but "

@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32  # noqa: F401 (re-exported)
+from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32
 
 FP8 = torch.float8_e4m3fn
 SCALE_PACK_BYTES = 8  # packed fp8 bytes per group scale: s * (j - 8), j = 0..7

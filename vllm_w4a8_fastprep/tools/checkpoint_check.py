@@ -21,10 +21,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint_format import GROUP_SIZE, ITEM_BYTES, checkpoint_problem
+from ..checkpoint_format import GROUP_SIZE, ITEM_BYTES, SHAPE_MULTIPLE, checkpoint_problem
 from .errors import USAGE, OneLineError
 
-MULTIPLE = 128  # vLLM's CUTLASS W4A8 kernel: N and K multiples of 128
 # the per-expert projections of a MoE layer, as checkpoints name them
 # (Qwen/DeepSeek style; Mixtral style w1/w3/w2)
 EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\."
@@ -299,10 +298,10 @@ def check_linear(tensors: dict[str, TensorInfo], prefix: str) -> tuple[int, int]
         raise OneLineError(f"{prefix}: weight_packed is empty (shape {tuple(w.shape)})")
     n, k = w.shape[0], 8 * w.shape[1]
     for value, what in ((n, "N (output features, dim 0)"), (k, "K (input features, 8 x dim 1)")):
-        if value % MULTIPLE:
+        if value % SHAPE_MULTIPLE:
             raise OneLineError(f"{prefix}: weight_packed: {what} = {value} is not a multiple of "
-                               f"{MULTIPLE} (vLLM's CUTLASS W4A8 kernel needs K and N multiples "
-                               f"of {MULTIPLE})")
+                               f"{SHAPE_MULTIPLE} (vLLM's CUTLASS W4A8 kernel needs K and N multiples "
+                               f"of {SHAPE_MULTIPLE})")
     s = tensors.get(prefix + ".weight_scale")
     if s is None:
         raise OneLineError(f"{prefix}: has weight_packed but no weight_scale")
