@@ -11,25 +11,11 @@ import pytest
 import torch
 
 from vllm_w4a8_fastprep import ops, reference as ref
+from op_table import NOT_TENSOR_OPS, OP_CASES, packed, packed_grouped, scales, scales_grouped
+from op_table import cases as op_cases
 from vllm_w4a8_fastprep.tools import upstream
 
 FP8 = torch.float8_e4m3fn
-
-
-def _packed(n, k, gen=None):
-    return torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
-
-
-def _packed_grouped(e, n, k, gen=None):
-    return torch.randint(-(2**31), 2**31 - 1, (e, n, k // 8), dtype=torch.int32, generator=gen)
-
-
-def _scales(n, g, gen=None):
-    return (torch.rand(n, g, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
-
-
-def _scales_grouped(e, n, g, gen=None):
-    return (torch.rand(e, n, g, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
 
 
 def _misaligned(shape, dtype=torch.int32, gen=None):
@@ -56,15 +42,15 @@ def test_extension_loads(extension):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: _packed(128, 256).to(torch.int64), TypeError, "must be torch.int32"),
-        (lambda: _packed(128, 256).view(torch.float32), TypeError, "must be torch.int32"),
-        (lambda: _packed(128, 256).reshape(-1), ValueError, r"must be 2-D \[N, K/8\]"),
-        (lambda: _packed(100, 256), ValueError, r"N \(output features, dim 0\) = 100 is not a multiple of 128"),
-        (lambda: _packed(128, 200), ValueError, r"K \(input features, 8 x dim 1\) = 200 is not a multiple of 128"),
-        (lambda: _packed(128, 256)[:, :0], ValueError, "is empty"),
-        (lambda: _packed(256, 2048).t().contiguous().t(), ValueError, "contiguous row-major"),
+        (lambda: packed(128, 256).to(torch.int64), TypeError, "must be torch.int32"),
+        (lambda: packed(128, 256).view(torch.float32), TypeError, "must be torch.int32"),
+        (lambda: packed(128, 256).reshape(-1), ValueError, r"must be 2-D \[N, K/8\]"),
+        (lambda: packed(100, 256), ValueError, r"N \(output features, dim 0\) = 100 is not a multiple of 128"),
+        (lambda: packed(128, 200), ValueError, r"K \(input features, 8 x dim 1\) = 200 is not a multiple of 128"),
+        (lambda: packed(128, 256)[:, :0], ValueError, "is empty"),
+        (lambda: packed(256, 2048).t().contiguous().t(), ValueError, "contiguous row-major"),
         (lambda: "not a tensor", TypeError, "must be a torch.Tensor"),
-        (lambda: _packed(128, 256).to("meta"), RuntimeError, "CUDA device or the CPU"),
+        (lambda: packed(128, 256).to("meta"), RuntimeError, "CUDA device or the CPU"),
     ],
 )
 def test_prepare_weight_bad_input(make, exc, match):
@@ -75,10 +61,10 @@ def test_prepare_weight_bad_input(make, exc, match):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: _packed(128, 256).t().contiguous(), ValueError, r"strides \(1, K/8\) = \(1, 32\)"),
-        (lambda: _packed(100, 256).t(), ValueError, r"N \(output features, dim 1\) = 100"),
-        (lambda: _packed(128, 192).t(), ValueError, r"K \(input features, 8 x dim 0\) = 192"),
-        (lambda: _packed(128, 256).t().to(torch.int16), TypeError, "torch.int32"),
+        (lambda: packed(128, 256).t().contiguous(), ValueError, r"strides \(1, K/8\) = \(1, 32\)"),
+        (lambda: packed(100, 256).t(), ValueError, r"N \(output features, dim 1\) = 100"),
+        (lambda: packed(128, 192).t(), ValueError, r"K \(input features, 8 x dim 0\) = 192"),
+        (lambda: packed(128, 256).t().to(torch.int16), TypeError, "torch.int32"),
     ],
 )
 def test_encode_and_reorder_bad_input(make, exc, match):
@@ -89,11 +75,11 @@ def test_encode_and_reorder_bad_input(make, exc, match):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: _scales(128, 4).float(), TypeError, "must be torch.bfloat16"),
-        (lambda: _scales(128, 4)[0], ValueError, r"must be 2-D \[N, K/128\]"),
-        (lambda: _scales(96, 4), ValueError, "= 96 is not a multiple of 128"),
-        (lambda: _scales(128, 4).t().contiguous().t(), ValueError, "contiguous"),
-        (lambda: _scales(128, 0), ValueError, "is empty"),
+        (lambda: scales(128, 4).float(), TypeError, "must be torch.bfloat16"),
+        (lambda: scales(128, 4)[0], ValueError, r"must be 2-D \[N, K/128\]"),
+        (lambda: scales(96, 4), ValueError, "= 96 is not a multiple of 128"),
+        (lambda: scales(128, 4).t().contiguous().t(), ValueError, "contiguous"),
+        (lambda: scales(128, 0), ValueError, "is empty"),
     ],
 )
 def test_prepare_scales_bad_input(make, exc, match):
@@ -103,7 +89,7 @@ def test_prepare_scales_bad_input(make, exc, match):
 
 def test_prepare_scales_bad_path():
     with pytest.raises(ValueError, match="path must be one of"):
-        ops.prepare_scales(_scales(128, 4), path="fast")
+        ops.prepare_scales(scales(128, 4), path="fast")
 
 
 def test_pack_scale_fp8_bad_input():
@@ -117,9 +103,9 @@ def test_pack_scale_fp8_bad_input():
 
 def test_prepare_layer_checks_pair():
     with pytest.raises(ValueError, match=r"needs \[N, K/128\] = \(128, 2\)"):
-        ops.prepare_layer(_packed(128, 256), _scales(128, 3))
+        ops.prepare_layer(packed(128, 256), scales(128, 3))
     with pytest.raises(RuntimeError, match="same device"):
-        ops.prepare_layer(_packed(128, 256), _scales(128, 2).to("meta"))
+        ops.prepare_layer(packed(128, 256), scales(128, 2).to("meta"))
 
 
 # ------------------------------------------- CPU path == the format, written out
@@ -190,7 +176,7 @@ def _bytes(t: torch.Tensor) -> list[int]:
 
 @pytest.mark.parametrize("n,k", [(128, 128), (256, 384), (128, 640)])
 def test_cpu_ops_follow_the_format_definition(n, k, gen, extension):
-    w = _packed(n, k, gen)
+    w = packed(n, k, gen)
     want = _weight_bytes_from_format(w, uint4b8=True)
     for out in (ops.prepare_weight(w), torch.ops.w4a8_fastprep.prepare_weight(w)):
         assert out.shape == (k // 8, n) and out.stride() == (1, k // 8)
@@ -198,7 +184,7 @@ def test_cpu_ops_follow_the_format_definition(n, k, gen, extension):
     signed = w.t()  # read as signed int4 this time: (K/8, N), strides (1, K/8)
     assert _bytes(ops.encode_and_reorder_int4b(signed).t()) == _weight_bytes_from_format(w, False)
 
-    ws = _scales(n, k // 128, gen) * torch.exp2(torch.randint(-6, 3, (n, 1), generator=gen)).to(
+    ws = scales(n, k // 128, gen) * torch.exp2(torch.randint(-6, 3, (n, 1), generator=gen)).to(
         torch.bfloat16)
     for path in ops.SCALE_PATHS:
         groups, chans = _row_scales_from_format(ws, path)
@@ -219,45 +205,33 @@ def test_prepare_weight_xor_constant_is_uint4b8_to_int4():
 # ------------------------------------------------------------- fakes
 
 
-def test_fake_tensors_match_real_outputs(extension):
+def test_the_op_table_names_every_op():
+    assert set(OP_CASES) | set(NOT_TENSOR_OPS) == set(ops.OP_NAMES)
+
+
+@pytest.mark.parametrize("name, case", [c[1:] for c in op_cases()], ids=[c[0] for c in op_cases()])
+def test_fake_tensors_match_real_outputs(extension, name, case):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    w, ws = _packed(256, 384), _scales(256, 3)
-    real = [
-        torch.ops.w4a8_fastprep.prepare_weight(w),
-        torch.ops.w4a8_fastprep.encode_and_reorder_int4b(w.t()),
-        torch.ops.w4a8_fastprep.pack_scale_fp8(ws.to(FP8)),
-        *torch.ops.w4a8_fastprep.prepare_scales(ws, 0),
-    ]
+    op = getattr(torch.ops.w4a8_fastprep, name)
+    args = case.inputs()
+    real = op(*args)
     with FakeTensorMode() as mode:
-        fw, fws = mode.from_tensor(w), mode.from_tensor(ws)
-        fake = [
-            torch.ops.w4a8_fastprep.prepare_weight(fw),
-            torch.ops.w4a8_fastprep.encode_and_reorder_int4b(fw.t()),
-            torch.ops.w4a8_fastprep.pack_scale_fp8(fws.to(FP8)),
-            *torch.ops.w4a8_fastprep.prepare_scales(fws, 0),
-        ]
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = (list(x) if isinstance(x, (tuple, list)) else [x] for x in (real, fake))
+    assert len(real) == len(fake)
     for r, f in zip(real, fake):
         assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
 
 
-# opcheck's schema test multiplies tensors, which PyTorch's CPU backend does
-# not implement for fp8; ops with fp8 inputs or outputs skip that one test.
-NO_FP8_MUL = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def test_opcheck_cpu(extension):
-    w, ws = _packed(128, 256), _scales(128, 2)
-    opcheck = torch.library.opcheck
-    opcheck(torch.ops.w4a8_fastprep.prepare_weight.default, (w,))
-    opcheck(torch.ops.w4a8_fastprep.encode_and_reorder_int4b.default, (w.t(),))
-    opcheck(torch.ops.w4a8_fastprep.pack_scale_fp8.default, (ws.to(FP8),), test_utils=NO_FP8_MUL)
-    for path in range(2):
-        opcheck(torch.ops.w4a8_fastprep.prepare_scales.default, (ws, path), test_utils=NO_FP8_MUL)
+@pytest.mark.parametrize("name, case", [c[1:] for c in op_cases()], ids=[c[0] for c in op_cases()])
+def test_opcheck_cpu(extension, name, case):
+    kw = {} if case.test_utils is None else {"test_utils": case.test_utils}
+    torch.library.opcheck(getattr(torch.ops.w4a8_fastprep, name).default, case.inputs(), **kw)
 
 
 def test_prepare_weight_compiles_with_fullgraph(extension):
-    w = _packed(128, 256)
+    w = packed(128, 256)
     fn = torch.compile(ops.prepare_weight, fullgraph=True, backend="eager")
     assert torch.equal(fn(w), ref.prepare_weight(w))
 
@@ -269,9 +243,9 @@ def test_prepare_weight_compiles_with_fullgraph(extension):
 
 
 def test_aligned_returns_aligned_input_itself():
-    w = _packed(128, 256)
+    w = packed(128, 256)
     assert ops._aligned(w) is w
-    t = _packed(128, 256).t()  # (K/8, N) strides (1, K/8), aligned
+    t = packed(128, 256).t()  # (K/8, N) strides (1, K/8), aligned
     assert ops._aligned(t) is t
 
 
@@ -338,13 +312,13 @@ def test_registered_op_gets_aligned_input(fn, op_name, make, gen, monkeypatch):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: _packed_grouped(2, 128, 256).to(torch.int64), TypeError, "must be torch.int32"),
-        (lambda: _packed(128, 256), ValueError, r"must be 3-D \(E, N, K/8\)"),
-        (lambda: _packed_grouped(2, 100, 256), ValueError, r"N \(output features, dim 1\) = 100 is not a multiple of 128"),
-        (lambda: _packed_grouped(2, 128, 200), ValueError, r"K \(input features, 8 x dim 2\) = 200 is not a multiple of 128"),
-        (lambda: _packed_grouped(0, 128, 256), ValueError, "is empty"),
-        (lambda: _packed_grouped(2, 128, 256).transpose(0, 1).contiguous().transpose(0, 1), ValueError, r"contiguous \(E, N, K/8\)"),
-        (lambda: _packed_grouped(2, 128, 256).to("meta"), RuntimeError, "CUDA device or the CPU"),
+        (lambda: packed_grouped(2, 128, 256).to(torch.int64), TypeError, "must be torch.int32"),
+        (lambda: packed(128, 256), ValueError, r"must be 3-D \(E, N, K/8\)"),
+        (lambda: packed_grouped(2, 100, 256), ValueError, r"N \(output features, dim 1\) = 100 is not a multiple of 128"),
+        (lambda: packed_grouped(2, 128, 200), ValueError, r"K \(input features, 8 x dim 2\) = 200 is not a multiple of 128"),
+        (lambda: packed_grouped(0, 128, 256), ValueError, "is empty"),
+        (lambda: packed_grouped(2, 128, 256).transpose(0, 1).contiguous().transpose(0, 1), ValueError, r"contiguous \(E, N, K/8\)"),
+        (lambda: packed_grouped(2, 128, 256).to("meta"), RuntimeError, "CUDA device or the CPU"),
         (lambda: torch.zeros(ops.MAX_EXPERTS + 1, 128, 16, dtype=torch.int32), ValueError, "at most 65535 per call"),
     ],
 )
@@ -357,11 +331,11 @@ def test_grouped_weight_bad_input(fn, make, exc, match):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: _scales_grouped(2, 128, 4).float(), TypeError, "must be torch.bfloat16"),
-        (lambda: _scales(128, 4), ValueError, r"must be 3-D \(E, N, K/128\)"),
-        (lambda: _scales_grouped(2, 96, 4), ValueError, r"N \(output features, dim 1\) = 96 is not a multiple of 128"),
-        (lambda: _scales_grouped(2, 128, 4).transpose(1, 2).contiguous().transpose(1, 2), ValueError, "contiguous"),
-        (lambda: _scales_grouped(2, 128, 0), ValueError, "is empty"),
+        (lambda: scales_grouped(2, 128, 4).float(), TypeError, "must be torch.bfloat16"),
+        (lambda: scales(128, 4), ValueError, r"must be 3-D \(E, N, K/128\)"),
+        (lambda: scales_grouped(2, 96, 4), ValueError, r"N \(output features, dim 1\) = 96 is not a multiple of 128"),
+        (lambda: scales_grouped(2, 128, 4).transpose(1, 2).contiguous().transpose(1, 2), ValueError, "contiguous"),
+        (lambda: scales_grouped(2, 128, 0), ValueError, "is empty"),
     ],
 )
 def test_prepare_scales_grouped_bad_input(make, exc, match):
@@ -371,7 +345,7 @@ def test_prepare_scales_grouped_bad_input(make, exc, match):
 
 def test_prepare_scales_grouped_bad_path():
     with pytest.raises(ValueError, match="path must be one of"):
-        ops.prepare_scales_grouped(_scales_grouped(2, 128, 4), path="fast")
+        ops.prepare_scales_grouped(scales_grouped(2, 128, 4), path="fast")
 
 
 @pytest.mark.parametrize(
@@ -404,14 +378,14 @@ def _scales_where_paths_differ(e, n, g):
     amax = bits.float()
     differ = bits[(amax * torch.tensor(1 / 448.0)) != (amax / torch.tensor(448.0))]
     assert differ.numel() >= 100
-    s = _scales_grouped(e, n, g) * 1e-3
+    s = scales_grouped(e, n, g) * 1e-3
     s[..., 0] = differ.repeat(e * n // differ.numel() + 1)[: e * n].view(e, n)
     return s
 
 
 @pytest.mark.parametrize("e,n,k", [(1, 128, 128), (3, 256, 384), (2, 128, 1024)])
 def test_cpu_grouped_ops_equal_dense_per_expert(e, n, k, gen, extension):
-    w = _packed_grouped(e, n, k, gen)
+    w = packed_grouped(e, n, k, gen)
     out = ops.prepare_weight_grouped(w)
     assert out.shape == w.shape and out.is_contiguous() and out.dtype == torch.int32
     assert torch.equal(extension.prepare_weight_grouped(w), out)
@@ -435,36 +409,7 @@ def test_cpu_grouped_ops_equal_dense_per_expert(e, n, k, gen, extension):
     assert not torch.equal(native, ops.prepare_scales_grouped(s, "cuda")[1])
 
 
-def test_fake_tensors_match_real_grouped_outputs(extension):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    w, ws = _packed_grouped(3, 256, 384), _scales_grouped(3, 256, 3)
-    real = [
-        extension.prepare_weight_grouped(w),
-        extension.encode_and_reorder_int4b_grouped(w),
-        *extension.prepare_scales_grouped(ws, 1),
-    ]
-    with FakeTensorMode() as mode:
-        fw, fws = mode.from_tensor(w), mode.from_tensor(ws)
-        fake = [
-            extension.prepare_weight_grouped(fw),
-            extension.encode_and_reorder_int4b_grouped(fw),
-            *extension.prepare_scales_grouped(fws, 1),
-        ]
-    for r, f in zip(real, fake):
-        assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
-
-
-def test_opcheck_grouped_cpu(extension):
-    w, ws = _packed_grouped(2, 128, 256), _scales_grouped(2, 128, 2)
-    opcheck = torch.library.opcheck
-    opcheck(extension.prepare_weight_grouped.default, (w,))
-    opcheck(extension.encode_and_reorder_int4b_grouped.default, (w,))
-    for path in range(2):
-        opcheck(extension.prepare_scales_grouped.default, (ws, path), test_utils=NO_FP8_MUL)
-
-
 def test_prepare_weight_grouped_compiles_with_fullgraph(extension):
-    w = _packed_grouped(2, 128, 256)
+    w = packed_grouped(2, 128, 256)
     fn = torch.compile(ops.prepare_weight_grouped, fullgraph=True, backend="eager")
     assert torch.equal(fn(w), ref.prepare_weight_grouped(w))
