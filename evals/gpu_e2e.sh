@@ -4,10 +4,9 @@
 # $VB (sourced from $VB/activate.sh when that exists; the setup step unpacks one from
 # .vllm-bundle/part2/unpack.sh when present). Run steps in one invocation or in several in a row:
 #   bash evals/gpu_e2e.sh STEP...
-# Steps:
+# The tests and the benchmark have a driver of their own (benchmarks/gpu_suite.sh), gsm8k too
+# (evals/gpu_gsm8k.sh); this one runs vLLM end to end. Steps:
 #   setup     vLLM in $VB if not there yet, build the extension, install the plugin
-#   tests     all tests, upstream's ops (found by vllm_w4a8_fastprep/tools/vllm_ops.py: the vLLM in use) as the oracle
-#   bench     benchmarks/bench_prep.py, dense layers then MoE layers (--moe)
 #   tiny, 8b, 70b            dense synthetic checkpoints: startup time ours vs upstream, output identity
 #   moe-tiny  the tiny-moe synthetic checkpoint (eager and compiled)
 #   moe       a Qwen3-30B-A3B-shaped synthetic checkpoint (all 48 layers, 128 experts, attention
@@ -31,6 +30,8 @@
 #             --help`, and with MODEL=DIR the time until `vllm serve DIR` answers /health; with
 #             and without the plugin, RUNS (default 3) alternating runs each (SERVE_ARGS: the
 #             `vllm serve` arguments, default --max-model-len 1024)
+#   real      MODEL=DIR (a real W4AFP8 checkpoint): startup time ours vs upstream on it, RUNS
+#             (default 3) runs per mode, --timeout 150 and STARTUP_ARGS
 #   serve     MODEL=DIR (a real W4AFP8 checkpoint; gsm8k data in .gsm8k-data/): `vllm serve DIR`
 #             answered by the OpenAI client, upstream then ours (evals.serve_check: gsm8k
 #             completions, chat, streaming; SERVE_ARGS as above, SERVE_CHECK_ARGS more flags)
@@ -47,12 +48,6 @@ WORK=${WORK:-${TMPDIR:-/tmp}/e2e}; mkdir -p "$WORK"
 export VB=${VB:-$HOME/vb}  # an unpacked vLLM tree, if vLLM is not installed
 export PYTHONUNBUFFERED=1
 [[ -f $VB/activate.sh ]] && source $VB/activate.sh
-
-oracle() {  # the one lookup (vllm_w4a8_fastprep/tools/vllm_ops.py); empty when there is none
-  local found
-  found=$(python3 -m vllm_w4a8_fastprep.tools.vllm_ops) || return 1
-  [[ -f $found ]] && echo "$found"
-}
 
 startup() {  # name, model dir, extra args
   local name=$1 model=$2; shift 2
@@ -142,17 +137,6 @@ for step in "$@"; do
         || { tail -30 "$WORK/build.log"; exit 1; }
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/pip.log" 2>&1 \
         || { tail -20 "$WORK/pip.log"; exit 1; } ;;
-    tests)  # every test: kernels vs upstream's ops, plugin in real vLLM
-      W4A8_FASTPREP_ORACLE=$(oracle) python3 -m pytest -q -rs -p no:cacheprovider tests \
-        > "$OUT/pytest-all.log" 2>&1
-      echo "pytest rc=$?"
-      grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/pytest-all.log" | tail -12 ;;
-    bench)
-      up=$(oracle); [[ -n $up ]] || echo "no upstream ops found: upstream columns stay empty"
-      python3 benchmarks/bench_prep.py ${up:+--upstream "$up"} --json "$OUT/bench.json" 2>&1 \
-        | tee "$OUT/bench.log" | tail -62
-      python3 benchmarks/bench_prep.py --moe ${up:+--upstream "$up"} --json "$OUT/bench-moe.json" \
-        2>&1 | tee "$OUT/bench-moe.log" | tail -20 ;;
     tiny)
       synth "$WORK/tiny" || continue
       startup tiny-eager "$WORK/tiny" --runs 1 --enforce-eager
@@ -179,6 +163,10 @@ for step in "$@"; do
       python3 -m evals.registration_cost --runs ${RUNS:-3} --json "$OUT/registration.json" \
         ${MODEL:+--model "$MODEL" --serve-args "${SERVE_ARGS:---max-model-len 1024}"} 2>&1 | tail -8
       echo "registration_cost rc=${PIPESTATUS[0]}" ;;
+    real)
+      [[ -n ${MODEL:-} && -f ${MODEL:-}/config.json ]] \
+        || { echo "real: MODEL=DIR is needed (a W4AFP8 checkpoint folder)"; continue; }
+      startup real "$MODEL" --runs ${RUNS:-3} --timeout 150 ${STARTUP_ARGS:-} ;;
     serve)
       [[ -n ${MODEL:-} ]] || { echo "serve: MODEL=DIR is needed (a W4AFP8 checkpoint)"; continue; }
       # shellcheck disable=SC2086  # SERVE_CHECK_ARGS holds several flags
@@ -206,7 +194,7 @@ for step in "$@"; do
       startup moe-58x256 "$WORK/moe-58x256" --runs ${RUNS:-1} --enforce-eager ${STARTUP_ARGS:-}
       done_with "$WORK/moe-58x256" ;;
     *)
-      echo "unknown step '$step' (setup tests bench tiny 8b 70b moe-tiny moe blockread moe-58x256 reload registration serve)"
+      echo "unknown step '$step' (setup tiny 8b 70b moe-tiny moe blockread moe-58x256 reload registration real serve; tests and the benchmark: benchmarks/gpu_suite.sh)"
       exit 2 ;;
   esac
 done

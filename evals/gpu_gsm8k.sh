@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gsm8k through lm-eval's vLLM backend, and startup time, ours vs upstream vLLM 0.26.0, on a real
+# gsm8k through lm-eval's vLLM backend, ours vs upstream vLLM 0.26.0, on a real
 # W4AFP8 checkpoint, on a machine with a Hopper GPU. Steps (one per invocation, or several
 # invocations in a row; what lies outside the repository -- the checkpoint, lm-eval, the data,
 # the results -- is kept between them in the folders named below):
@@ -14,18 +14,16 @@
 #            invocations with the same TAG are kept and compared: upstream, ours, upstream-2,
 #            ...); report.md, summary.json and this invocation's logs and samples go to $OUT
 #   report   bash evals/gpu_gsm8k.sh report           (the report of $RES/$TAG again)
-#   startup  bash evals/gpu_gsm8k.sh startup          (evals.startup_time, $RUNS runs per mode,
-#                                                      plus $STARTUP_ARGS)
+# (Startup time on the same checkpoint: MODEL=DIR bash evals/gpu_e2e.sh real.)
 #
 # vLLM: the Python environment's own, or one set up by `bash evals/gpu_e2e.sh setup` in $VB.
 # Environment: MODEL (required: the W4AFP8 checkpoint folder), MODEL_SHA256 (a sha256sum file
 # listing the checkpoint's weight files; default MODEL/SHA256SUMS when that exists; "none": do
 # not check), TAG (results folder, default "default": one TAG per setting), GSM8K_ARGS (more
 # evals.gsm8k flags, e.g. "--in-process-engine" (deterministic: ours vs upstream compared exactly)
-# or "--limit 200"), RUNS (startup, default 3), STARTUP_ARGS (more evals.startup_time flags;
-# default "--in-process-engine", deterministic outputs; e.g. add "--enforce-eager"), BUDGET_S
-# (seconds this invocation may spend on its gsm8k runs, default 540: a run that would outlast it
-# is stopped and reported as failed, so the results still get written).
+# or "--limit 200"), BUDGET_S (seconds this invocation may spend on its gsm8k runs, default
+# 540: a run that would outlast it is stopped and reported as failed, so the results still get
+# written).
 set -uo pipefail
 T0=$SECONDS
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -36,7 +34,6 @@ SITE=${SITE:-$HOME/lmeval-site}
 DATA=${DATA:-$HOME/gsm8k-data}
 RES=${RES:-$HOME/gsm8k-res}
 TAG=${TAG:-default}
-STARTUP_ARGS=${STARTUP_ARGS---in-process-engine}  # unset: the default; set empty: none
 BUDGET_S=${BUDGET_S:-540}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 [[ -f $VB/activate.sh ]] && source "$VB/activate.sh"
@@ -45,17 +42,13 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 left() { echo $(( BUDGET_S - (SECONDS - T0) )); }
 quiet() { grep -vE "it/s\]|s/it\]|^\s*$" "$@"; }
 
-[[ ${1:-} ]] || { sed -n '2,28p' "$0"; exit 2; }
+[[ ${1:-} ]] || { sed -n '2,26p' "$0"; exit 2; }
 step=$1; shift
-case $step in setup|gsm8k|startup)
+case $step in setup|gsm8k)
   [[ -n $MODEL ]] || { echo "MODEL is not set: MODEL=/path/to/checkpoint bash $0 $step" >&2; exit 2; }
   [[ -f $MODEL/config.json ]] || { echo "MODEL=$MODEL: not a model folder (no config.json)" >&2; exit 2; } ;;
 esac
-case $step in
-  startup) echo "=== $step ($(date -u +%T), RUNS=${RUNS:-3}," \
-    "STARTUP_ARGS=$STARTUP_ARGS)" ;;
-  *) echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})" ;;
-esac
+echo "=== $step $* ($(date -u +%T), TAG=$TAG, GSM8K_ARGS=${GSM8K_ARGS:-})"
 case $step in
   setup)
     python3 -c "import vllm" 2> /dev/null || { echo "vLLM is not importable: install it, or run bash evals/gpu_e2e.sh setup first" >&2; exit 1; }
@@ -123,19 +116,5 @@ print('lm-eval', lm_eval.__version__, '| datasets', datasets.__version__, '| vll
     exit $rc ;;
   report)
     python3 -m evals.gsm8k --report --out-dir "$RES/$TAG" && cp "$RES/$TAG/report.md" "$RES/$TAG/summary.json" "$OUT"/ ;;
-  startup)
-    WORK=${WORK:-${TMPDIR:-/tmp}/e2e}/startup-real
-    rm -rf "$WORK"  # nothing of an earlier invocation is copied out as this one's result
-    rm -f "$OUT/startup.json" "$OUT/startup.png" "$OUT"/startup-*.log
-    # shellcheck disable=SC2086  # STARTUP_ARGS holds several flags
-    python3 -m evals.startup_time --model "$MODEL" --runs "${RUNS:-3}" --out-dir "$WORK" \
-      --timeout 150 $STARTUP_ARGS 2>&1 | grep -v "it/s\]$" | tail -14
-    rc=${PIPESTATUS[0]}
-    cp "$WORK/summary.json" "$OUT/startup.json" 2>/dev/null
-    cp "$WORK/startup_time.png" "$OUT/startup.png" 2>/dev/null
-    for log in "$WORK"/ours-0.log "$WORK"/upstream-0.log; do
-      [[ -f $log ]] && quiet "$log" | tail -200 > "$OUT/startup-$(basename "$log")"
-    done
-    exit $rc ;;
-  *) echo "unknown step $step (setup, gsm8k MODE..., report, startup)" >&2; exit 2 ;;
+  *) echo "unknown step $step (setup, gsm8k MODE..., report; startup time: evals/gpu_e2e.sh real)" >&2; exit 2 ;;
 esac

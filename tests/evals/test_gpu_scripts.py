@@ -4,6 +4,7 @@ they parse, name real presets, and carry no machine paths or fixed checksums."""
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -22,9 +23,9 @@ def test_gpu_e2e_script_parses_and_names_real_presets(tmp_path):
     startup = re.search(r"^startup\(\) \{.*?^\}", text, re.M | re.S).group(0)
     assert "python3 -m evals.startup_time" in startup and "--in-process-engine" in startup
     steps = set(re.findall(r"^    ([\w-]+)\)", text, re.M))
-    assert steps == {"setup", "tests", "bench", "tiny", "8b", "70b", "moe-tiny", "moe",
-                     "blockread", "moe-58x256", "reload", "registration", "serve"}
-    listed = re.search(r"unknown step '\$step' \(([^)]*)\)", text).group(1).split()
+    assert steps == {"setup", "tiny", "8b", "70b", "moe-tiny", "moe", "blockread", "moe-58x256",
+                     "reload", "registration", "real", "serve"}
+    listed = re.search(r"unknown step '\$step' \(([^;)]*)", text).group(1).split()
     assert set(listed) == steps  # the error lists every step
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
                VB=str(tmp_path / "vb"))
@@ -54,3 +55,34 @@ def test_gpu_gsm8k_needs_the_checkpoint_named(tmp_path):
     p = subprocess.run(["bash", str(script), "gsm8k", "ours"], capture_output=True, text=True,
                        env=env, cwd=tmp_path)
     assert p.returncode == 2 and "not a model folder (no config.json)" in p.stderr
+
+
+def test_gpu_e2e_real_copies_out_no_earlier_result(tmp_path):
+    """A startup step that fails must not deliver an earlier invocation's summary as its own."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    old = tmp_path / "work" / "startup-real"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"model": "an earlier run"}')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "real.json").write_text('{"model": "an earlier invocation"}')
+    bin_dir = tmp_path / "bin"  # the script's python3 is this Python
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "m"),
+               WORK=str(tmp_path / "work"), VB=str(tmp_path / "vb"), CUDA_VISIBLE_DEVICES="",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_e2e.sh"), "real"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert "real: startup_time rc=2" in p.stdout, p.stdout + p.stderr  # no GPU: refused
+    assert not (tmp_path / "out" / "real.json").exists()
+
+
+def test_one_driver_per_purpose():
+    """Tests and benchmark: gpu_suite.sh; vLLM end to end: gpu_e2e.sh; gsm8k: gpu_gsm8k.sh."""
+    e2e = (ROOT / "evals" / "gpu_e2e.sh").read_text()
+    gsm8k = (ROOT / "evals" / "gpu_gsm8k.sh").read_text()
+    assert "pytest" not in e2e and "bench_prep" not in e2e
+    assert "evals.startup_time" not in gsm8k
+    assert "evals.gsm8k" not in e2e
