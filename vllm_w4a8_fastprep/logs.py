@@ -15,8 +15,3 @@ def log_once(level: int, key: str, msg: str, *args) -> None:
     if key not in _said:
         _said.add(key)
         logger.log(level, msg, *args)
-
-
-def forget_said() -> None:
-    """Say every notice again (tests)."""
-    _said.clear()

@@ -212,9 +212,7 @@ def get_moe_method(config, layer, prefix: str) -> W4A8FastPrepMoEMethod | None:
     log_once(logging.INFO, "moe-hopper",
               "%s: W4AFP8 MoE layers run vLLM's CUTLASS W4A8 grouped GEMM; their experts are "
               "prepared by w4a8_fastprep's grouped GPU ops", METHOD_NAME)
-    weight_quant, input_quant = scheme
-    return W4A8FastPrepMoEMethod(weight_quant, input_quant, layer.moe_config,
-                                 config.load_stats, prefix)
+    return make_moe_method(config, layer, prefix)
 
 
 # --------------------------------------------------------------------- method

@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from .checkpoint_format import GROUP_SIZE, INT4_PER_INT32
+from .checkpoint_format import INT4_PER_INT32
 
 FP8 = torch.float8_e4m3fn
 SCALE_PACK_BYTES = 8  # packed fp8 bytes per group scale: s * (j - 8), j = 0..7
@@ -199,11 +199,6 @@ def _pack_table_cpu() -> torch.Tensor:
     return table
 
 
-def pack_scale_table() -> torch.Tensor:
-    """uint8 ``[256, 8]``: the eight packed bytes of every fp8 scale byte."""
-    return _pack_table_cpu().clone()
-
-
 def pack_scale_fp8(scales: torch.Tensor) -> torch.Tensor:
     """Upstream's ``cutlass_pack_scale_fp8``: fp8 ``(K/128, N)`` -> 1-D fp8.
 
@@ -290,18 +285,3 @@ def prepare_scales_grouped(
     )
     packed = pack_scale_fp8(group_scales.view(num_experts, n_rows, groups).permute(0, 2, 1))
     return packed, chan_scales.view(num_experts, n_rows, 1)
-
-
-# ------------------------------------------------------ dequantisation
-
-
-def dequantize_weight(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, dtype=torch.float32
-) -> torch.Tensor:
-    """Checkpoint tensors -> dense ``[N, K]`` weight (signed int4 x scale)."""
-    n_rows, k = weight_packed.shape[0], weight_packed.shape[1] * INT4_PER_INT32
-    b = weight_packed.contiguous().view(torch.uint8).reshape(n_rows, k // 2)
-    q = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n_rows, k).to(torch.int16)
-    w = (q - 8).to(torch.float32)
-    s = weight_scale.to(torch.float32).repeat_interleave(GROUP_SIZE, dim=1)
-    return (w * s).to(dtype)

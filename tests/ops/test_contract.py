@@ -34,7 +34,8 @@ def test_python_constants_are_the_ones_python_uses():
     assert ops.CONSTANTS["shape_multiple"] == checkpoint_format.SHAPE_MULTIPLE
     assert [ops.CONSTANTS[f"scale_path.{p}"] for p in ops.SCALE_PATHS] == list(range(len(ops.SCALE_PATHS)))
     assert ops.CONSTANTS["int4_per_int32"] == checkpoint_format.INT4_PER_INT32
-    assert reference.pack_scale_table().shape == (256, ops.CONSTANTS["scale_pack_bytes"])
+    every_scale = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    assert reference.pack_scale_fp8(every_scale).numel() == 256 * ops.CONSTANTS["scale_pack_bytes"]
     multiple = ops.CONSTANTS["shape_multiple"]
     with pytest.raises(ValueError, match=f"is not a multiple of {multiple}"):
         ops.prepare_weight(torch.zeros(multiple + 64, 16, dtype=torch.int32))

@@ -20,6 +20,7 @@ from bitexact import (
 )
 from gpu_inputs import FP8, U8, is_k128, rand_scales, randint32
 from upstream_child import expect_output, run_batch, run_python
+from w4a8_math import dequantize_weight
 from vllm_w4a8_fastprep import ops, reference as ref
 from vllm_w4a8_fastprep.tools import model_shapes, upstream as up_chain
 
@@ -195,7 +196,7 @@ def test_upstream_gemm_on_our_output_equals_upstream(name, m, upstream, k128):
     # quantised operands. The GEMM's weight is fp8(int4 x fp8 group scale)
     # (the packed scale table) times the channel scale.
     group, chan = ref.quantize_scale_rows(ws, "cuda")
-    w_int = ref.dequantize_weight(w, torch.ones_like(ws))
+    w_int = dequantize_weight(w, torch.ones_like(ws))
     w_fp8 = ref.to_fp8_saturating(w_int * group.float().repeat_interleave(128, dim=1)).float()
     want = (a8.float() * a_scale) @ (w_fp8 * chan).t()
     rel = (ours.float() - want).norm() / want.norm()

@@ -234,13 +234,14 @@ def test_own_registration_for_k_mod_256_eq_128_matches_upstreams_create_weights(
 # ---------------------------------------------------------------- routing
 
 
-def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_lines):
+def test_routing_only_w4afp8_layers_where_the_cutlass_path_runs(vllm_ctx, log_lines,
+                                                                 monkeypatch):
     runner = fused_moe(prepare_only_config(), "model.layers.10.mlp.experts", 4, 256, 256,
                         vllm_ctx)
     layer, prefix = runner.routed_experts, "model.layers.10.mlp.experts"
     from vllm_w4a8_fastprep.config import W4A8FastPrepConfig
 
-    logs.forget_said()
+    monkeypatch.setattr(logs, "_said", set())  # every notice said again
     w4afp8 = W4A8FastPrepConfig.from_config(quantization_config(moe=True))
     method = moe.get_moe_method(w4afp8, layer, prefix)
     if moe.moe_kernel_problem(layer.moe_config) is None:  # an SM90 GPU with vLLM's ops

@@ -285,7 +285,7 @@ def test_fallback_frees_the_packed_tensors_and_warns_what_it_costs(vllm_ctx, log
                                                                    monkeypatch):
     from vllm_w4a8_fastprep import logs, scheme
 
-    logs.forget_said()
+    monkeypatch.setattr(logs, "_said", set())  # every notice said again
     if vllm_ctx.type == "cuda":  # the GPU would take the CUTLASS path: force the fallback
         monkeypatch.setattr(scheme, "hopper_kernel_problem", lambda config: "forced by the test")
     layer = _col(vllm_ctx)

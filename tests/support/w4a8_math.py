@@ -69,3 +69,9 @@ def dense_linear(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]
             GROUP, dim=1)
         outs.append(x.to(torch.float64) @ w.t())
     return torch.cat(outs, dim=1)
+
+
+def dequantize_weight(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Checkpoint tensors -> dense ``[N, K]`` weight: signed int4 value x its group scale."""
+    return (int4_values(packed).to(torch.float64)
+            * scale.to(torch.float64).repeat_interleave(GROUP, dim=1)).to(dtype)
