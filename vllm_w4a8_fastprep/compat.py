@@ -165,6 +165,28 @@ def scale_path_of(quant_fp8) -> str:
         else "native"
 
 
+def vllm_op_problem(name: str) -> str | None:
+    """None when vLLM's compiled ops (``torch.ops._C``) hold the op ``name``,
+    loading them first where they are not loaded yet; else why not."""
+    import torch
+
+    if not hasattr(torch.ops._C, name):
+        try:
+            _vllm("current_platform").import_kernels()
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            return f"vLLM's compiled ops do not load ({e})"
+        if not hasattr(torch.ops._C, name):
+            return f"vLLM's compiled ops have no {name}"
+    return None
+
+
+def current_load_format() -> str | None:
+    """The load format (``--load-format``, lower case) of the vLLM config in
+    force, or None outside one."""
+    load_config = getattr(_vllm("get_current_vllm_config_or_none")(), "load_config", None)
+    return str(getattr(load_config, "load_format", "") or "").lower() or None
+
+
 def _vllm(name: str) -> Any:
     return globals()[name] if name in globals() else __getattr__(name)
 

@@ -40,6 +40,7 @@ from .compat import (
     GroupShape,
     QuantFP8,
     build_w4a8_moe_kernel,
+    current_load_format,
     current_platform,
     get_current_vllm_config_or_none,
     moe_backend_problem,
@@ -49,6 +50,7 @@ from .compat import (
     scale_path_of,
     set_current_vllm_config,
     set_weight_attrs,
+    vllm_op_problem,
     w13_num_shards,
 )
 from .expert_staging import ExpertStager
@@ -84,10 +86,7 @@ def odd_k_allowed() -> bool:
 def _dummy_weights() -> bool:
     """vLLM fills the parameters itself (``load_format=dummy``): no checkpoint
     tensor goes through the weight loader."""
-    from .compat import get_current_vllm_config_or_none
-
-    load_config = getattr(get_current_vllm_config_or_none(), "load_config", None)
-    return str(getattr(load_config, "load_format", "") or "").lower() == "dummy"
+    return current_load_format() == "dummy"
 
 
 # ------------------------------------------------------------------ selection
@@ -130,14 +129,7 @@ def moe_kernel_problem(moe_config) -> str | None:
     if cap is None or cap.to_int() != 90:
         return (f"GPU compute capability is {cap.to_int() if cap else '?'}; vLLM's CUTLASS "
                 "W4A8 MoE GEMM runs on 90 (Hopper) only")
-    if not hasattr(torch.ops._C, "cutlass_w4a8_moe_mm"):
-        try:
-            current_platform.import_kernels()  # vLLM's compiled ops (torch.ops._C)
-        except Exception as e:  # noqa: BLE001 - reported as the reason
-            return f"vLLM's compiled ops do not load ({e})"
-        if not hasattr(torch.ops._C, "cutlass_w4a8_moe_mm"):
-            return "vLLM's compiled ops have no cutlass_w4a8_moe_mm"
-    err = ops.extension_error()
+    err = vllm_op_problem("cutlass_w4a8_moe_mm") or ops.extension_error()
     if err is not None:
         return err
     return moe_backend_problem(moe_config)  # e.g. --moe-backend humming: upstream's

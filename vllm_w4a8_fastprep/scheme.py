@@ -49,12 +49,14 @@ from .compat import (
     MPLinearLayerConfig,
     PackedvLLMParameter,
     QuantFP8,
+    current_load_format,
     current_platform,
     cutlass_w4a8_linear_kernel,
     mp_linear_layer_config,
     scalar_types,
     scale_path_of,
     verify_group_size_divides_partition,
+    vllm_op_problem,
 )
 from .load_checks import LoadError, weak_callable
 from .load_stats import LoadStats, count_nonfinite_rows
@@ -71,26 +73,11 @@ def hopper_kernel_problem(config: MPLinearLayerConfig) -> str | None:
     if not current_platform.is_device_capability(90):
         cap = current_platform.get_device_capability()
         return f"GPU compute capability is {cap.to_int() if cap else '?'}, CUTLASS W4A8 needs 90"
-    if not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
-        try:
-            current_platform.import_kernels()  # vLLM's compiled ops (torch.ops._C)
-        except Exception as e:  # noqa: BLE001 - reported as the reason below
-            return f"vLLM's compiled ops do not load ({e})"
-        if not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
-            return "vLLM's compiled ops have no cutlass_w4a8_mm"
-    err = ops.extension_error()
+    err = vllm_op_problem("cutlass_w4a8_mm") or ops.extension_error()
     if err is not None:
         return err
     ok, why = CutlassW4A8LinearKernel.can_implement(config)
     return None if ok else why
-
-
-def _load_format() -> str | None:
-    from .compat import get_current_vllm_config_or_none
-
-    cfg = get_current_vllm_config_or_none()
-    load_config = getattr(cfg, "load_config", None)
-    return str(getattr(load_config, "load_format", "") or "").lower() or None
 
 
 # ------------------------------------------------------ what was loaded
@@ -200,8 +187,7 @@ class W4A8FastPrepScheme(CompressedTensorsScheme):
                 dtype_name, 2 * elem, 2 * elem)
         self.params_dtype = params_dtype
         self.output_partition_sizes = list(output_partition_sizes)
-        load_format = _load_format()
-        self._check_loads = load_format != "dummy"
+        self._check_loads = current_load_format() != "dummy"
 
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=INT4_PER_INT32,
