@@ -14,6 +14,10 @@ from vllm_w4a8_fastprep import compat
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RANGE = f"w4a8_fastprep supports vLLM {compat.VLLM_MIN} to {compat.VLLM_MAX}"
+# releases just past the newest supported one (a release added to the range moves them)
+_MAJOR, _MINOR, _PATCH = map(int, compat.VLLM_MAX.split("."))
+NEXT_PATCH = f"{_MAJOR}.{_MINOR}.{_PATCH + 1}"
+NEXT_MINOR = f"{_MAJOR}.{_MINOR + 1}.0"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -26,14 +30,15 @@ def _run(code: str) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------ the version check
 
 
-@pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.30.0", "0.33.0", "0.33.0+cu130",
-                                     "0.26.0+cpu"])
+@pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.30.0", "0.33.0", compat.VLLM_MAX,
+                                     f"{compat.VLLM_MAX}+cu130", "0.26.0+cpu"])
 def test_versions_in_the_range_pass(version):
     assert compat.vllm_version_problem(version) is None
 
 
-@pytest.mark.parametrize("version", ["0.25.1", "0.26.0rc1", "0.33.0.post1", "0.33.1", "0.34.0",
-                                     "0.34.0.dev12+g1a2b3c", "1.0.0", "0.3.0", "not-a-version"])
+@pytest.mark.parametrize("version", ["0.25.1", "0.26.0rc1", f"{compat.VLLM_MAX}.post1",
+                                     NEXT_PATCH, NEXT_MINOR, f"{NEXT_MINOR}.dev12+g1a2b3c",
+                                     "1.0.0", "0.3.0", "not-a-version"])
 def test_versions_outside_the_range_get_one_line_naming_it(version):
     problem = compat.vllm_version_problem(version)
     assert problem is not None
@@ -66,7 +71,7 @@ def test_importing_compat_imports_neither_vllm_nor_torch():
 REGISTER_UNSUPPORTED = """
 import vllm_w4a8_fastprep
 from vllm_w4a8_fastprep import compat
-compat.installed_vllm_version = lambda: "0.34.0"   # the version lookup, faked
+compat.installed_vllm_version = lambda: {version!r}   # the version lookup, faked
 vllm_w4a8_fastprep.register(); vllm_w4a8_fastprep.register()
 from vllm.config import ModelConfig
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
@@ -79,11 +84,11 @@ print("quantization:", ModelConfig(model=str(ckpt), tokenizer=str(ckpt)).quantiz
 
 def test_register_on_an_unsupported_vllm_logs_one_line_and_registers_nothing(tmp_path):
     pytest.importorskip("vllm")
-    proc = _run(REGISTER_UNSUPPORTED.format(tmp=str(tmp_path)))
+    proc = _run(REGISTER_UNSUPPORTED.format(tmp=str(tmp_path), version=NEXT_MINOR))
     out = proc.stdout + proc.stderr
     lines = [line for line in out.splitlines() if RANGE in line]
     assert len(lines) == 1, out[-3000:]
-    assert "vLLM 0.34.0 is installed" in lines[0]
+    assert f"vLLM {NEXT_MINOR} is installed" in lines[0]
     assert "registered: False" in proc.stdout
     # vLLM serves the W4AFP8 checkpoint with its own compressed-tensors path
     assert "quantization: compressed-tensors" in proc.stdout
