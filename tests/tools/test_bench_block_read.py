@@ -3,32 +3,18 @@ CPU it reads every expert tensor's bytes of a synthetic MoE checkpoint, equal
 to the files' (``--check``), in the pieces the load format cuts; bad
 arguments and checkpoints without experts get one line and exit 2."""
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from scripts import load_script, run_main, run_script
 from vllm_w4a8_fastprep import expert_blocks
 from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_block_read.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_block_read", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +25,7 @@ def moe(tmp_path_factory):
 
 def test_it_reads_every_expert_byte_in_the_load_formats_pieces(moe, tmp_path):
     out = tmp_path / "r.json"
-    proc = _run(moe, "--threads", "1,3", "--piece-mib", "1", "--runs", "2", "--check",
+    proc = run_script(SCRIPT, moe, "--threads", "1,3", "--piece-mib", "1", "--runs", "2", "--check",
                 "--json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -54,14 +40,14 @@ def test_it_reads_every_expert_byte_in_the_load_formats_pieces(moe, tmp_path):
     assert "read, 3 threads, <= 1 MiB" in cases
     if not torch.cuda.is_available():
         assert not any("send" in c for c in cases)
-    bench = _load()
+    bench = load_script(SCRIPT)
     cut = bench.pieces(experts, 1 << 20)
     covered = sum(size for _, _, size in cut)
     assert covered >= res["bytes"] and len({p for p, _, _ in cut}) > 1  # many files
 
 
 def test_the_check_names_the_first_byte_that_differs(moe):
-    bench = _load()
+    bench = load_script(SCRIPT)
     entries, _ = bench.expert_entries(moe)
     path, start, size = bench.pieces(entries, 1 << 20)[0]
     got = torch.empty(size, dtype=torch.uint8)
@@ -79,13 +65,20 @@ def test_the_check_names_the_first_byte_that_differs(moe):
     (["{dense}", "--threads", "0"], "expected whole numbers above 0"),
     (["{dense}", "--piece-mib", "8,x"], "expected whole numbers above 0"),
 ])
-def test_bad_arguments_get_one_line(tmp_path, args, said):
+def test_bad_arguments_get_one_line(tmp_path, args, said, capsys):
     dense = write_checkpoint(tmp_path / "dense", "tiny")
     (tmp_path / "empty").mkdir()
     names = {"missing": tmp_path / "missing", "dense": dense, "empty": tmp_path / "empty"}
-    proc = _run(*[a.format(**names) for a in args])
-    assert proc.returncode == 2, proc.stderr
-    assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    status, _, err = run_main(load_script(SCRIPT).main, [a.format(**names) for a in args],
+                              capsys)
+    assert status == 2, err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_argument_in_a_real_process_is_one_line(tmp_path):
+    proc = run_script(SCRIPT, tmp_path / "missing")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not a folder" in proc.stderr
 
 
 def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path):
@@ -94,7 +87,7 @@ def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path
     this many-file checkpoint) over its experts' bytes."""
     out = tmp_path / "ep.json"
     for ranks in (1, 2):
-        proc = _run(moe, "--ep", ranks, "--json", out)
+        proc = run_script(SCRIPT, moe, "--ep", ranks, "--json", out)
         assert proc.returncode == 0, proc.stderr[-2000:]
         res = json.loads(out.read_text())["read_over_own"]
         assert set(res) == {"linear", "round_robin"}
@@ -104,9 +97,9 @@ def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path
             alone = res["linear"][0]
         assert all(x >= 1.0 for v in res.values() for x in v)
     assert min(res["round_robin"]) > alone  # the other rank's experts lie between
-    bench = _load()
+    bench = load_script(SCRIPT)
     entries, _ = bench.expert_entries(moe)
     odd = [e for e in entries if ".experts.3." in e.name]  # one expert alone
     assert bench.pieces(odd, 1 << 20)  # read in its own pieces
-    proc = _run(moe, "--ep", 3)
+    proc = run_script(SCRIPT, moe, "--ep", 3)
     assert proc.returncode == 2 and "do not divide into 3 ranks" in proc.stderr, proc.stderr

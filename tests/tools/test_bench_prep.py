@@ -7,37 +7,25 @@ import ast
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from scripts import load_script, run_main, run_script
 from vllm_w4a8_fastprep.tools import model_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_prep.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_prep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
 def test_smoke_run_measures_every_dense_shape(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run("--smoke", "--json", str(out))
+    proc = run_script(SCRIPT, "--smoke", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SMOKE RUN" in proc.stdout and "Traceback" not in proc.stderr
     res = json.loads(out.read_text())
-    bench = _load()
+    bench = load_script(SCRIPT)
     want = [{"name": name, "N": n, "K": k} for name, (n, k) in bench.SMOKE_DENSE.items()]
     for part in ("weights", "scales"):
         assert [{key: r[key] for key in ("name", "N", "K")} for r in res[part]] == want
@@ -50,7 +38,7 @@ def test_smoke_run_measures_every_dense_shape(tmp_path):
 
 def test_smoke_moe_measures_every_layer(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run("--smoke", "--moe", "--json", str(out))
+    proc = run_script(SCRIPT, "--smoke", "--moe", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [(r["layer"], r["tensor"], r["E"], r["N"], r["K"]) for r in res["weights"]] == [
@@ -62,7 +50,7 @@ def test_smoke_moe_measures_every_layer(tmp_path):
 
 
 def test_moe_layers_pair_w13_and_w2_of_the_shape_table():
-    bench = _load()
+    bench = load_script(SCRIPT)
     layers = bench.moe_layers(model_shapes.MOE)
     assert set(layers) == {"qwen3-30b-a3b@tp1", "qwen3-30b-a3b@tp2", "deepseek-v3@ep8",
                            "deepseek-v3@tp8", "deepseek-v3@tp1"}
@@ -74,7 +62,7 @@ def test_moe_layers_pair_w13_and_w2_of_the_shape_table():
 
 
 def test_dense_shapes_are_the_shape_table():
-    bench = _load()
+    bench = load_script(SCRIPT)
     assert bench.pick(model_shapes.DENSE, None) == model_shapes.DENSE
     assert set(bench.pick(model_shapes.DENSE, ["llama3-70b/down"])) == {
         "llama3-70b/down@tp1", "llama3-70b/down@tp8"}
@@ -106,19 +94,26 @@ def test_no_function_shadows_a_module_import():
     (["--smoke", "--device", "cpu", "--upstream", "auto"], "needs --device cuda"),
     (["--smoke", "--device", "tpu"], "--device"),
 ])
-def test_bad_arguments_one_line_exit_2(args, message):
-    proc = _run(*args)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_arguments_one_line_exit_2(args, message, capsys):
+    status, out, err = run_main(load_script(SCRIPT).main, args, capsys)
+    assert status == 2, (status, err)
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     if "--json" in args:
-        assert proc.stdout == ""  # refused before any measurement
+        assert out == ""  # refused before any measurement
+
+
+def test_a_bad_argument_in_a_real_process_is_one_line_exit_2():
+    proc = run_script(SCRIPT, "--smoke", "--reps", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "bench_prep: error: argument --reps: must be >= 1, got 0 (see --help)"], proc.stderr
 
 
 def test_without_gpu_one_line_exit_2():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    proc = _run()
+    proc = run_script(SCRIPT)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "bench_prep: error: needs a CUDA GPU (none found); --smoke " \
                                   "runs on the CPU"
@@ -139,7 +134,8 @@ def test_gpu_smoke_with_upstream_is_byte_exact(tmp_path):
     """The GPU branches (CUDA events, peak memory, upstream's chains) on tiny
     shapes; every row that upstream ran says ours == upstream."""
     out = tmp_path / "bench.json"
-    proc = _run("--smoke", "--device", "cuda", "--upstream", _oracle(), "--json", str(out))
+    proc = run_script(SCRIPT, "--smoke", "--device", "cuda", "--upstream", _oracle(), "--json",
+                      str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     ran = [r for part in ("weights", "scales") for r in res[part] if "same_as_upstream" in r]
@@ -154,8 +150,8 @@ def test_gpu_smoke_moe_with_upstream_is_byte_exact(tmp_path):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("upstream's MoE scale chain calls the vllm package, not installed here")
     out = tmp_path / "bench.json"
-    proc = _run("--smoke", "--moe", "--device", "cuda", "--upstream", _oracle(), "--json",
-                str(out))
+    proc = run_script(SCRIPT, "--smoke", "--moe", "--device", "cuda", "--upstream", _oracle(),
+                      "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [r.get("same_as_upstream") for r in res["layers"]] == [True]
