@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from evals import gsm8k, make_checkpoint
+from scripts import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,27 +192,27 @@ def _edit_run(f: Path, **fields):
     (lambda d: (d / "ours.samples.jsonl").unlink(),
      "some runs are not comparable (SETTINGS DIFFER or SAMPLES MISSING above)"),
 ])
-def test_report_on_a_damaged_folder_is_one_error(tmp_path, damage, message):
+def test_report_on_a_damaged_folder_is_one_error(tmp_path, damage, message, capsys):
     d = _results_folder(tmp_path / "res")
-    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    p = _main(capsys, "--report", "--out-dir", d)
     assert p.returncode == 0 and "| upstream vs ours | 2 | 0 | 0 |" in p.stdout, p.stderr
     damage(d)
-    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    p = _main(capsys, "--report", "--out-dir", d)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
 
 
-def test_a_run_record_may_hold_a_null_stderr(tmp_path):
+def test_a_run_record_may_hold_a_null_stderr(tmp_path, capsys):
     d = _results_folder(tmp_path / "res")
     _edit_run(d / "ours.json", stderr=None)
-    p = _cli("--report", "--out-dir", d, cwd=tmp_path)
+    p = _main(capsys, "--report", "--out-dir", d)
     assert p.returncode == 0 and "| ours | 2 | 0.5000 | 0.5000 |" in p.stdout, p.stderr
 
 
-def test_out_dir_that_is_a_file_is_one_error(tmp_path):
+def test_out_dir_that_is_a_file_is_one_error(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     for args in (("--report",), ("--model", tmp_path)):
-        p = _cli(*args, "--out-dir", tmp_path / "f", cwd=tmp_path)
+        p = _main(capsys, *args, "--out-dir", tmp_path / "f")
         assert p.returncode == 2 and "--out-dir" in p.stderr and "is not a folder" in p.stderr
         assert "Traceback" not in p.stderr
 
@@ -236,6 +238,13 @@ def test_samples_by_doc_merges_the_filters():
 
 
 # ------------------------------------------------------------------------------------ CLI
+def _main(capsys, *args):
+    """gsm8k's main in this process (its one-line errors and exit status as from the command
+    line; the tests that start it as a process check that way of running it)."""
+    status, out, err = run_main(gsm8k.main, args, capsys)
+    return SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+
 def _cli(*args, cwd=ROOT, timeout=120):
     return subprocess.run([sys.executable, str(ROOT / "evals" / "gsm8k.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
@@ -255,11 +264,12 @@ def _cli(*args, cwd=ROOT, timeout=120):
      "--gpu-memory-utilization must be in (0, 1]"),
     (("--bogus",), "unrecognized arguments: --bogus"),
 ])
-def test_bad_arguments_give_one_error(tmp_path, args, message):
+def test_bad_arguments_give_one_error(tmp_path, args, message, capsys, monkeypatch):
     ckpt = tmp_path / "m"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    p = _cli(*[a.format(tmp=tmp_path, ckpt=ckpt) for a in args], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    p = _main(capsys, *[a.format(tmp=tmp_path, ckpt=ckpt) for a in args])
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # not argparse's whole usage
 

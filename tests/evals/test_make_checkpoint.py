@@ -19,6 +19,7 @@ import torch
 from evals import gguf_model as gm
 from evals import make_checkpoint as mc
 from gguf_writer import gguf_style_tokenizer, tiny_qwen2, tiny_qwen2_gguf
+from scripts import run_main
 from vllm_w4a8_fastprep.tools.errors import first_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +46,12 @@ def test_make_checkpoint_synthetic(tmp_path):
     (["--preset", "bogus"], "unknown preset 'bogus'"),
     (["--device", "nope"], "--device nope: not a device"),
 ])
-def test_synthetic_bad_arguments_give_one_error(tmp_path, args, message):
-    p = _run_cli("synthetic", tmp_path / "m", *args, timeout=120)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_synthetic_bad_arguments_give_one_error(tmp_path, args, message, capsys):
+    # in this process (make_checkpoint's main); test_synthetic_on_cuda_without_a_gpu_... and
+    # test_synthetic_refuses_... run it as a process of its own
+    status, _, err = run_main(mc.main, ["synthetic", tmp_path / "m", *args], capsys)
+    assert status == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_synthetic_on_cuda_without_a_gpu_gives_one_error(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from evals import registration_cost
+from scripts import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,10 +39,17 @@ def test_without_the_plugin_means_every_other_general_plugin(monkeypatch):
     (["--skip", "plugins,help"], "nothing to measure"),
     (["--json", "no/such/dir/r.json"], "--json no/such/dir/r.json: no folder"),
 ])
-def test_bad_arguments_are_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "evals.registration_cost", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_bad_arguments_are_one_line(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    status, _, err = run_main(registration_cost.main, args, capsys)
+    assert status == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_argument_in_a_real_process_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "evals.registration_cost", "--runs", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--runs must be >= 1" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

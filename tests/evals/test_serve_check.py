@@ -11,6 +11,7 @@ import pytest
 
 from evals import serve_check
 from evals.modes import mode_settings
+from scripts import run_main
 from vllm_w4a8_fastprep.tools.errors import OneLineError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,10 +213,13 @@ def test_mode_settings_leave_this_process_alone(monkeypatch):
     (["--timeout", "nan"], "--timeout must be a number of seconds > 0"),
     (["--request-timeout", "0"], "--request-timeout must be a number of seconds > 0"),
 ])
-def test_bad_arguments_are_one_line(tmp_path, extra, message):
-    proc = _run("--model", str(_model(tmp_path / "m")), *extra)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_bad_arguments_are_one_line(tmp_path, extra, message, capsys):
+    # in this process (serve_check's main: its lines and status); the cases below run it as
+    # a process of its own
+    status, _, err = run_main(serve_check.main, ["--model", _model(tmp_path / "m"), *extra],
+                              capsys)
+    assert status == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_folder_without_a_model_or_data_is_one_line(tmp_path):

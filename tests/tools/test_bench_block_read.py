@@ -25,8 +25,8 @@ def moe(tmp_path_factory):
 
 def test_it_reads_every_expert_byte_in_the_load_formats_pieces(moe, tmp_path):
     out = tmp_path / "r.json"
-    proc = run_script(SCRIPT, moe, "--threads", "1,3", "--piece-mib", "1", "--runs", "2", "--check",
-                "--json", out)
+    proc = run_script(SCRIPT, moe, "--threads", "1,3", "--piece-mib", "1", "--runs", "2",
+                      "--check", "--json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     entries = {}
