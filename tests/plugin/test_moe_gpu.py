@@ -32,9 +32,9 @@ from moe_layers import (  # noqa: E402
 )
 
 from vllm_w4a8_fastprep import moe  # noqa: E402
-from vllm_w4a8_fastprep import reference as ref  # noqa: E402
 from vllm_w4a8_fastprep.compat import moe_weight_names  # noqa: E402
 from vllm_w4a8_fastprep.tools.synthetic import quantization_config  # noqa: E402
+from w4a8_math import dequantize_weight  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -117,7 +117,7 @@ def _dense_moe(tensors, experts, x, logits, top_k=2):
     out = torch.zeros_like(xf)
 
     def dense(e, proj):
-        return ref.dequantize_weight(tensors[f"{e}.{proj}.weight_packed"].cuda(),
+        return dequantize_weight(tensors[f"{e}.{proj}.weight_packed"].cuda(),
                                      tensors[f"{e}.{proj}.weight_scale"].cuda())
 
     for e in range(experts):

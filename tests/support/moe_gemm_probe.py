@@ -28,6 +28,7 @@ import torch
 from bitexact import assert_channel_scales_equal, assert_packed_scales_equal, assert_weight_equal
 from vllm_w4a8_fastprep import ops, reference as ref
 from vllm_w4a8_fastprep.tools import model_shapes, upstream as up_chain
+from w4a8_math import dequantize_weight
 
 # Tolerances for a bf16 output of an fp32-accumulated product: a wrong layout
 # or a skipped k-tile gives errors of order 1.
@@ -75,7 +76,7 @@ def dequantized_product(w, ws, path, a8, a_scale, counts):
     out = torch.empty((a8.shape[0], n), dtype=torch.float32, device=a8.device)
     start = 0
     for i, m in enumerate(int(c) for c in counts):
-        w_int = ref.dequantize_weight(w[i], torch.ones_like(ws[i]))
+        w_int = dequantize_weight(w[i], torch.ones_like(ws[i]))
         w_fp8 = ref.to_fp8_saturating(w_int * group[i].float().repeat_interleave(128, dim=1)).float()
         out[start:start + m] = (a8[start:start + m].float() * a_scale[start:start + m]) @ (w_fp8 * chan[i]).t()
         start += m

@@ -23,7 +23,7 @@ GROUP = 128
 
 def int4_values(packed: torch.Tensor) -> torch.Tensor:
     """int32 [N, K/8], nibble i of word j = k 8j+i, stored v+8 -> int64 [N, K]."""
-    shifts = torch.arange(8, dtype=torch.int32) * 4
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * 4
     nib = (packed.unsqueeze(-1) >> shifts) & 0xF
     return nib.reshape(packed.shape[0], -1).to(torch.int64) - 8
 
