@@ -2,9 +2,9 @@
 // csrc/encode_reorder_kernel.cuh against a device-to-device copy of the same
 // bytes, each checked byte for byte against the first one. No torch needed.
 // Shapes (N K pairs) come on the command line, from the shape table
-// (vllm_w4a8_fastprep/model_shapes.py): its large dense layers and a
+// (vllm_w4a8_fastprep/tools/model_shapes.py): its large dense layers and a
 // K % 256 == 128 shard (the tail launch), printed by
-//   python3 -c "from vllm_w4a8_fastprep.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))"
+//   python3 -c "from vllm_w4a8_fastprep.tools.model_shapes import DENSE_LARGE as L, DENSE as D; print(*(f'{n} {k}' for n, k in [*L.values(), D['llama2-7b/down@tp2']]))"
 // Build and run (from the repository root):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc benchmarks/encode_reorder_variants.cu -o /tmp/variants
 //   /tmp/variants $(python3 -c "...as above...")
@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
   if (!parse_shapes(argc, argv, shapes)) {
     std::fprintf(stderr,
                  "usage: %s N K [N K ...]   (N, K positive multiples of 128)\n"
-                 "  shapes from the table: %s $(python3 -c \"from vllm_w4a8_fastprep.model_shapes "
+                 "  shapes from the table: %s $(python3 -c \"from vllm_w4a8_fastprep.tools.model_shapes "
                  "import DENSE_LARGE as S; print(*(f'{n} {k}' for n, k in S.values()))\")\n",
                  argv[0], argv[0]);
     return 2;

@@ -10,7 +10,7 @@
 namespace w4a8_fastprep {
 
 // Constants shared with Python (reference.py / ops.py). The op
-// w4a8_fastprep::constant(name) returns them, and tests/test_contract.py
+// w4a8_fastprep::constant(name) returns them, and tests/ops/test_contract.py
 // checks that Python agrees.
 constexpr int64_t kGroupSize = 128;       // int4 values per group scale
 constexpr int64_t kShapeMultiple = 128;   // K and N must be multiples of this

@@ -31,7 +31,8 @@
 #             and without the plugin, RUNS (default 3) alternating runs each (SERVE_ARGS: the
 #             `vllm serve` arguments, default --max-model-len 1024)
 #   real      MODEL=DIR (a real W4AFP8 checkpoint): startup time ours vs upstream on it, RUNS
-#             (default 3) runs per mode, --timeout 150 and STARTUP_ARGS
+#             (default 3) runs per mode, --timeout 150 and STARTUP_ARGS; each mode's first log to
+#             $OUT; the script exits 1 when this step failed, 2 without MODEL
 #   serve     MODEL=DIR (a real W4AFP8 checkpoint; gsm8k data in .gsm8k-data/): `vllm serve DIR`
 #             answered by the OpenAI client, upstream then ours (evals.serve_check: gsm8k
 #             completions, chat, streaming; SERVE_ARGS as above, SERVE_CHECK_ARGS more flags)
@@ -60,6 +61,7 @@ startup() {  # name, model dir, extra args
   echo "$name: startup_time rc=$rc"
   cp "$dir/summary.json" "$OUT/$name.json" 2>/dev/null
   cp "$dir/startup_time.png" "$OUT/$name.png" 2>/dev/null
+  return "$rc"
 }
 
 synth() {  # dir, synth args... (a checkpoint left by an earlier KEEP=1 run is replaced)
@@ -165,8 +167,12 @@ for step in "$@"; do
       echo "registration_cost rc=${PIPESTATUS[0]}" ;;
     real)
       [[ -n ${MODEL:-} && -f ${MODEL:-}/config.json ]] \
-        || { echo "real: MODEL=DIR is needed (a W4AFP8 checkpoint folder)"; continue; }
-      startup real "$MODEL" --runs ${RUNS:-3} --timeout 150 ${STARTUP_ARGS:-} ;;
+        || { echo "real: MODEL=DIR is needed (a W4AFP8 checkpoint folder)" >&2; status=2; continue; }
+      startup real "$MODEL" --runs ${RUNS:-3} --timeout 150 ${STARTUP_ARGS:-} || status=1
+      for log in "$WORK/startup-real"/{ours,upstream}-0.log; do  # one log per mode
+        [[ -f $log ]] && grep -vE "it/s\]|s/it\]|^\s*$" "$log" | tail -200 \
+          > "$OUT/real-$(basename "$log")"
+      done ;;
     serve)
       [[ -n ${MODEL:-} ]] || { echo "serve: MODEL=DIR is needed (a W4AFP8 checkpoint)"; continue; }
       # shellcheck disable=SC2086  # SERVE_CHECK_ARGS holds several flags
@@ -198,3 +204,4 @@ for step in "$@"; do
       exit 2 ;;
   esac
 done
+exit "${status:-0}"  # a failed real step (the others print their rc)

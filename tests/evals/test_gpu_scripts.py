@@ -76,7 +76,12 @@ def test_gpu_e2e_real_copies_out_no_earlier_result(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_e2e.sh"), "real"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert "real: startup_time rc=2" in p.stdout, p.stdout + p.stderr  # no GPU: refused
+    assert p.returncode == 1
     assert not (tmp_path / "out" / "real.json").exists()
+    del env["MODEL"]
+    p = subprocess.run(["bash", str(ROOT / "evals" / "gpu_e2e.sh"), "real"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert p.returncode == 2 and "real: MODEL=DIR is needed" in p.stderr, p.stdout + p.stderr
 
 
 def test_one_driver_per_purpose():

@@ -3,7 +3,7 @@ layer loaded through the stager holds byte for byte what vLLM's loader alone
 gives it, for any buffer size (several flushes, tensors larger than the
 buffer); the staging size's environment switch. On the CPU the stager is
 forced onto CPU parameters (on a GPU, asked for, it takes GPU parameters:
-tests/test_moe_gpu.py)."""
+tests/plugin/test_moe_gpu.py)."""
 
 import random
 

@@ -7,7 +7,7 @@ forward equals a dequantised float MoE within fp8 error (also for
 preparation holds at most one extra copy of the layer and does not synchronise;
 a weight reload keeps what a captured CUDA graph of the layer reads.
 
-Run: ``.venv/bin/python -m pytest -q tests/test_moe_gpu.py -rs``. Where the
+Run: ``.venv/bin/python -m pytest -q tests/plugin/test_moe_gpu.py -rs``. Where the
 CUTLASS MoE path cannot run it skips, saying why; on compute capability 9.x
 that is a failure (tests/support/must_run.py)."""
 

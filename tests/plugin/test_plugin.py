@@ -38,7 +38,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 v.register(); v.register()
 from vllm_w4a8_fastprep.registration import W4A8FastPrepLazyConfig
 cls = get_quantization_config("w4a8_fastprep")
-# the thin class (tests/test_registration.py): from_config gives the real config
+# the thin class (tests/plugin/test_registration.py): from_config gives the real config
 assert cls is W4A8FastPrepLazyConfig and issubclass(cls, QuantizationConfig)
 assert QUANTIZATION_METHODS.count("w4a8_fastprep") == 1
 assert not torch.cuda.is_initialized()

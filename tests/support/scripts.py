@@ -36,5 +36,8 @@ def run_main(main, args, capsys) -> tuple[int, str, str]:
         status = main([str(a) for a in args])
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        message = None if isinstance(e.code, int) or e.code is None else f"{e.code}\n"
+    else:
+        message = None
     out, err = capsys.readouterr()
-    return status, out, err
+    return status, out, err + (message or "")  # a message exit's, as the interpreter prints it
