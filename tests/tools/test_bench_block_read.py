@@ -81,14 +81,16 @@ def test_a_bad_argument_in_a_real_process_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "not a folder" in proc.stderr
 
 
-def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path):
+def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path, capsys):
     """--ep N: each rank's bytes read (its experts and the small gaps read
     through: other ranks' tensors, and other tensors between experts, as in
-    this many-file checkpoint) over its experts' bytes."""
+    this many-file checkpoint) over its experts' bytes. (The benchmark's main in this process;
+    the tests above and below start it as a process of its own.)"""
     out = tmp_path / "ep.json"
+    bench = load_script(SCRIPT)
     for ranks in (1, 2):
-        proc = run_script(SCRIPT, moe, "--ep", ranks, "--json", out)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        status, _, err = run_main(bench.main, [moe, "--ep", ranks, "--json", out], capsys)
+        assert status == 0, err[-2000:]
         res = json.loads(out.read_text())["read_over_own"]
         assert set(res) == {"linear", "round_robin"}
         assert all(len(v) == ranks for v in res.values())
@@ -97,7 +99,6 @@ def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path
             alone = res["linear"][0]
         assert all(x >= 1.0 for v in res.values() for x in v)
     assert min(res["round_robin"]) > alone  # the other rank's experts lie between
-    bench = load_script(SCRIPT)
     entries, _ = bench.expert_entries(moe)
     odd = [e for e in entries if ".experts.3." in e.name]  # one expert alone
     assert bench.pieces(odd, 1 << 20)  # read in its own pieces
