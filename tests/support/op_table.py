@@ -9,6 +9,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from gpu_inputs import randint32
+
 FP8 = torch.float8_e4m3fn
 
 # opcheck's schema test multiplies tensors, which PyTorch's CPU backend does
@@ -17,11 +19,12 @@ NO_FP8_MUL = ("test_autograd_registration", "test_faketensor", "test_aot_dispatc
 
 
 def packed(n, k, gen=None):
-    return torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
+    """Checkpoint int4 weights ``(N, K/8)`` int32 on the CPU: every bit pattern."""
+    return randint32((n, k // 8), device="cpu", generator=gen)
 
 
 def packed_grouped(e, n, k, gen=None):
-    return torch.randint(-(2**31), 2**31 - 1, (e, n, k // 8), dtype=torch.int32, generator=gen)
+    return randint32((e, n, k // 8), device="cpu", generator=gen)
 
 
 def scales(n, g, gen=None):
