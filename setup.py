@@ -138,8 +138,14 @@ ext_modules = (
     ]
 )
 
+# The package metadata setuptools writes while building (the .egg-info folder)
+# goes under build/, not next to the package: `python -m pytest` and
+# `python -m vllm_w4a8_fastprep` run from the checkout put it first on
+# sys.path, where a stale or half-written copy would be what importlib finds
+# (vLLM's plugin entry point, the console script) while a build rewrites it.
+(ROOT / "build").mkdir(exist_ok=True)
 setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}, "egg_info": {"egg_base": "build"}},
 )

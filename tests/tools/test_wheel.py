@@ -41,15 +41,26 @@ def _run(cmd, **kw):
     return proc.stdout
 
 
+def _root_metadata() -> dict[str, int]:
+    """The files of a ``*.egg-info`` folder beside the package, with their
+    modification times (none on a fresh clone)."""
+    return {str(f): f.stat().st_mtime_ns for f in ROOT.glob("*.egg-info/*")}
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
+    before = _root_metadata()
     start = time.monotonic()
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(dist)],
         cwd=ROOT,
     )
     print(f"wheel built in {time.monotonic() - start:.1f} s")
+    # The build writes its metadata under build/: the checkout's root, first on
+    # sys.path for `python -m pytest`, is where the other tests running now
+    # find the plugin's entry points.
+    assert _root_metadata() == before, "the wheel build wrote package metadata beside the package"
     wheels = sorted(dist.glob("*.whl"))
     assert [w.name for w in wheels] == [w.name for w in dist.glob(WHEEL_GLOB)] and len(wheels) == 1, wheels
     return wheels[0]
