@@ -29,21 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from .checkpoint_format import ITEM_BYTES
+from . import safetensors_header
 from .load_checks import LoadError
 
-#: safetensors' own limit on the header
-MAX_HEADER_BYTES = 100 << 20
 #: bytes a piece may read through between two planned tensors (other tensors)
 GAP_BYTES = 1 << 20
 #: the most bytes one piece holds (two pinned host buffers of it: the bound
@@ -55,85 +51,15 @@ READ_CHUNK_MIN = 8 << 20
 ALIGN = 16  # pieces start here in the buffers: every dtype view is aligned
 
 KINDS = ("weight_packed", "weight_scale", "weight_shape")
+# the safetensors dtypes read here (as their headers name them), and each kind's
 _DTYPES = {"I32": torch.int32, "I64": torch.int64, "BF16": torch.bfloat16,
            "F16": torch.float16, "F32": torch.float32}
-_KIND_DTYPES = {"weight_packed": (torch.int32,),
-                "weight_scale": (torch.bfloat16, torch.float16, torch.float32),
-                "weight_shape": (torch.int64, torch.int32)}
+_KIND_DTYPES = {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"),
+                "weight_shape": ("I64", "I32")}
 
 
-class Entry(NamedTuple):
-    """One tensor of a safetensors file: its name there, its dtype (None:
-    one this module never reads), shape and absolute byte range in the file."""
-
-    name: str
-    path: str
-    dtype: torch.dtype | None
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-class _Info(NamedTuple):
-    """One tensor's header entry."""
-
-    dtype: Any
-    shape: Any
-    data_offsets: Any
-
-
-def _ints(v) -> bool:
-    return isinstance(v, list) and all(type(x) is int for x in v)  # noqa: E721 (not bool)
-
-
-def _decode_json(raw: bytes) -> dict[str, _Info]:
-    """The header's tensor entries by the standard library's JSON reader,
-    typed as safetensors types them (a dtype string, whole numbers)."""
-    meta = json.loads(raw.decode("utf-8"))
-    if not isinstance(meta, dict):
-        raise ValueError(f"its header is a JSON {type(meta).__name__}, not an object")
-    out = {}
-    for name, info in meta.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            raise ValueError(f"tensor {name}: its entry is a JSON {type(info).__name__}, not "
-                             "an object")
-        dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets"))
-        if not isinstance(dtype, str) or not _ints(shape) or not _ints(offsets):
-            raise ValueError(f"tensor {name}: its entry needs a dtype string and whole-number "
-                             f"shape and data_offsets, has {info!r:.200}")
-        out[name] = _Info(dtype, shape, offsets)
-    return out
-
-
-def _typed_decoder():
-    """msgspec's typed JSON reader (a vLLM dependency), several times faster
-    than ``json`` on the 50k-entry headers of large MoE checkpoints, or None."""
-    try:
-        import msgspec
-    except ImportError:
-        return None
-
-    class Info(msgspec.Struct):  # fields absent from an entry stay None
-        dtype: str | None = None
-        shape: list[int] | None = None
-        data_offsets: list[int] | None = None
-
-    decode = msgspec.json.Decoder(dict[str, Info]).decode
-
-    def entries(raw: bytes) -> dict[str, Info] | None:
-        try:
-            meta = decode(raw)
-        except msgspec.MsgspecError:
-            return None  # not the shape expected: the standard reader says what is wrong
-        meta.pop("__metadata__", None)
-        return meta
-
-    return entries
-
-
-_TYPED_DECODE = _typed_decoder()
+#: one tensor of a safetensors file, as its header says
+Entry = safetensors_header.Tensor
 
 
 @contextlib.contextmanager
@@ -153,50 +79,12 @@ def gc_paused():
 
 
 def read_header(path: str) -> dict[str, Entry]:
-    """The tensors of one safetensors file, from its header alone; each
-    tensor's byte range checked as safetensors checks it (inside the file,
-    as long as its shape and dtype say)."""
+    """The tensors of one safetensors file, from its header alone, checked
+    as safetensors checks them; LoadError naming the file and the problem."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise LoadError(f"{path}: not a safetensors file (shorter than 8 bytes: "
-                                f"{size})")
-            n = int.from_bytes(head, "little")
-            if not 0 < n <= MAX_HEADER_BYTES or 8 + n > size:
-                raise LoadError(f"{path}: not a safetensors file (header length {n}, file "
-                                f"size {size})")
-            raw = f.read(n)
-        items = _TYPED_DECODE(raw) if _TYPED_DECODE is not None else None
-        if items is None:
-            items = _decode_json(raw)
-        base, data = 8 + n, size - 8 - n
-        out = {}
-        item_bytes, dtypes = ITEM_BYTES, _DTYPES
-        for name, info in items.items():
-            dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
-            if dtype is None or shape is None or offsets is None or len(offsets) != 2:
-                raise ValueError(f"tensor {name}: its entry lacks a dtype, shape or the two "
-                                 "data_offsets")
-            start, end = offsets
-            item = item_bytes.get(dtype)
-            if not 0 <= start <= end <= data or (shape and min(shape) < 0) \
-                    or (item is not None and end - start != math.prod(shape) * item):
-                raise ValueError(f"tensor {name}: bytes {start}-{end} of the data (which "
-                                 f"holds {data}) do not fit its {dtype} {list(shape)}")
-            out[name] = Entry(name, path, dtypes.get(dtype), tuple(shape), base + start,
-                              base + end)
-        ranges = sorted((e.start, e.end, e.name) for e in out.values())
-        for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
-            if start < end:  # safetensors refuses overlapping tensors too
-                raise ValueError(f"tensors {a} and {b} overlap in the data")
-        return out
-    except LoadError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
-            RecursionError) as e:
-        raise LoadError(f"{path}: cannot read its safetensors header: {e}") from e
+        return safetensors_header.read_header(path)
+    except safetensors_header.HeaderError as e:
+        raise LoadError(f"{path}: {e}") from e
 
 
 def rename(entries: dict[str, Entry], mapper) -> dict[str, Entry]:
@@ -508,12 +396,12 @@ def _strided(buf: torch.Tensor, cs: list[_Copy], base: int) -> torch.Tensor | No
     """The tensors ``cs`` as one (experts, ...) view of ``buf``, where they
     lie at a constant stride with one dtype and shape; else None."""
     e0 = cs[0].entry
-    dt, shape, nbytes = e0.dtype, e0.shape, e0.end - e0.start
+    dt, shape, nbytes = _DTYPES[e0.dtype], e0.shape, e0.end - e0.start
     isz = dt.itemsize
     offs = [c.entry.start - base for c in cs]
     stride = offs[1] - offs[0] if len(cs) > 1 else nbytes
     if (stride < nbytes or stride % isz or offs[0] % isz
-            or any(c.entry.dtype != dt or c.entry.shape != shape for c in cs)
+            or any(c.entry.dtype != e0.dtype or c.entry.shape != shape for c in cs)
             or any(b - a != stride for a, b in zip(offs, offs[1:]))):
         return None
     inner = [1] * len(shape)
@@ -524,9 +412,9 @@ def _strided(buf: torch.Tensor, cs: list[_Copy], base: int) -> torch.Tensor | No
 
 def _one(buf: torch.Tensor, c: _Copy, base: int) -> torch.Tensor:
     e = c.entry
-    raw = buf[e.start - base:e.end - base]
-    return raw.clone().view(e.dtype).view(e.shape) if (e.start - base) % 8 else \
-        raw.view(e.dtype).view(e.shape)
+    raw, dt = buf[e.start - base:e.end - base], _DTYPES[e.dtype]
+    return raw.clone().view(dt).view(e.shape) if (e.start - base) % 8 else \
+        raw.view(dt).view(e.shape)
 
 
 def _scatter(plans, piece, buf: torch.Tensor, base: int, slot: dict) -> None:

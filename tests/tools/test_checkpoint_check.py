@@ -33,15 +33,15 @@ def test_weight_shape_values_are_read_from_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"\x01", "truncated safetensors file"),
-    (struct.pack("<Q", 1000) + b"{}", "a header of 1000 bytes"),
-    (struct.pack("<Q", 2) + b"[]", "corrupt header"),
-    (struct.pack("<Q", 2) + b"{x", "corrupt header"),
+    (b"\x01", r"not a safetensors file \(shorter than 8 bytes: 1\)"),
+    (struct.pack("<Q", 1000) + b"{}", r"truncated safetensors file \(a header of 1000 bytes"),
+    (struct.pack("<Q", 2) + b"[]", r"corrupt safetensors header \(a JSON list"),
+    (struct.pack("<Q", 2) + b"{x", r"corrupt safetensors header \("),
 ])
 def test_read_header_refuses_damaged_files(tmp_path, data, message):
     f = tmp_path / "a.safetensors"
     f.write_bytes(data)
-    with pytest.raises(OneLineError, match=message):
+    with pytest.raises(OneLineError, match=f"^{f}: {message}"):
         cc.read_header(f)
 
 
@@ -49,7 +49,7 @@ def test_read_header_checks_each_tensor_size(tmp_path):
     head = json.dumps({"w": {"dtype": "I32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
     f = tmp_path / "a.safetensors"
     f.write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
-    with pytest.raises(OneLineError, match=r"w I32\[2, 2\] needs 16 bytes, has 12"):
+    with pytest.raises(OneLineError, match=r"tensor w: I32\[2, 2\] needs 16 bytes, its data_offsets give 12$"):
         cc.read_header(f)
 
 

@@ -21,7 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint_format import GROUP_SIZE, ITEM_BYTES, SHAPE_MULTIPLE, checkpoint_problem
+from .. import safetensors_header
+from ..checkpoint_format import GROUP_SIZE, SHAPE_MULTIPLE, checkpoint_problem
 from .errors import USAGE, OneLineError
 
 # the per-expert projections of a MoE layer, as checkpoints name them
@@ -32,7 +33,6 @@ GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 ROLES = ("gate", "up", "down")
 # config.json keys holding the number of routed experts per layer
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-# safetensors dtype -> (bytes per element, torch's name)
 TORCH_NAMES = {  # safetensors' dtype -> torch's name (widths: checkpoint_format.ITEM_BYTES)
     "BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8",
     "F8_E4M3": "torch.float8_e4m3fn", "F8_E5M2": "torch.float8_e5m2", "I16": "torch.int16",
@@ -79,50 +79,18 @@ def read_json(path: Path) -> dict:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """{name: TensorInfo} of one safetensors file, every tensor checked to
-    lie inside the file."""
+    """{name: TensorInfo} of one safetensors file, checked as safetensors
+    checks it (``safetensors_header``)."""
     if not path.exists():
         raise OneLineError(f"{path}: no such file")
     if not path.is_file():
         raise OneLineError(f"{path}: not a file (a safetensors file was expected)")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise OneLineError(f"{path}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise OneLineError(f"{path}: truncated safetensors file (a header of {n} "
-                                   f"bytes in {size} bytes)")
-            meta = json.loads(f.read(n))
-    except OSError as e:
-        raise OneLineError(f"{path}: cannot read it ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError):
-        raise OneLineError(f"{path}: not a safetensors file (corrupt header)") from None
-    if not isinstance(meta, dict):
-        raise OneLineError(f"{path}: not a safetensors file (corrupt header)")
-    out = {}
-    for name, t in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
-            b, e = int(b), int(e)
-        except (KeyError, TypeError, ValueError):
-            raise OneLineError(f"{path}: corrupt header entry for {name}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        width = ITEM_BYTES.get(dtype)
-        if width is not None and e - b != numel * width:
-            raise OneLineError(f"{path}: corrupt header: {name} {dtype}{shape} needs "
-                               f"{numel * width} bytes, has {e - b}")
-        if 8 + n + e > size:
-            raise OneLineError(f"{path}: truncated (tensor {name} lies past the end of the "
-                               f"file, {size} bytes)")
-        out[name] = TensorInfo(path, dtype, shape, 8 + n + b, 8 + n + e)
-    return out
+        tensors = safetensors_header.read_header(str(path))
+    except safetensors_header.HeaderError as e:
+        raise OneLineError(f"{path}: {e}") from None
+    return {name: TensorInfo(path, t.dtype, list(t.shape), t.start, t.end)
+            for name, t in tensors.items()}
 
 
 def read_tensors(ckpt: Path) -> dict[str, TensorInfo]:
