@@ -21,6 +21,12 @@ import torch
 # the tests' helpers (tests/support/), importable by name from every folder of tests
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
 
+# vLLM imports humming (kernels of other quantization methods), whose import starts two
+# background Python processes building its CUDA helpers: ~2 s of CPU each, in every test
+# process that imports vLLM's layers, for helpers no test here uses (humming builds them
+# when first used instead). Off for the session and the processes its tests start.
+os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
+
 from must_run import skip_or_fail  # noqa: E402
 from vllm_w4a8_fastprep.tools.vllm_ops import (  # noqa: E402
     PROVIDE,
