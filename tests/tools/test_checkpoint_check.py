@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vllm_w4a8_fastprep.tools import checkpoint_check as cc
-from vllm_w4a8_fastprep.tools.errors import OneLineError
+from vllm_w4a8_fastprep.tools.errors import USAGE, OneLineError
 from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint
 
 
@@ -51,6 +51,27 @@ def test_read_header_checks_each_tensor_size(tmp_path):
     f.write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
     with pytest.raises(OneLineError, match=r"tensor w: I32\[2, 2\] needs 16 bytes, its data_offsets give 12$"):
         cc.read_header(f)
+
+
+def _loop(path):
+    """``path`` a symbolic link to itself: looking at it fails (ELOOP), as a
+    folder on the way that may not be searched fails (EACCES) where not root."""
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("where, status", [
+    ("config.json", USAGE), ("model.safetensors.index.json", USAGE), ("model.safetensors", 1)])
+def test_a_path_that_cannot_be_looked_at_is_one_line_naming_it(tmp_path, where, status):
+    ckpt = write_checkpoint(tmp_path / "m", "tiny", layers=1)
+    if where == "model.safetensors":  # named in the index
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        where = sorted(set(index["weight_map"].values()))[0]
+    _loop(ckpt / where)
+    with pytest.raises(OneLineError) as e:
+        cc.inspect(ckpt)
+    assert str(e.value) == f"{ckpt / where}: cannot look at it (Too many levels of symbolic links)"
+    assert e.value.status == status
 
 
 def test_scale_problem_counts_nan_and_inf():

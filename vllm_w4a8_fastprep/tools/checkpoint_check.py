@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,26 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def _kind(path: Path, status: int = 1) -> str | None:
+    """"file", "folder", "other" or None (nothing there) for ``path``; one
+    line where it cannot be looked at (a folder on the way that may not be
+    searched, a loop of symbolic links), not pathlib's exception."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise OneLineError(f"{path}: cannot look at it ({e.strerror or e})", status) from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """{name: TensorInfo} of one safetensors file, checked as safetensors
     checks it (``safetensors_header``)."""
-    if not path.exists():
+    kind = _kind(path)
+    if kind is None:
         raise OneLineError(f"{path}: no such file")
-    if not path.is_file():
+    if kind != "file":
         raise OneLineError(f"{path}: not a file (a safetensors file was expected)")
     try:
         tensors = safetensors_header.read_header(str(path))
@@ -99,7 +114,7 @@ def read_tensors(ckpt: Path) -> dict[str, TensorInfo]:
     ``*.safetensors`` file."""
     index = ckpt / "model.safetensors.index.json"
     headers: dict[str, dict[str, TensorInfo]] = {}
-    if index.exists():
+    if _kind(index, USAGE) is not None:
         wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise OneLineError(f"{index}: no 'weight_map' object of file names", USAGE)
@@ -107,7 +122,7 @@ def read_tensors(ckpt: Path) -> dict[str, TensorInfo]:
         for name, fname in wm.items():
             if fname not in headers:
                 path = ckpt / fname
-                if not path.exists():
+                if _kind(path) is None:
                     raise OneLineError(f"{path}: no such file (named in the index for {name})")
                 headers[fname] = read_header(path)
             if name not in headers[fname]:
@@ -331,10 +346,11 @@ class Checkpoint:
 def inspect(folder: str | Path) -> Checkpoint:
     """The checkpoint in ``folder``, validated; ``OneLineError`` otherwise."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise OneLineError(f"{folder}: no such folder" if not folder.exists()
+    kind = _kind(folder, USAGE)
+    if kind != "folder":
+        raise OneLineError(f"{folder}: no such folder" if kind is None
                            else f"{folder}: not a folder", USAGE)
-    if not (folder / "config.json").is_file():
+    if _kind(folder / "config.json", USAGE) != "file":
         raise OneLineError(f"{folder} is not a model folder (no config.json)", USAGE)
     config = read_json(folder / "config.json")
     qcfg = config.get("quantization_config")
