@@ -20,10 +20,6 @@ GROUP_SIZE = 128
 INT4_PER_INT32 = 8  # checkpoint packing: 8 int4 values per int32 (weight_packed)
 SHAPE_MULTIPLE = 128  # vLLM's CUTLASS W4A8 kernel: a layer's N and K are multiples of it
 FORMAT = "pack-quantized"
-#: bytes per element of safetensors' dtypes (a tensor's byte range is checked against them)
-ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
-              "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-              "F64": 8, "C64": 8}
 
 
 def _value(x) -> str:

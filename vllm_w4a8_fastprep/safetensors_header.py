@@ -7,11 +7,15 @@ A header is 8 bytes of little-endian length, then that many bytes of JSON:
 ``{name: {"dtype": "I32", "shape": [...], "data_offsets": [begin, end]},
 "__metadata__": {...}}``, the offsets counted from the end of the header.
 A file is refused, with one line naming what is wrong, where safetensors
-refuses it: a header that is not a UTF-8 JSON object, an entry without a
-dtype string or whole-number shape and offsets (no "24" read as 24, no 2.5
-as 2, no ``true`` as 1), offsets outside the data or overlapping another
-tensor's, a byte count other than its dtype and shape need. Nothing is
-read but the header; no torch.
+(0.8) refuses it when it opens the file: a header longer than its limit or
+not a UTF-8 JSON object, an entry without a dtype string or whole-number
+shape and offsets (no "24" read as 24, no 2.5 as 2, no ``true`` as 1), a
+dtype safetensors does not know, a byte count other than its dtype and shape
+need, tensors that do not tile the data exactly (outside it, overlapping, a
+gap between two, bytes after the last). Not checked: that ``__metadata__``
+maps strings to strings (it is not read), and a name given twice (the last
+entry is kept; the first one's bytes then fail the tiling unless both name
+the same bytes). Nothing is read but the header; no torch.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import math
 import os
 from typing import Any, NamedTuple
 
-from .checkpoint_format import ITEM_BYTES
-
 #: safetensors' own limit on the header
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 100_000_000
+#: the dtypes safetensors knows, by the names its headers use, and their widths in bits
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8,
+              "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16,
+              "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+              "F64": 64, "I64": 64, "U64": 64}
 
 
 class HeaderError(ValueError):
@@ -115,7 +122,7 @@ def _checked(path: str, raw: bytes, size: int) -> dict[str, Tensor]:
     base = 8 + len(raw)
     data = size - base
     out = {}
-    item_bytes = ITEM_BYTES
+    dtype_bits = DTYPE_BITS
     for name, info in items.items():
         dtype, shape, offsets = info.dtype, info.shape, info.data_offsets
         if dtype is None or shape is None or offsets is None or len(offsets) != 2:
@@ -125,20 +132,32 @@ def _checked(path: str, raw: bytes, size: int) -> dict[str, Tensor]:
         if not 0 <= start <= end or (shape and min(shape) < 0):
             raise HeaderError(f"corrupt safetensors header: tensor {name}: {dtype}{list(shape)} "
                               f"at data_offsets [{start}, {end}]")
-        item = item_bytes.get(dtype)
-        if item is not None and end - start != math.prod(shape) * item:
+        bits = dtype_bits.get(dtype)
+        if bits is None:
+            raise HeaderError(f"corrupt safetensors header: tensor {name}: dtype {dtype!r:.40} is "
+                              "none of safetensors' dtypes")
+        need = math.prod(shape) * bits
+        if need != (end - start) * 8:
             raise HeaderError(f"corrupt safetensors header: tensor {name}: {dtype}{list(shape)} "
-                              f"needs {math.prod(shape) * item} bytes, its data_offsets give "
-                              f"{end - start}")
+                              f"needs {need // 8 if need % 8 == 0 else f'{need} bits, not whole'} "
+                              f"bytes, its data_offsets give {end - start}")
         if end > data:
             raise HeaderError(f"truncated (tensor {name} lies past the end of the file: its "
                               f"bytes end at {base + end}, the file has {size})")
         out[name] = Tensor(name, path, dtype, tuple(shape), base + start, base + end)
-    ranges = sorted((t.start, t.end, t.name) for t in out.values())
-    for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
-        if start < end:
-            raise HeaderError(f"corrupt safetensors header: tensors {a} and {b} overlap in the "
-                              "data")
+    at, last = base, None  # the tensors tile the data: each starts where the one before ends
+    for start, end, name in sorted((t.start, t.end, t.name) for t in out.values()):
+        if start < at:
+            raise HeaderError(f"corrupt safetensors header: tensors {last} and {name} overlap in "
+                              "the data")
+        if start > at:
+            raise HeaderError(f"corrupt safetensors header: no tensor holds bytes "
+                              f"{at - base}-{start - base} of the data (before {name})")
+        at, last = end, name
+    if at != size:
+        after = f"after {last}; " if last is not None else ""
+        raise HeaderError(f"corrupt safetensors header: no tensor holds the data's last "
+                          f"{size - at} bytes ({after}the tensors end at byte {at} of {size})")
     return out
 
 
@@ -151,7 +170,8 @@ def read_header(path: str) -> dict[str, Tensor]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise HeaderError(f"not a safetensors file (shorter than 8 bytes: {size})")
+                raise HeaderError(f"truncated, or not a safetensors file (shorter than 8 bytes: "
+                                  f"{size})")
             n = int.from_bytes(head, "little")
             if not 0 < n <= MAX_HEADER_BYTES:
                 raise HeaderError(f"not a safetensors file (header length {n}, file size "

@@ -152,7 +152,7 @@ def test_the_collector_is_paused_and_left_as_it_was(enabled):
 
 
 @pytest.mark.parametrize("content, said", [
-    (b"\x01\x02", "not a safetensors file (shorter than 8 bytes: 2)"),
+    (b"\x01\x02", "truncated, or not a safetensors file (shorter than 8 bytes: 2)"),
     ((2).to_bytes(8, "little") + b"[]", "corrupt safetensors header (a JSON list, not an object)"),
 ])
 def test_a_bad_header_is_one_error_naming_the_file(tmp_path, content, said):

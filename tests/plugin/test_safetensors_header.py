@@ -137,11 +137,13 @@ def test_overlapping_tensors_are_one_error_naming_both(tmp_path, header_reader):
 
 
 @pytest.mark.parametrize("content, said", [
-    (b"", "not a safetensors file (shorter than 8 bytes: 0)"),
-    (b"\x01\x02", "not a safetensors file (shorter than 8 bytes: 2)"),
+    (b"", "truncated, or not a safetensors file (shorter than 8 bytes: 0)"),
+    (b"\x01\x02", "truncated, or not a safetensors file (shorter than 8 bytes: 2)"),
     ((0).to_bytes(8, "little") + b"{}", "not a safetensors file (header length 0, file size 10)"),
     ((1 << 40).to_bytes(8, "little"), f"not a safetensors file (header length {1 << 40}, file "
                                       "size 8)"),
+    ((100_000_001).to_bytes(8, "little") + b"{}", "not a safetensors file (header length "
+                                                  "100000001, file size 10)"),
     ((1000).to_bytes(8, "little") + b"{}", "truncated safetensors file (a header of 1000 bytes "
                                            "in 10 bytes)"),
     ((5).to_bytes(8, "little") + b"{nope", "corrupt safetensors header ("),
@@ -150,7 +152,8 @@ def test_overlapping_tensors_are_one_error_naming_both(tmp_path, header_reader):
                                               "a JSON int, not an object"),
     ((12).to_bytes(8, "little") + json.dumps({"a": 0}).encode("utf-16")[:12],
      "corrupt safetensors header ("),
-], ids=["empty", "short", "zero header", "huge header", "header past the end", "not json",
+], ids=["empty", "short", "zero header", "huge header", "over the limit", "header past the end",
+         "not json",
         "a list", "entry not an object", "not utf-8"])
 def test_a_bad_header_is_one_error(tmp_path, header_reader, content, said):
     path = tmp_path / "bad.safetensors"
@@ -165,3 +168,56 @@ def test_a_file_that_cannot_be_read_says_so(tmp_path):
         sh.read_header(str(tmp_path / "missing.safetensors"))
     with pytest.raises(sh.HeaderError, match=r"^cannot read it \(Is a directory\)$"):
         sh.read_header(str(tmp_path))
+
+
+def _file(path, entries: dict, data: bytes) -> None:
+    h = json.dumps(entries).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + data)
+
+
+def _entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# (entries, data bytes): files safetensors opens and files it refuses
+FILES = {
+    "two tensors": ({"a": _entry("I32", [2], 0, 8), "b": _entry("BF16", [3], 8, 14)}, 14),
+    "sub-byte dtypes": ({"a": _entry("F4", [4], 0, 2), "b": _entry("F6_E2M3", [4], 2, 5)}, 5),
+    "an empty tensor": ({"a": _entry("F32", [0, 3], 0, 0), "b": _entry("U8", [2], 0, 2)}, 2),
+    "no tensors": ({}, 0),
+    "fnuz and e8m0": ({"a": _entry("F8_E4M3FNUZ", [2], 0, 2), "b": _entry("F8_E8M0", [1], 2, 3)},
+                      3),
+    "a gap": ({"a": _entry("I32", [1], 0, 4), "b": _entry("I32", [1], 8, 12)}, 12),
+    "a gap first": ({"a": _entry("I32", [1], 4, 8)}, 8),
+    "bytes after the data": ({"a": _entry("I32", [1], 0, 4)}, 12),
+    "bytes and no tensors": ({}, 4),
+    "overlap": ({"a": _entry("I32", [2], 0, 8), "b": _entry("I32", [1], 4, 8)}, 8),
+    "unknown dtype": ({"a": _entry("XYZ", [1], 0, 1)}, 1),
+    "sub-byte, not whole bytes": ({"a": _entry("F4", [3], 0, 2)}, 2),
+    "too few bytes": ({"a": _entry("I64", [2], 0, 8)}, 8),
+    "past the end": ({"a": _entry("I32", [4], 0, 16)}, 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILES))
+def test_refuses_exactly_what_safetensors_refuses(tmp_path, case, header_reader):
+    safetensors = pytest.importorskip("safetensors")
+    entries, size = FILES[case]
+    path = tmp_path / "f.safetensors"
+    _file(path, entries, bytes(range(size)))
+    try:
+        with safetensors.safe_open(str(path), "np") as f:
+            names = sorted(f.keys())
+        theirs = None
+    except Exception as e:  # noqa: BLE001  (safetensors' own error type)
+        theirs = str(e)
+    try:
+        ours, why = sorted(sh.read_header(str(path))), None
+    except sh.HeaderError as e:
+        ours, why = None, str(e)
+    assert (why is None) == (theirs is None), (case, why, theirs)
+    if why is None:
+        assert ours == names
+    else:
+        assert why.startswith(("corrupt safetensors header: ", "truncated (tensor ")), why

@@ -33,7 +33,7 @@ def test_weight_shape_values_are_read_from_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"\x01", r"not a safetensors file \(shorter than 8 bytes: 1\)"),
+    (b"\x01", r"truncated, or not a safetensors file \(shorter than 8 bytes: 1\)"),
     (struct.pack("<Q", 1000) + b"{}", r"truncated safetensors file \(a header of 1000 bytes"),
     (struct.pack("<Q", 2) + b"[]", r"corrupt safetensors header \(a JSON list"),
     (struct.pack("<Q", 2) + b"{x", r"corrupt safetensors header \("),

@@ -34,7 +34,7 @@ GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 ROLES = ("gate", "up", "down")
 # config.json keys holding the number of routed experts per layer
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-TORCH_NAMES = {  # safetensors' dtype -> torch's name (widths: checkpoint_format.ITEM_BYTES)
+TORCH_NAMES = {  # safetensors' dtype -> torch's name (widths: safetensors_header.DTYPE_BITS)
     "BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8",
     "F8_E4M3": "torch.float8_e4m3fn", "F8_E5M2": "torch.float8_e5m2", "I16": "torch.int16",
     "U16": "torch.uint16", "F16": "torch.float16", "BF16": "torch.bfloat16",
