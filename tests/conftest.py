@@ -24,7 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
 # vLLM imports humming (kernels of other quantization methods), whose import starts two
 # background Python processes building its CUDA helpers: ~2 s of CPU each, in every test
 # process that imports vLLM's layers, for helpers no test here uses (humming builds them
-# when first used instead). Off for the session and the processes its tests start.
+# when first used instead). Off for the session and the processes its tests start; the
+# variable also makes humming compile its kernels on one thread, and no test here runs them.
 os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
 
 from must_run import skip_or_fail  # noqa: E402
@@ -43,7 +44,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.vllm_layers)
     # Workers of the README's command (pytest-xdist: -n 2 --dist loadgroup): a file's tests
     # on one worker (its module fixtures built once, its files written by one process), and
-    # every test that uses the GPU on one worker (no two fill its memory or time it at once).
+    # every test that uses the GPU on one worker (no two fill its memory or time it at once;
+    # so on a GPU machine a file's GPU tests run with the other GPU tests, apart from its CPU
+    # tests, and a module fixture both use is built once in each of the two workers).
     gpu = torch.cuda.is_available()
     for item in items:
         on_gpu = gpu and ("gpu" in item.keywords or "vllm_layers" in item.keywords)

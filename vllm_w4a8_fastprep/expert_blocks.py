@@ -51,7 +51,8 @@ READ_CHUNK_MIN = 8 << 20
 ALIGN = 16  # pieces start here in the buffers: every dtype view is aligned
 
 KINDS = ("weight_packed", "weight_scale", "weight_shape")
-# the safetensors dtypes read here (as their headers name them), and each kind's
+# the safetensors dtypes read here (as their headers name them), and the ones each kind
+# of expert tensor may have
 _DTYPES = {"I32": torch.int32, "I64": torch.int64, "BF16": torch.bfloat16,
            "F16": torch.float16, "F32": torch.float32}
 _KIND_DTYPES = {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"),
