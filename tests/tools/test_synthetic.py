@@ -309,3 +309,20 @@ def test_a_signal_while_putting_the_checkpoint_in_place_waits_for_it(tmp_path, m
     names = sorted(p.name for p in out.iterdir())
     assert "config.json" in names and "model.safetensors.index.json" in names
     assert not any(n.startswith(".") for n in names)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_has_the_mode_the_umask_gives(tmp_path, umask):
+    """safetensors' writer makes its files 0600 whatever the umask: a vLLM
+    run by another user could not read the weights of a checkpoint whose
+    other files it reads."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        out = write_checkpoint(tmp_path / "m", "tiny", layers=1, shard_bytes=1 << 16)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert sum(n.endswith(".safetensors") for n in modes) > 1, modes
+    assert set(modes.values()) == {0o666 & ~umask}, {n: oct(m) for n, m in modes.items()}

@@ -233,6 +233,10 @@ class _ShardWriter:
             return
         fname = f"model-{len(self.files) + 1:05d}.safetensors"
         save_file(self.tensors, str(self.out / fname), metadata={"format": "pt"})
+        # safetensors writes 0600 whatever the umask: as the checkpoint's other files (as
+        # the umask allows, as the folder made for them), so that a vLLM run by another
+        # user reads it
+        os.chmod(self.out / fname, self.out.stat().st_mode & 0o666)
         self.weight_map.update(dict.fromkeys(self.tensors, fname))
         self.files.append(fname)
         self.tensors, self.size = {}, 0
