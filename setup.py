@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).parent
 
@@ -123,6 +124,18 @@ sources = sorted(
     str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu") for p in (ROOT / "csrc").glob(ext)
 )
 
+
+class Sdist(sdist):
+    """The source archive carries all of csrc/ (the headers too), also where
+    no toolkit is found and so no extension is defined."""
+
+    def make_distribution(self):
+        self.filelist.extend(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir()
+                             if p.is_file())
+        self.filelist.sort()
+        self.filelist.remove_duplicates()
+        super().make_distribution()
+
 # Without a toolkit only metadata / sdist commands get here: no extension.
 ext_modules = (
     []
@@ -146,6 +159,6 @@ ext_modules = (
 (ROOT / "build").mkdir(exist_ok=True)
 setup(
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True), "sdist": Sdist},
     options={"bdist_wheel": {"py_limited_api": "cp310"}, "egg_info": {"egg_base": "build"}},
 )

@@ -137,3 +137,34 @@ def test_building_without_nvcc_says_what_to_do(tmp_path):
     assert "python -m pip wheel --no-deps --no-build-isolation . -w dist" in out
     assert "cp310-abi3-linux_x86_64.whl" in out
     assert not list(tmp_path.glob("*.whl"))
+
+
+def test_the_sdist_carries_every_file_the_build_needs(tmp_path):
+    """The source archive (what ``python -m build`` turns into a wheel) holds
+    every tracked file of csrc/ (the headers too) and of the package, and no
+    compiled object, also where no CUDA toolkit is found. Built from a copy of the checkout's tracked files (as a
+    fresh clone: setuptools would take the file list of an earlier build's
+    metadata under build/)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout, or no git: {listed.stderr.strip()[:200]}")
+    import shutil
+    import tarfile
+
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    for name in listed.stdout.split():
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))")
+    # no toolkit either (CUDA_HOME a folder without nvcc): then no extension is defined
+    (tmp_path / "cuda").mkdir()
+    out = _run([sys.executable, "-c", code, str(dist)], cwd=src,
+               env=_without_toolkit(CUDA_HOME=str(tmp_path / "cuda")))
+    with tarfile.open(dist / out.strip().splitlines()[-1]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    needed = {n for n in listed.stdout.split() if n.startswith(("csrc/", "vllm_w4a8_fastprep/"))}
+    needed |= {"setup.py", "pyproject.toml", "README.md", "LICENSE"}
+    assert not sorted(needed - names), f"the sdist lacks {sorted(needed - names)}"
+    assert not [n for n in names if n.endswith((".so", ".o"))], sorted(names)
