@@ -147,19 +147,28 @@ def _check(path: str, start: int, got: torch.Tensor) -> None:
 
 def read_and_send(cut, threads: int, hosts: list[torch.Tensor],
                   devs: list[torch.Tensor]) -> float:
-    """Seconds to read and send every piece as the load format does: a
-    buffer is refilled once its last copy to the GPU is done."""
+    """Seconds to read and send every piece as the load format does: the
+    next piece is read while one is sent, a buffer refilled once its last
+    copy to the GPU is done."""
     reader = expert_blocks._Reader(threads)
     views = [memoryview(h.numpy()) for h in hosts]
     done: list[torch.cuda.Event | None] = [None, None]
+
+    def start(n: int):
+        path, start, size = cut[n]
+        if done[n % 2] is not None:
+            done[n % 2].synchronize()
+        return reader.submit(path, start, views[n % 2][:size])
+
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for n, (path, start, size) in enumerate(cut):
+        jobs = start(0)
+        for n, (_, _, size) in enumerate(cut):
             s = n % 2
-            if done[s] is not None:
-                done[s].synchronize()
-            reader.read(path, start, views[s][:size])
+            reader.wait(jobs)
+            if n + 1 < len(cut):
+                jobs = start(n + 1)
             devs[s][:size].copy_(hosts[s][:size], non_blocking=True)
             done[s] = torch.cuda.Event()
             done[s].record()

@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +273,9 @@ class _Reader:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="w4a8-blocks")
         self._fds: dict[str, int] = {}
 
-    def read(self, path: str, start: int, into: memoryview) -> None:
+    def submit(self, path: str, start: int, into: memoryview) -> list[Future]:
+        """Starts reading ``len(into)`` bytes of ``path`` from ``start``
+        into ``into``; ``wait`` the result before using the bytes."""
         fd = self._fds.get(path)
         if fd is None:
             try:
@@ -281,13 +284,21 @@ class _Reader:
                 raise LoadError(f"{path}: cannot open it ({e.strerror or e})") from e
         n = len(into)
         step = max(READ_CHUNK_MIN, -(-n // self._threads))
-        jobs = [self._pool.submit(_pread_all, fd, into[lo:min(lo + step, n)], start + lo, path)
+        return [self._pool.submit(_pread_all, fd, into[lo:min(lo + step, n)], start + lo, path)
                 for lo in range(0, n, step)]
+
+    @staticmethod
+    def wait(jobs: list[Future]) -> None:
         for j in jobs:
             j.result()
 
+    def read(self, path: str, start: int, into: memoryview) -> None:
+        self.wait(self.submit(path, start, into))
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Waits for the reads under way (never leaves a thread writing into a
+        buffer its caller is about to free); those not started are dropped."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -307,9 +318,20 @@ def _pread_all(fd: int, into: memoryview, offset: int, path: str) -> None:
         done += got
 
 
-def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
+class Stopped(Exception):
+    """``load`` was stopped by its caller before every piece was read (the
+    layers' parameters are partly filled, and not recorded as loaded)."""
+
+
+def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES,
+         threads: int = READ_THREADS, stop: threading.Event | None = None) -> BlockLoad:
     """Read, send and put in place every planned tensor; record them as
-    loaded with each layer's method (as its expert weight loader does)."""
+    loaded with each layer's method (as its expert weight loader does).
+
+    Two buffers take turns: while one piece is checked, sent and put in
+    place, the next is read into the other (once that one's last copy to
+    the device is done). ``stop`` set (from another thread): Stopped, at
+    the next piece, once the reads under way have ended."""
     t0 = time.perf_counter()
     stats = BlockLoad(layers=len(plans))
     indexed = [(i, c) for i, plan in enumerate(plans) for c in plan.copies]
@@ -317,19 +339,33 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES) -> BlockLoad:
         return stats
     cap = max(piece_bytes, max(c.entry.end - _aligned(c.entry.start) for _, c in indexed))
     devices = [plan.layer.w13_weight_packed.device for plan in plans]  # one per layer
-    reader = _Reader()
+    pieces = _pieces(indexed, cap, devices)
+    reader = _Reader(threads)
     slots: list[dict] = [{}, {}]
+
+    def start_reading(n: int) -> tuple[torch.Tensor, int, int, list[Future]]:
+        """Piece ``n`` read into its slot's host buffer, once the piece
+        before in that slot has left it: (buffer, first byte, size, reads)."""
+        piece, slot = pieces[n], slots[n % 2]
+        if slot.get("event") is not None:
+            slot["event"].synchronize()  # its last piece has left the host buffer
+        first = piece[0][1].entry
+        a = _aligned(first.start)
+        size = max(c.entry.end for _, c in piece) - a
+        host = _buffer(slot, "host", size, torch.device("cpu"),
+                       pin=devices[piece[0][0]].type != "cpu")
+        return host, a, size, reader.submit(first.path, a, memoryview(host.numpy())[:size])
+
     try:
-        for n, piece in enumerate(_pieces(indexed, cap, devices)):
-            device = devices[piece[0][0]]
-            slot = slots[n % 2]
-            if slot.get("event") is not None:
-                slot["event"].synchronize()  # its last piece has left the host buffer
-            first = piece[0][1].entry
-            a = _aligned(first.start)
-            size = max(c.entry.end for _, c in piece) - a
-            host = _buffer(slot, "host", size, torch.device("cpu"), pin=device.type != "cpu")
-            reader.read(first.path, a, memoryview(host.numpy())[:size])
+        reading = start_reading(0)
+        for n, piece in enumerate(pieces):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped after {n} of {len(pieces)} pieces")
+            device, slot = devices[piece[0][0]], slots[n % 2]
+            host, a, size, jobs = reading
+            reader.wait(jobs)
+            if n + 1 < len(pieces):  # the next piece is read while this one is put in place
+                reading = start_reading(n + 1)
             _check_shapes(plans, piece, host, a)
             if device.type == "cpu":
                 on_device = host

@@ -6,6 +6,7 @@ split; layers the blocks cannot give exactly what vLLM's loader would are
 left to it, saying why; bad files are one error naming the file."""
 
 import random
+import time
 
 import pytest
 import torch
@@ -133,6 +134,86 @@ def test_a_truncated_file_is_one_error_naming_it(vllm_ctx, tmp_path):
     with pytest.raises(LoadError, match=rf"^{path}: ended at byte \d+, its header says \d+ "
                                         r"\(a truncated checkpoint file\)"):
         expert_blocks.load([plan])
+
+
+def _sorted_file(prefix, path, tensors):
+    items = _named(prefix, tensors)
+    items.sort(key=lambda kv: (str(kv[1].dtype), kv[0]))  # safetensors' own order
+    write_safetensors(path, items)
+
+
+def _reader_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("w4a8-blocks")]
+
+
+def test_the_next_piece_is_read_while_one_is_put_in_place(vllm_ctx, monkeypatch, tmp_path):
+    """Piece n + 1's read starts before piece n is checked, sent and put in
+    place (two buffers taking turns), and the layer ends as vLLM's loader
+    fills it."""
+    prefix = "blocks.ahead.experts"
+    tensors = per_expert({}, 8, 256, 256)
+    _sorted_file(prefix, tmp_path / "a.safetensors", tensors)
+    ref = _reference(prefix, tensors, vllm_ctx, monkeypatch)
+    seen = []
+    submit, scatter = expert_blocks._Reader.submit, expert_blocks._scatter
+
+    def reading(self, path, start, into):
+        seen.append(("read", start))
+        return submit(self, path, start, into)
+
+    def placing(plans, piece, buf, base, slot):
+        seen.append(("place", base))
+        return scatter(plans, piece, buf, base, slot)
+
+    monkeypatch.setattr(expert_blocks._Reader, "submit", reading)
+    monkeypatch.setattr(expert_blocks, "_scatter", placing)
+    got, stats = _blocks(prefix, tmp_path / "a.safetensors", vllm_ctx, 64 << 10)
+    starts = [s for what, s in seen if what == "read"]
+    assert stats.pieces == len(starts) >= 4
+    want = [("read", starts[0])]
+    for n, s in enumerate(starts):
+        want += [("read", starts[n + 1])] if n + 1 < len(starts) else []
+        want.append(("place", s))
+    assert seen == want
+    _assert_same_params(ref, got)
+    assert not _reader_threads()
+
+
+def test_an_error_while_the_next_piece_is_read_waits_for_that_read(vllm_ctx, monkeypatch,
+                                                                   tmp_path):
+    """Whatever ends the load while the next piece is being read (here an
+    error putting the first piece in place, injected): the load ends with
+    that error only once the read under way has ended (its buffer is freed
+    after it), and leaves no reader thread."""
+    prefix = "blocks.inflight.experts"
+    _sorted_file(prefix, tmp_path / "e.safetensors", per_expert({}, 8, 256, 256))
+    pread, started, ended = expert_blocks._pread_all, [], []
+
+    def slow_read(fd, into, offset, path):
+        started.append(offset)
+        time.sleep(0.3)
+        pread(fd, into, offset, path)
+        ended.append(offset)
+
+    def failing(plans, piece, buf, base, slot):
+        deadline = time.monotonic() + 30
+        while len(started) < 2 and time.monotonic() < deadline:  # piece 1's read under way
+            time.sleep(0.01)
+        raise LoadError("injected")
+
+    monkeypatch.setattr(expert_blocks, "_pread_all", slow_read)
+    monkeypatch.setattr(expert_blocks, "_scatter", failing)
+    runner = _layer(prepare_only_config(), prefix, vllm_ctx)
+    layer = runner.routed_experts
+    plan, why = expert_blocks.plan_layer(
+        layer, layer.quant_method, expert_blocks.read_header(str(tmp_path / "e.safetensors")), 2)
+    assert plan is not None, why
+    with pytest.raises(LoadError, match="^injected$"):
+        expert_blocks.load([plan], 64 << 10)
+    assert len(started) == 2 and sorted(ended) == sorted(started)  # pieces 0 and 1
+    assert not _reader_threads()
 
 
 @pytest.mark.parametrize("enabled", [True, False])
