@@ -64,7 +64,7 @@ def _stat(values):
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     keys = ("loading_s", "weights_s", "prep_s", "ours_prep_s", "loading_gib",
-            "ours_expert_load_s", "ours_expert_send_s", "ours_block_s")
+            "ours_expert_load_s", "ours_expert_send_s", "ours_block_s", "ours_block_wait_s")
     return {mode: {k: _stat([r.get(k) for r in rs]) for k in keys} for mode, rs in runs.items()}
 
 
@@ -93,8 +93,10 @@ def table(summary: dict) -> str:
                     f"{_fmt(s['ours_expert_load_s'])} s of the weights' time{staged}")
     for mode, s in summary.items():
         if s.get("ours_block_s"):
+            waited = (f" (beside the other tensors; then waited for "
+                      f"{_fmt(s['ours_block_wait_s'])} s)" if s.get("ours_block_wait_s") else "")
             rows.append(f"{mode}: MoE expert blocks read from the files and put in place "
-                        f"{_fmt(s['ours_block_s'])} s of the weights' time")
+                        f"{_fmt(s['ours_block_s'])} s of the weights' time{waited}")
     up, ours = summary.get("upstream"), summary.get("ours")
     if up and ours and up["prep_s"] and ours["prep_s"]:
         rows.append("")

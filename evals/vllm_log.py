@@ -36,7 +36,8 @@ def parse_log(text: str) -> dict:
                    ours_expert_send_s=experts["send_s"])
     blocks = parse_block_load(text)
     if blocks is not None:  # the load format w4a8_fastprep read expert blocks
-        out.update(ours_block_tensors=blocks["tensors"], ours_block_s=blocks["seconds"])
+        out.update(ours_block_tensors=blocks["tensors"], ours_block_s=blocks["seconds"],
+                   ours_block_wait_s=blocks["waited"])
     return out
 
 

@@ -1,7 +1,8 @@
 """The load format ``w4a8_fastprep`` (``--load-format w4a8_fastprep``,
 opt-in): vLLM's default loader, except that the expert tensors of this
 package's MoE layers are read straight from the safetensors files
-(``expert_blocks.py``) before the model's ``load_weights`` sees the rest.
+(``expert_blocks.py``), in a thread of their own while the model's
+``load_weights`` is given the rest; the weights end once they are in place.
 
 Everything else is vLLM's ``DefaultModelLoader`` under the load format
 ``auto``: which files are read (and downloaded), the model's own
@@ -28,6 +29,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Generator, Iterable
 from typing import cast
@@ -85,6 +87,49 @@ def our_moe_layers(model: torch.nn.Module) -> list:
             if isinstance(getattr(m, "quant_method", None), W4A8FastPrepMoEMethod)]
 
 
+class _BlockJob:
+    """``expert_blocks.load`` of the plans in a thread of its own, on the
+    layers' device (a thread starts on the process's first GPU otherwise:
+    its pinned buffers would make a CUDA context there) and on a stream of
+    its own there, after what the caller's stream had queued (the model's
+    per-tensor copies meanwhile do not queue behind the blocks' large ones;
+    ``load`` waits for its copies before it returns)."""
+
+    def __init__(self, plans: list, t0: float):
+        self.plans, self.t0 = plans, t0
+        self.stats: expert_blocks.BlockLoad | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.stop = threading.Event()
+        self._device = next((p.layer.w13_weight_packed.device for p in plans
+                             if p.layer.w13_weight_packed.device.type == "cuda"), None)
+        self._after = (torch.cuda.current_stream(self._device)
+                       if self._device is not None else None)
+        self._thread = threading.Thread(target=self._run, name="w4a8-blocks-load")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._device is None:
+                self.stats = expert_blocks.load(self.plans, stop=self.stop)
+                return
+            with torch.cuda.device(self._device):
+                stream = torch.cuda.Stream(self._device)
+                stream.wait_stream(self._after)
+                with torch.cuda.stream(stream):
+                    self.stats = expert_blocks.load(self.plans, stop=self.stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the loader's thread
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - self.t0
+
+    def wait(self) -> float:
+        """Seconds the caller waited for the thread to end."""
+        t0 = time.perf_counter()
+        self._thread.join()
+        return time.perf_counter() - t0
+
+
 class W4A8FastPrepModelLoader(DefaultModelLoader):
     """``--load-format w4a8_fastprep``: see the module's docstring."""
 
@@ -100,6 +145,7 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
             self.counter_before_loading_weights = time.perf_counter()
         layers = our_moe_layers(model)
         skip: set[str] = set()
+        job: _BlockJob | None = None
         source = self._primary_source(model_config, model)
         if not layers:
             logger.info("%s: load format %s: the model has no MoE layer served by this "
@@ -112,16 +158,21 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
                                              source.allow_patterns_overrides)
             files, use_safetensors = sorted(prepared[1], key=_natural_key), prepared[2]
             if use_safetensors:
-                skip = self._load_expert_blocks(model, layers, files)
+                skip, job = self._start_expert_blocks(model, layers, files)
             else:
                 self._log_left(len(layers), {"all": "the checkpoint is not safetensors"})
-        if not skip:
+        if job is None:
             yield from super().get_all_weights(model_config, model)
             return
-        yield from self._rest(source, files, skip)
-        for other in cast(Iterable[DefaultModelLoader.Source],
-                          getattr(model, "secondary_weights", ())):
-            yield from self._get_weights_iterator(other)
+        finished = False
+        try:
+            yield from self._rest(source, files, skip)
+            for other in cast(Iterable[DefaultModelLoader.Source],
+                              getattr(model, "secondary_weights", ())):
+                yield from self._get_weights_iterator(other)
+            finished = True
+        finally:  # the blocks are in place before the model's load_weights returns
+            self._finish_expert_blocks(job, raise_error=finished)
 
     @staticmethod
     def _primary_source(model_config, model) -> DefaultModelLoader.Source:
@@ -132,10 +183,13 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
             kwargs["is_unused_weight"] = getattr(model, "is_unused_checkpoint_weight", None)
         return DefaultModelLoader.Source(model_config.model, model_config.revision, **kwargs)
 
-    def _load_expert_blocks(self, model, layers: list, files: list[str]) -> set[str]:
-        """Read every takeable layer's expert tensors; the checkpoint names
-        the model's ``load_weights`` is then not given (those read here, and
-        other ranks' experts of the layers taken)."""
+    def _start_expert_blocks(self, model, layers: list, files: list[str]
+                             ) -> tuple[set[str], _BlockJob | None]:
+        """Plan every takeable layer and start reading its expert tensors
+        in a thread of their own, while the model's ``load_weights`` is
+        given the rest: the checkpoint names it is then not given (those
+        read there, and other ranks' experts of the layers taken), and the
+        job (None where no layer is taken)."""
         from .compat import w13_num_shards
 
         t0 = time.perf_counter()
@@ -149,7 +203,7 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
                                 or getattr(mapper, "_map_name", None)):
                     self._log_left(len(layers), {"all": "the model renames the checkpoint's "
                                                  "tensors in a way this vLLM does not expose"})
-                    return set()
+                    return set(), None
                 entries = expert_blocks.rename(entries, mapper)
             plans, left = [], {}
             for layer in layers:
@@ -160,18 +214,37 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
                     left[method.layer_name] = why
                 else:
                     plans.append(plan)
-        stats = expert_blocks.load(plans)
-        self.last_load = stats
-        skip = set(stats.names)
-        for plan in plans:  # other ranks' experts: vLLM's loader skips them too
-            skip.update(expert_blocks.layer_names(plan, entries))
-        stats.seconds = time.perf_counter() - t0  # the headers and the plans too
-        if plans:
-            logger.info(format_block_load(stats.tensors, stats.layers, stats.bytes,
-                                          stats.pieces, stats.seconds))
+            skip: set[str] = set()
+            for plan in plans:  # every expert's (other ranks' too: vLLM's loader skips them)
+                skip.update(expert_blocks.layer_names(plan, entries))
         if left:
             self._log_left(len(layers), left)
-        return skip
+        if not plans:
+            self.last_load = expert_blocks.BlockLoad()
+            return set(), None
+        return skip, _BlockJob(plans, t0)
+
+    def _finish_expert_blocks(self, job: _BlockJob, raise_error: bool) -> None:
+        """Wait for the blocks; their line (with how long the rest waited for
+        them); their error, where the rest was given in full. Else (the
+        model's ``load_weights`` ended early: an error, an interrupt) they
+        are stopped at their next piece, and the error the rest ended with
+        goes on (theirs, if any, only logged)."""
+        if not raise_error:
+            job.stop.set()  # the reads under way end, no other starts
+        waited = job.wait()
+        if job.error is not None:
+            if raise_error:
+                raise job.error
+            if not isinstance(job.error, expert_blocks.Stopped):
+                logger.warning("%s: load format %s: reading the expert tensors failed too (%s)",
+                               METHOD_NAME, LOAD_FORMAT, job.error)
+            return
+        stats = job.stats
+        self.last_load = stats
+        stats.seconds = job.seconds  # the headers and the plans too
+        logger.info(format_block_load(stats.tensors, stats.layers, stats.bytes, stats.pieces,
+                                      stats.seconds, waited))
 
     @staticmethod
     def _log_left(total: int, left: dict[str, str]) -> None:

@@ -336,23 +336,29 @@ def parse_expert_loading(text: str) -> dict | None:
 
 
 def format_block_load(tensors: int, layers: int, nbytes: int, pieces: int,
-                      seconds: float) -> str:
+                      seconds: float, waited: float | None = None) -> str:
     """The line of the load format ``w4a8_fastprep`` (``block_loader.py``)
-    per load that read expert blocks (``parse_block_load`` reads it)."""
+    per load that read expert blocks (``parse_block_load`` reads it);
+    ``waited``: how long the other tensors' loading, done meanwhile, then
+    waited for the blocks."""
+    beside = "" if waited is None else (
+        f", beside the other tensors (then waited for: {waited:.2f} s)")
     return (f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: {tensors} MoE expert tensors of "
             f"{layers} layers ({nbytes / GIB:.2f} GiB) read from the safetensors files in "
-            f"{pieces} pieces and put in place in {seconds:.2f} s")
+            f"{pieces} pieces and put in place in {seconds:.2f} s{beside}")
 
 
 def parse_block_load(text: str) -> dict | None:
-    """``{"tensors", "layers", "gib", "pieces", "seconds"}`` of the last
-    block-load line in ``text`` (a log), or None."""
+    """``{"tensors", "layers", "gib", "pieces", "seconds", "waited"}`` of the
+    last block-load line in ``text`` (a log), or None; ``waited`` None in a
+    line that does not say it (blocks read before the other tensors)."""
     m = _BLOCK_LOAD.findall(text)
     if not m:
         return None
-    tensors, layers, gib, pieces, seconds = m[-1]
+    tensors, layers, gib, pieces, seconds, waited = m[-1]
     return {"tensors": int(tensors), "layers": int(layers), "gib": float(gib),
-            "pieces": int(pieces), "seconds": float(seconds)}
+            "pieces": int(pieces), "seconds": float(seconds),
+            "waited": float(waited) if waited else None}
 
 
 _NUM = r"([\d.]+)"
@@ -368,7 +374,7 @@ _EXPERT_LOADING = re.compile(
 _BLOCK_LOAD = re.compile(
     re.escape(f"{EXPERT_PREFIX}load format {LOAD_FORMAT}: ") + r"(\d+) MoE expert tensors of (\d+) "
     r"layers \(([\d.]+) GiB\) read from the safetensors files in (\d+) pieces and put in place "
-    r"in ([\d.]+) s")
+    r"in ([\d.]+) s(?:, beside the other tensors \(then waited for: ([\d.]+) s\))?")
 _OLD = re.compile(re.escape(PREFIX) + r"(\d+) layers \(" + _NUM + r" GiB int4 \+ " + _NUM
                   + r" GiB scales\) in " + _NUM + r" s on (\S+?)(?:, (\d+) through the "
                   r"dequantised fallback)?$", re.M)

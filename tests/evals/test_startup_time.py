@@ -74,8 +74,15 @@ def test_each_mode_must_show_whether_the_plugin_prepared():
     blocks = startup_time.parse_log(ours_log() + format_block_load(72, 2, 1 << 20, 1, 0.25))
     assert blocks["ours_block_tensors"] == 72 and blocks["ours_block_s"] == 0.25
     startup_time.check_mode("b.log", "ours-blocks", blocks)
-    assert "ours-blocks: MoE expert blocks read from the files and put in place 0.25 s" in \
-        startup_time.table(startup_time.summarize({"ours-blocks": [blocks]}))
+    assert "ours-blocks: MoE expert blocks read from the files and put in place 0.25 s of " \
+        "the weights' time\n" in startup_time.table(startup_time.summarize({"ours-blocks": [blocks]})) + "\n"
+    beside = [startup_time.parse_log(ours_log() + format_block_load(72, 2, 1 << 20, 1, s, w))
+              for s, w in ((0.5, 0.0), (0.75, 0.125), (0.25, 0.5))]
+    assert [b["ours_block_wait_s"] for b in beside] == [0.0, 0.12, 0.5]
+    assert ("ours-blocks: MoE expert blocks read from the files and put in place 0.50 "
+            "(0.25-0.75) s of the weights' time (beside the other tensors; then waited for "
+            "0.12 (0.00-0.50) s)") in startup_time.table(startup_time.summarize(
+                {"ours-blocks": beside}))
 
 
 def test_chart_bars_are_the_median_model_loading_split_at_the_weights():

@@ -5,6 +5,8 @@ less the expert tensors read from the files, and every parameter ends byte
 for byte as with the default loader; layers it cannot take (a reload,
 tensors missing from the headers) load through vLLM's loader, logged."""
 
+import re
+
 import pytest
 import torch
 from must_run import import_or_skip
@@ -13,7 +15,7 @@ import_or_skip("vllm")
 
 from moe_layers import TINY, prepare_only_config  # noqa: E402
 
-from vllm_w4a8_fastprep import expert_staging  # noqa: E402
+from vllm_w4a8_fastprep import expert_blocks, expert_staging  # noqa: E402
 from vllm_w4a8_fastprep.tools.synthetic import write_checkpoint  # noqa: E402
 
 
@@ -131,8 +133,6 @@ def test_the_load_format_gives_the_model_the_rest_and_fills_experts_as_vllm(
 
 def test_a_layer_not_taken_loads_through_vllms_loader_and_is_named(
         vllm_ctx, tiny_moe, monkeypatch, log_lines):
-    from vllm_w4a8_fastprep import expert_blocks
-
     monkeypatch.setenv(expert_staging.ENV, "0")
     ref = _Blocks(tiny_moe, vllm_ctx)
     _load(ref, "auto")
@@ -152,9 +152,129 @@ def test_a_layer_not_taken_loads_through_vllms_loader_and_is_named(
         [n for n in ref.seen if n.startswith("model.layers.1.mlp.experts.")]
     _assert_same(ref, ours)
     said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
-    assert said[-1] == ("w4a8_fastprep: load format w4a8_fastprep: 1 of 2 MoE layers load "
-                        "through vLLM's expert weight loader (model.layers.1.mlp.experts: "
-                        "refused by this test)"), said
+    assert len(said) == 2 and said[0] == (
+        "w4a8_fastprep: load format w4a8_fastprep: 1 of 2 MoE layers load through vLLM's "
+        "expert weight loader (model.layers.1.mlp.experts: refused by this test)"), said
+    assert said[1].startswith(f"w4a8_fastprep: load format w4a8_fastprep: {TINY.experts * 9} "
+                              "MoE expert tensors of 1 layers"), said
+
+
+def _block_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("w4a8-blocks")]
+
+
+def test_the_blocks_are_read_while_the_model_is_given_the_rest(vllm_ctx, tiny_moe,
+                                                              monkeypatch, log_lines):
+    """The expert blocks load in a thread of their own while the model's
+    ``load_weights`` takes the other tensors: here the blocks' load starts
+    only once the model has had the first of them (a loader that read the
+    blocks first would wait in vain and fail); they are in place, and the
+    thread gone, when the weights end; the line says how long the rest then
+    waited for them."""
+    import threading
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto")
+    given, load = threading.Event(), expert_blocks.load
+
+    def after_the_first_other_tensor(plans, *args, **kwargs):
+        assert given.wait(30), "the model was given no other tensor while the blocks loaded"
+        return load(plans, *args, **kwargs)
+
+    monkeypatch.setattr(expert_blocks, "load", after_the_first_other_tensor)
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    loader = _loader("w4a8_fastprep")
+    loader.local_expert_ids = None
+
+    def weights():
+        for item in loader.get_all_weights(ours.model_config, ours):
+            given.set()
+            yield item
+
+    ours.load_weights(weights())
+    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    assert not _block_threads()
+    _assert_same(ref, ours)
+    said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
+    assert len(said) == 1 and re.search(
+        r"put in place in [\d.]+ s, beside the other tensors \(then waited for: [\d.]+ s\)$",
+        said[0]), said
+
+
+def _failing_reads(monkeypatch):
+    def failing(fd, into, offset, path):
+        raise expert_blocks.LoadError(f"{path}: cannot read bytes (injected)")
+
+    monkeypatch.setattr(expert_blocks, "_pread_all", failing)
+
+
+def test_an_error_reading_the_blocks_ends_the_weights_with_it(vllm_ctx, tiny_moe,
+                                                              monkeypatch):
+    from vllm_w4a8_fastprep.load_checks import LoadError
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    _failing_reads(monkeypatch)
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    with pytest.raises(LoadError, match=r"safetensors: cannot read bytes \(injected\)$"):
+        _load(ours, "w4a8_fastprep")
+    assert not _block_threads()
+
+
+def test_weights_closed_after_the_blocks_failed_log_their_error_only(vllm_ctx, tiny_moe,
+                                                                    monkeypatch, log_lines):
+    """The model's ``load_weights`` failing part way (the iterator closed)
+    after the blocks' own read failed: the blocks' error is logged, not
+    raised (the model's error is the one that goes on)."""
+    import time
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    _failing_reads(monkeypatch)
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    loader = _loader("w4a8_fastprep")
+    loader.local_expert_ids = None
+    weights = loader.get_all_weights(ours.model_config, ours)
+    next(weights)
+    deadline = time.monotonic() + 30
+    while _block_threads() and time.monotonic() < deadline:  # the blocks have failed
+        time.sleep(0.01)
+    weights.close()
+    assert not _block_threads() and loader.last_load is None
+    said = [r.getMessage() for r in log_lines if "failed too" in r.getMessage()]
+    assert len(said) == 1 and re.fullmatch(
+        r"w4a8_fastprep: load format w4a8_fastprep: reading the expert tensors failed too "
+        r"\(\S+\.safetensors: cannot read bytes \(injected\)\)", said[0]), said
+
+
+def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, sharded,
+                                                                   monkeypatch, log_lines):
+    """An interrupt or error in the model's ``load_weights`` does not wait
+    for every expert block to be read: the reads under way end, no other
+    starts, nothing is logged of it."""
+    import time
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    pread, started = expert_blocks._pread_all, []
+
+    def slow_read(fd, into, offset, path):
+        started.append(offset)
+        time.sleep(0.5)
+        pread(fd, into, offset, path)
+
+    monkeypatch.setattr(expert_blocks, "_pread_all", slow_read)
+    ours = _Blocks(sharded, vllm_ctx)
+    loader = _loader("w4a8_fastprep")
+    loader.local_expert_ids = None
+    weights = loader.get_all_weights(ours.model_config, ours)
+    next(weights)
+    weights.close()
+    assert not _block_threads() and loader.last_load is None
+    files = len(list(sharded.glob("*.safetensors")))
+    assert 1 <= len(started) <= 2 < files  # piece 0, perhaps piece 1 read ahead; >= 1 per file
+    assert not [r for r in log_lines if "load format w4a8_fastprep" in r.getMessage()
+                and "MoE expert tensors" in r.getMessage()]
 
 
 @pytest.mark.parametrize("case", ["shards", "multithread", "ep filter"])

@@ -207,5 +207,11 @@ def test_the_block_load_line_reads_back():
                     "place in 1.23 s")
     text = "x\n" + format_block_load(9, 1, 1 << 20, 1, 0.5) + "\n" + line + "\n"
     assert parse_block_load(text) == {"tensors": 55296, "layers": 48, "gib": 15.0,
-                                      "pieces": 60, "seconds": 1.23}
+                                      "pieces": 60, "seconds": 1.23, "waited": None}
     assert parse_block_load("w4a8_fastprep: prepared 1 dense layers") is None
+    beside = format_block_load(55296, 48, 15 << 30, 60, 2.5, waited=0.0449)
+    assert beside == line.replace("in 1.23 s", "in 2.50 s") + (
+        ", beside the other tensors (then waited for: 0.04 s)")
+    assert parse_block_load(text + beside + "\n") == {
+        "tensors": 55296, "layers": 48, "gib": 15.0, "pieces": 60, "seconds": 2.5,
+        "waited": 0.04}
