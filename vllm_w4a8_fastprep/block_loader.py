@@ -90,7 +90,8 @@ def our_moe_layers(model: torch.nn.Module) -> list:
 class _BlockJob:
     """``expert_blocks.load`` of the plans in a thread of its own, on the
     layers' device (a thread starts on the process's first GPU otherwise:
-    its pinned buffers would make a CUDA context there) and on a stream of
+    its pinned buffers would make a CUDA context there), under the caller's
+    inference and grad modes, and on a stream of
     its own there, after what the caller's stream had queued (the model's
     per-tensor copies meanwhile do not queue behind the blocks' large ones;
     ``load`` waits for its copies before it returns)."""
@@ -101,6 +102,9 @@ class _BlockJob:
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.stop = threading.Event()
+        # autograd's modes are per thread: the caller's (parameters made under
+        # inference mode may be written only under it)
+        self._inference, self._grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
         self._device = next((p.layer.w13_weight_packed.device for p in plans
                              if p.layer.w13_weight_packed.device.type == "cuda"), None)
         self._after = (torch.cuda.current_stream(self._device)
@@ -110,14 +114,15 @@ class _BlockJob:
 
     def _run(self) -> None:
         try:
-            if self._device is None:
-                self.stats = expert_blocks.load(self.plans, stop=self.stop)
-                return
-            with torch.cuda.device(self._device):
-                stream = torch.cuda.Stream(self._device)
-                stream.wait_stream(self._after)
-                with torch.cuda.stream(stream):
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                if self._device is None:
                     self.stats = expert_blocks.load(self.plans, stop=self.stop)
+                    return
+                with torch.cuda.device(self._device):
+                    stream = torch.cuda.Stream(self._device)
+                    stream.wait_stream(self._after)
+                    with torch.cuda.stream(stream):
+                        self.stats = expert_blocks.load(self.plans, stop=self.stop)
         except BaseException as e:  # noqa: BLE001 - handed to the loader's thread
             self.error = e
         finally:

@@ -359,3 +359,19 @@ def test_a_checkpoint_without_safetensors_loads_as_auto_and_says_so(vllm_ctx, ti
     assert said[-1] == (f"w4a8_fastprep: load format w4a8_fastprep: {TINY.layers} of "
                         f"{TINY.layers} MoE layers load through vLLM's expert weight loader "
                         "(all: the checkpoint is not safetensors)"), said
+
+
+def test_a_load_under_inference_mode_reads_the_blocks_under_it_too(vllm_ctx, tiny_moe,
+                                                                   monkeypatch):
+    """A model built and loaded under ``torch.inference_mode`` (its
+    parameters inference tensors, which only that mode may write): the
+    blocks' thread takes the caller's mode."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    with torch.inference_mode():
+        ref = _Blocks(tiny_moe, vllm_ctx)
+        _load(ref, "auto")
+        ours = _Blocks(tiny_moe, vllm_ctx)
+        assert ours.experts()[0].w2_weight_packed.is_inference()
+        loader = _load(ours, "w4a8_fastprep")
+    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    _assert_same(ref, ours)
