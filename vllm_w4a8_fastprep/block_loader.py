@@ -39,6 +39,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from . import expert_blocks
 from .checkpoint_format import METHOD_NAME
+from . import load_format as _load_format
 from .load_format import LOAD_FORMAT
 from .load_stats import format_block_load
 
@@ -109,8 +110,8 @@ class _BlockJob:
                              if p.layer.w13_weight_packed.device.type == "cuda"), None)
         self._after = (torch.cuda.current_stream(self._device)
                        if self._device is not None else None)
-        self._thread = threading.Thread(target=self._run, name="w4a8-blocks-load")
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="w4a8-blocks-load")
+        self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -131,7 +132,7 @@ class _BlockJob:
     def wait(self) -> float:
         """Seconds the caller waited for the thread to end."""
         t0 = time.perf_counter()
-        self._thread.join()
+        self.thread.join()
         return time.perf_counter() - t0
 
 
@@ -234,10 +235,20 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         them); their error, where the rest was given in full. Else (the
         model's ``load_weights`` ended early: an error, an interrupt) they
         are stopped at their next piece, and the error the rest ended with
-        goes on (theirs, if any, only logged)."""
+        goes on (theirs, if any, only logged). The model's ``load_weights``
+        ending with an error does not close its iterator at once (the
+        traceback holds it): the blocks stop when it is closed or collected.
+        An interrupt while waiting stops them at their next piece too."""
+        if threading.current_thread() is job.thread:  # collected on that very thread
+            job.stop.set()
+            return
         if not raise_error:
             job.stop.set()  # the reads under way end, no other starts
-        waited = job.wait()
+        try:
+            waited = job.wait()
+        except BaseException:
+            job.stop.set()
+            raise
         if job.error is not None:
             if raise_error:
                 raise job.error
@@ -291,3 +302,6 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
                     if name in skip or should_skip(name, ids):
                         continue
                     yield name, f.get_tensor(name)
+
+
+_load_format.loader_defined()  # a registration deferred while this module was being imported

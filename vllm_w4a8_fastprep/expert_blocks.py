@@ -383,6 +383,8 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES,
                 s["event"].synchronize()
     finally:
         reader.close()
+        for d in {d for d in devices if d.type == "cuda"}:  # an error may leave copies
+            torch.cuda.current_stream(d).synchronize()  # unrecorded: none outlives load
         _return_buffers(slots)
     for plan in plans:
         loaded = plan.method._loaded

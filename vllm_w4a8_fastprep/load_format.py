@@ -37,17 +37,40 @@ def register_now() -> None:
     _state["registered"] = True
 
 
+def _loader_module_half_made() -> bool:
+    """Whether ``block_loader`` is being imported (it imports vLLM's
+    model_loader package before its class exists)."""
+    module = sys.modules.get(f"{__package__}.block_loader")
+    return module is not None and not hasattr(module, "W4A8FastPrepModelLoader")
+
+
+def _try_register() -> None:
+    try:
+        register_now()
+    except Exception as e:  # noqa: BLE001 - never break vLLM's own import
+        if isinstance(e, ImportError) and _loader_module_half_made():
+            _state["deferred"] = True  # block_loader registers it once its class exists
+            return
+        logger.warning("%s: the load format %s could not be registered (%s: %s); "
+                       "--load-format %s is then unknown to vLLM", LOAD_FORMAT, LOAD_FORMAT,
+                       type(e).__name__, e, LOAD_FORMAT)
+
+
 def _register_after_import() -> None:
     hook = _state["hook"]
     if hook is not None and hook in sys.meta_path:
         sys.meta_path.remove(hook)
     _state["hook"] = None
-    try:
-        register_now()
-    except Exception as e:  # noqa: BLE001 - never break vLLM's own import
-        logger.warning("%s: the load format %s could not be registered (%s: %s); "
-                       "--load-format %s is then unknown to vLLM", LOAD_FORMAT, LOAD_FORMAT,
-                       type(e).__name__, e, LOAD_FORMAT)
+    _try_register()
+
+
+def loader_defined() -> None:
+    """``block_loader``'s last line: the registration that vLLM's import
+    of its model_loader package asked for while ``block_loader`` itself was
+    being imported (its import of vLLM's loaders set that off), now that
+    the class exists."""
+    if _state.pop("deferred", False):
+        _try_register()
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -169,19 +169,21 @@ def test_the_blocks_are_read_while_the_model_is_given_the_rest(vllm_ctx, tiny_mo
                                                               monkeypatch, log_lines):
     """The expert blocks load in a thread of their own while the model's
     ``load_weights`` takes the other tensors: here the blocks' load starts
-    only once the model has had the first of them (a loader that read the
-    blocks first would wait in vain and fail); they are in place, and the
-    thread gone, when the weights end; the line says how long the rest then
-    waited for them."""
+    only once the model has had the first of them, and the model takes the
+    next only once the blocks' load has started (a loader that read the
+    blocks before or after the other tensors would wait in vain and fail);
+    they are in place, and the thread gone, when the weights end; the line
+    says how long the rest then waited for them."""
     import threading
 
     monkeypatch.setenv(expert_staging.ENV, "0")
     ref = _Blocks(tiny_moe, vllm_ctx)
     _load(ref, "auto")
-    given, load = threading.Event(), expert_blocks.load
+    given, started, load = threading.Event(), threading.Event(), expert_blocks.load
 
     def after_the_first_other_tensor(plans, *args, **kwargs):
         assert given.wait(30), "the model was given no other tensor while the blocks loaded"
+        started.set()
         return load(plans, *args, **kwargs)
 
     monkeypatch.setattr(expert_blocks, "load", after_the_first_other_tensor)
@@ -190,18 +192,41 @@ def test_the_blocks_are_read_while_the_model_is_given_the_rest(vllm_ctx, tiny_mo
     loader.local_expert_ids = None
 
     def weights():
-        for item in loader.get_all_weights(ours.model_config, ours):
+        for n, item in enumerate(loader.get_all_weights(ours.model_config, ours)):
             given.set()
+            if n == 1:
+                assert started.wait(30), "the blocks did not load while the model took the rest"
             yield item
 
     ours.load_weights(weights())
-    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    assert len(ours.seen) > 2 and loader.last_load.tensors == TINY.layers * TINY.experts * 9
     assert not _block_threads()
     _assert_same(ref, ours)
     said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
     assert len(said) == 1 and re.search(
         r"put in place in [\d.]+ s, beside the other tensors \(then waited for: [\d.]+ s\)$",
         said[0]), said
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_blocks_write_after_what_the_callers_stream_had_queued(vllm_ctx, tiny_moe,
+                                                                  monkeypatch):
+    """The blocks' own CUDA stream starts after the work the loading thread's
+    stream had queued: here ~1 s of GPU time, then the expert parameters
+    zeroed; the blocks' values must land after that zeroing."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    ref = _Blocks(tiny_moe, vllm_ctx)
+    _load(ref, "auto")
+    ours = _Blocks(tiny_moe, vllm_ctx)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    for layer in ours.experts():
+        for p in layer.parameters():
+            p.data.zero_()
+    loader = _load(ours, "w4a8_fastprep")
+    torch.cuda.synchronize()
+    assert loader.last_load.tensors == TINY.layers * TINY.experts * 9
+    _assert_same(ref, ours)
 
 
 def _failing_reads(monkeypatch):
@@ -275,6 +300,36 @@ def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, shar
     assert 1 <= len(started) <= 2 < files  # piece 0, perhaps piece 1 read ahead; >= 1 per file
     assert not [r for r in log_lines if "load format w4a8_fastprep" in r.getMessage()
                 and "MoE expert tensors" in r.getMessage()]
+
+
+def test_an_interrupt_while_waiting_for_the_blocks_stops_them(vllm_ctx, sharded,
+                                                              monkeypatch):
+    """Ctrl-C (or vLLM's SIGTERM handler's exit) while the weights wait for
+    the blocks: it goes on, and the blocks stop at their next piece."""
+    import time
+
+    from vllm_w4a8_fastprep import block_loader
+
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    pread, started = expert_blocks._pread_all, []
+
+    def slow_read(fd, into, offset, path):
+        started.append(offset)
+        time.sleep(0.5)
+        pread(fd, into, offset, path)
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(expert_blocks, "_pread_all", slow_read)
+    monkeypatch.setattr(block_loader._BlockJob, "wait", interrupted)
+    ours = _Blocks(sharded, vllm_ctx)
+    with pytest.raises(KeyboardInterrupt):
+        _load(ours, "w4a8_fastprep")
+    for t in _block_threads():
+        t.join(30)
+    files = len(list(sharded.glob("*.safetensors")))
+    assert not _block_threads() and 1 <= len(started) <= 3 < files
 
 
 @pytest.mark.parametrize("case", ["shards", "multithread", "ep filter"])

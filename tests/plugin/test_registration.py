@@ -115,15 +115,20 @@ print(" ".join(sorted(set(sys.modules) - before)))
 _LOADER = "vllm_w4a8_fastprep.block_loader.W4A8FastPrepModelLoader"
 
 
-@pytest.mark.parametrize("order", ["register first", "vllm's loaders first"])
+@pytest.mark.parametrize("order", ["register first", "vllm's loaders first",
+                                   "our loader module first"])
 def test_the_load_format_is_registered_once_whenever_vllm_imports_its_loaders(order):
     """``--load-format w4a8_fastprep``: registered when vLLM imports its
     model_loader package (after ``register()``), or at once where it has
-    already; ``register()`` twice registers it once (vLLM warns on a second
-    registration)."""
+    already, or once the package's own loader module, whose import sets off
+    vLLM's, exists; ``register()`` twice registers it once (vLLM warns on a
+    second registration)."""
     loaders = "import vllm.model_executor.model_loader as ml"
     steps = ["import vllm_w4a8_fastprep as v", "v.register(); v.register()"]
-    steps = steps + [loaders] if order == "register first" else [loaders] + steps
+    steps = {"register first": steps + [loaders], "vllm's loaders first": [loaders] + steps,
+             # the package's loader module imports vLLM's loaders while it is imported
+             "our loader module first": steps + ["import vllm_w4a8_fastprep.block_loader",
+                                                 loaders]}[order]
     code = "\n".join(steps) + """
 import json, logging, sys
 from vllm.config import LoadConfig
