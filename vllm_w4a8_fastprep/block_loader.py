@@ -295,7 +295,7 @@ class W4A8FastPrepModelLoader(DefaultModelLoader):
         should_skip = _ep_skip()
         ids = self.local_expert_ids
         for path in tqdm(files, desc="Loading safetensors checkpoint shards (without the "
-                         "expert tensors read before)", disable=not _show_progress(config),
+                         "expert tensors, read beside)", disable=not _show_progress(config),
                          bar_format=_bar_format()):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - a safe_open handle

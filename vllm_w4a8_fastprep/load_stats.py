@@ -351,7 +351,8 @@ def format_block_load(tensors: int, layers: int, nbytes: int, pieces: int,
 def parse_block_load(text: str) -> dict | None:
     """``{"tensors", "layers", "gib", "pieces", "seconds", "waited"}`` of the
     last block-load line in ``text`` (a log), or None; ``waited`` None in a
-    line that does not say it (blocks read before the other tensors)."""
+    line that does not say it (written before the blocks were read beside the other
+    tensors)."""
     m = _BLOCK_LOAD.findall(text)
     if not m:
         return None
