@@ -273,14 +273,10 @@ def test_weights_closed_after_the_blocks_failed_log_their_error_only(vllm_ctx, t
         r"\(\S+\.safetensors: cannot read bytes \(injected\)\)", said[0]), said
 
 
-def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, sharded,
-                                                                   monkeypatch, log_lines):
-    """An interrupt or error in the model's ``load_weights`` does not wait
-    for every expert block to be read: the reads under way end, no other
-    starts, nothing is logged of it."""
+def _slow_reads(monkeypatch) -> list[int]:
+    """Every read of the blocks takes 0.5 s more; the offsets started."""
     import time
 
-    monkeypatch.setenv(expert_staging.ENV, "0")
     pread, started = expert_blocks._pread_all, []
 
     def slow_read(fd, into, offset, path):
@@ -289,6 +285,16 @@ def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, shar
         pread(fd, into, offset, path)
 
     monkeypatch.setattr(expert_blocks, "_pread_all", slow_read)
+    return started
+
+
+def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, sharded,
+                                                                   monkeypatch, log_lines):
+    """An interrupt or error in the model's ``load_weights`` does not wait
+    for every expert block to be read: the reads under way end, no other
+    starts, nothing is logged of it."""
+    monkeypatch.setenv(expert_staging.ENV, "0")
+    started = _slow_reads(monkeypatch)
     ours = _Blocks(sharded, vllm_ctx)
     loader = _loader("w4a8_fastprep")
     loader.local_expert_ids = None
@@ -306,22 +312,14 @@ def test_an_interrupt_while_waiting_for_the_blocks_stops_them(vllm_ctx, sharded,
                                                               monkeypatch):
     """Ctrl-C (or vLLM's SIGTERM handler's exit) while the weights wait for
     the blocks: it goes on, and the blocks stop at their next piece."""
-    import time
-
     from vllm_w4a8_fastprep import block_loader
 
     monkeypatch.setenv(expert_staging.ENV, "0")
-    pread, started = expert_blocks._pread_all, []
-
-    def slow_read(fd, into, offset, path):
-        started.append(offset)
-        time.sleep(0.5)
-        pread(fd, into, offset, path)
+    started = _slow_reads(monkeypatch)
 
     def interrupted(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(expert_blocks, "_pread_all", slow_read)
     monkeypatch.setattr(block_loader._BlockJob, "wait", interrupted)
     ours = _Blocks(sharded, vllm_ctx)
     with pytest.raises(KeyboardInterrupt):
