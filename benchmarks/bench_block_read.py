@@ -155,10 +155,10 @@ def read_and_send(cut, threads: int, hosts: list[torch.Tensor],
     done: list[torch.cuda.Event | None] = [None, None]
 
     def start(n: int):
-        path, start, size = cut[n]
+        path, first, size = cut[n]
         if done[n % 2] is not None:
             done[n % 2].synchronize()
-        return reader.submit(path, start, views[n % 2][:size])
+        return reader.submit(path, first, views[n % 2][:size])
 
     try:
         torch.cuda.synchronize()

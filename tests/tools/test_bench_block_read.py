@@ -104,3 +104,22 @@ def test_expert_parallel_reads_are_computed_per_rank_and_placement(moe, tmp_path
     assert bench.pieces(odd, 1 << 20)  # read in its own pieces
     proc = run_script(SCRIPT, moe, "--ep", 3)
     assert proc.returncode == 2 and "do not divide into 3 ranks" in proc.stderr, proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_read_and_send_lands_each_piece_as_read(moe):
+    """The benchmark's read-ahead (the next piece read while one is sent,
+    two buffers taking turns): the last piece sent from each buffer is on
+    the GPU as the file holds it."""
+    bench = load_script(SCRIPT)
+    entries, _ = bench.expert_entries(moe)
+    cut = bench.pieces(entries, 64 << 10)
+    assert len(cut) >= 4
+    cap = max(size for _, _, size in cut)
+    hosts = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    devs = [torch.empty(cap, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    assert bench.read_and_send(cut, 3, hosts, devs) > 0
+    for n in (len(cut) - 2, len(cut) - 1):
+        path, start, size = cut[n]
+        bench._check(path, start, devs[n % 2][:size].cpu())
