@@ -40,6 +40,7 @@ On a machine without a GPU only ``headers`` and ``read`` run (pageable buffers).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import mmap
 import os
@@ -191,65 +192,85 @@ def send_only(cut, host: torch.Tensor, devs: list[torch.Tensor]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-PAGE = mmap.PAGESIZE
 REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 
 
+def _clear_last_cuda_error() -> None:
+    """The CUDA runtime keeps a refused call's error as its last error, which
+    PyTorch's next check reports; PyTorch exposes no cudaGetLastError, the
+    runtime it loaded does (best effort)."""
+    try:
+        ctypes.CDLL(None).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
+
+
+class _Registered:
+    """One file mapped read-only and its pages registered with CUDA."""
+
+    def __init__(self, rt, path: str):
+        self.rt, self.path, self.ptr = rt, path, None
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        with warnings.catch_warnings():  # read-only: only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
+        err = int(rt.cudaHostRegister(self.whole.data_ptr(), self.whole.numel(),
+                                      REGISTER_READ_ONLY))
+        if err:
+            _clear_last_cuda_error()  # else PyTorch's next CUDA call would raise it
+            self.close()
+            raise OneLineError(f"cudaHostRegister of a read-only file mapping failed "
+                               f"(cudaError {err})")
+        self.ptr = self.whole.data_ptr()
+
+    def close(self) -> None:
+        """Once no copy from it is queued: unregister and unmap."""
+        err = int(self.rt.cudaHostUnregister(self.ptr)) if self.ptr is not None else 0
+        self.ptr = None
+        del self.whole  # the tensor over the mapping goes first
+        try:
+            self.mm.close()
+        except BufferError:  # a view still alive: closed when collected
+            pass
+        if err:
+            raise OneLineError(f"cudaHostUnregister failed (cudaError {err})")
+
+
 def register_and_send(cut, devs: list[torch.Tensor]) -> float:
-    """Seconds to send every piece straight from the file's mapped pages,
-    each piece's pages registered with CUDA while its copy runs (a slot is
-    reused, and its pages unregistered, once its copy is done)."""
+    """Seconds to send every piece straight from the file's mapped pages:
+    each file's mapping registered with CUDA once (its pages pinned while its
+    pieces are sent), then unregistered. (Registering each piece's pages
+    would register twice the page two consecutive pieces share, which CUDA
+    refuses: cudaErrorHostMemoryAlreadyRegistered.)"""
     rt = torch.cuda.cudart()
-    maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
-    held: list[tuple[torch.cuda.Event, int] | None] = [None, None]
-
-    def release(slot: int) -> None:
-        if held[slot] is not None:
-            event, ptr = held[slot]
-            event.synchronize()
-            held[slot] = None
-            err = int(rt.cudaHostUnregister(ptr))
-            if err:
-                raise OneLineError(f"cudaHostUnregister failed (cudaError {err})")
-
+    current: _Registered | None = None
+    done: list[torch.cuda.Event | None] = [None, None]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
         for n, (path, start, size) in enumerate(cut):
-            if path not in maps:
-                with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-                with warnings.catch_warnings():  # read-only: only ever read here
-                    warnings.simplefilter("ignore", UserWarning)
-                    maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
-            whole = maps[path][1]
+            if current is None or current.path != path:
+                if current is not None:
+                    torch.cuda.synchronize()  # its copies are done
+                    old, current = current, None
+                    old.close()
+                current = _Registered(rt, path)
             s = n % 2
-            release(s)
-            lo, hi = start - start % PAGE, min(whole.numel(), -(-(start + size) // PAGE) * PAGE)
-            ptr = whole[lo:].data_ptr()
-            err = int(rt.cudaHostRegister(ptr, hi - lo, REGISTER_READ_ONLY))
-            if err:
-                raise OneLineError(f"cudaHostRegister of a read-only file mapping failed "
-                                   f"(cudaError {err})")
-            devs[s][:size].copy_(whole[start:start + size], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            held[s] = (event, ptr)
-        release(0)
-        release(1)
+            if done[s] is not None:
+                done[s].synchronize()
+            devs[s][:size].copy_(current.whole[start:start + size], non_blocking=True)
+            done[s] = torch.cuda.Event()
+            done[s].record()
+        torch.cuda.synchronize()
+        if current is not None:
+            old, current = current, None
+            old.close()
         return time.perf_counter() - t0
     finally:
-        for s in (0, 1):
-            if held[s] is not None:
-                held[s][0].synchronize()
-                rt.cudaHostUnregister(held[s][1])
-        mms = [mm for mm, _ in maps.values()]
-        maps.clear()  # the tensors over the mappings go first
-        for mm in mms:
-            try:
-                mm.close()
-            except BufferError:  # a view still alive: closed when collected
-                pass
+        if current is not None:
+            torch.cuda.synchronize()
+            current.close()
 
 
 def _row(name: str, seconds: list[float], nbytes: int | None, base: float | None) -> dict:

@@ -123,3 +123,24 @@ def test_read_and_send_lands_each_piece_as_read(moe):
     for n in (len(cut) - 2, len(cut) - 1):
         path, start, size = cut[n]
         bench._check(path, start, devs[n % 2][:size].cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_register_and_send_lands_each_piece_from_the_registered_files(moe):
+    """Sending straight from the files' registered pages, many files and
+    pieces that share pages: no registration refused (each file's mapping is
+    registered once), the last piece sent from each buffer as the file holds
+    it, and the GPU usable afterwards."""
+    bench = load_script(SCRIPT)
+    entries, _ = bench.expert_entries(moe)
+    cut = bench.pieces(entries, 64 << 10)
+    assert len({p for p, _, _ in cut}) > 1
+    cap = max(size for _, _, size in cut)
+    devs = [torch.empty(cap, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    assert bench.register_and_send(cut, devs) > 0
+    for n in (len(cut) - 2, len(cut) - 1):
+        path, start, size = cut[n]
+        bench._check(path, start, devs[n % 2][:size].cpu())
+    torch.empty(1, device="cuda").add_(1)
+    torch.cuda.synchronize()
