@@ -24,6 +24,7 @@ Imported only once vLLM has imported its ``model_loader`` package
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -110,20 +111,20 @@ class _BlockJob:
                              if p.layer.w13_weight_packed.device.type == "cuda"), None)
         self._after = (torch.cuda.current_stream(self._device)
                        if self._device is not None else None)
-        self.thread = threading.Thread(target=self._run, name="w4a8-blocks-load")
+        self.thread = threading.Thread(target=self._run, name=f"{expert_blocks.THREAD_PREFIX}-load")
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
-                if self._device is None:
-                    self.stats = expert_blocks.load(self.plans, stop=self.stop)
-                    return
-                with torch.cuda.device(self._device):
+            with contextlib.ExitStack() as on:
+                on.enter_context(torch.inference_mode(self._inference))
+                on.enter_context(torch.set_grad_enabled(self._grad))
+                if self._device is not None:
+                    on.enter_context(torch.cuda.device(self._device))
                     stream = torch.cuda.Stream(self._device)
                     stream.wait_stream(self._after)
-                    with torch.cuda.stream(stream):
-                        self.stats = expert_blocks.load(self.plans, stop=self.stop)
+                    on.enter_context(torch.cuda.stream(stream))
+                self.stats = expert_blocks.load(self.plans, stop=self.stop)
         except BaseException as e:  # noqa: BLE001 - handed to the loader's thread
             self.error = e
         finally:

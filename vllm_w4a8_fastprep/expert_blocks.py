@@ -50,6 +50,8 @@ PIECE_BYTES = 256 << 20
 READ_THREADS = 8
 READ_CHUNK_MIN = 8 << 20
 ALIGN = 16  # pieces start here in the buffers: every dtype view is aligned
+#: the names of the threads reading expert blocks start so
+THREAD_PREFIX = "w4a8-blocks"
 
 KINDS = ("weight_packed", "weight_scale", "weight_shape")
 # the safetensors dtypes read here (as their headers name them), and the ones each kind
@@ -270,7 +272,7 @@ class _Reader:
 
     def __init__(self, threads: int = READ_THREADS):
         self._threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="w4a8-blocks")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=THREAD_PREFIX)
         self._fds: dict[str, int] = {}
 
     def submit(self, path: str, start: int, into: memoryview) -> list[Future]:
@@ -378,13 +380,10 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES,
                 slot["event"].record(torch.cuda.current_stream(device))
             stats.pieces += 1
             stats.bytes += size
-        for s in slots:
-            if s.get("event") is not None:
-                s["event"].synchronize()
     finally:
         reader.close()
-        for d in {d for d in devices if d.type == "cuda"}:  # an error may leave copies
-            torch.cuda.current_stream(d).synchronize()  # unrecorded: none outlives load
+        for d in {d for d in devices if d.type == "cuda"}:  # every copy and scatter done,
+            torch.cuda.current_stream(d).synchronize()  # also those an error left unrecorded
         _return_buffers(slots)
     for plan in plans:
         loaded = plan.method._loaded
@@ -397,17 +396,13 @@ def load(plans: list[LayerPlan], piece_bytes: int = PIECE_BYTES,
 
 
 def _return_buffers(slots: list[dict]) -> None:
-    """Drop the buffers; give the pinned host memory back to the system
-    (torch caches freed pinned blocks) once the work queued on them is done."""
-    events = [s["event"] for s in slots if s.get("event") is not None]
+    """Drop the buffers (the device work on them is done: ``load`` has
+    synchronised its streams); give the pinned host memory back to the
+    system (torch caches freed pinned blocks)."""
     pinned = any(isinstance(s.get("host"), torch.Tensor) and s["host"].is_pinned()
                  for s in slots)
     for s in slots:
         s.clear()
-    if not events:
-        return
-    for e in events:
-        e.synchronize()
     empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
     if pinned and empty_host_cache is not None:
         empty_host_cache()

@@ -45,12 +45,12 @@ def _loader_module_half_made() -> bool:
 
 
 def _try_register() -> None:
+    if _loader_module_half_made():
+        _state["deferred"] = True  # block_loader registers it once its class exists
+        return
     try:
         register_now()
     except Exception as e:  # noqa: BLE001 - never break vLLM's own import
-        if isinstance(e, ImportError) and _loader_module_half_made():
-            _state["deferred"] = True  # block_loader registers it once its class exists
-            return
         logger.warning("%s: the load format %s could not be registered (%s: %s); "
                        "--load-format %s is then unknown to vLLM", LOAD_FORMAT, LOAD_FORMAT,
                        type(e).__name__, e, LOAD_FORMAT)

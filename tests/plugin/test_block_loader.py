@@ -13,6 +13,7 @@ from must_run import import_or_skip
 
 import_or_skip("vllm")
 
+from block_threads import block_threads  # noqa: E402
 from moe_layers import TINY, prepare_only_config  # noqa: E402
 
 from vllm_w4a8_fastprep import expert_blocks, expert_staging  # noqa: E402
@@ -159,12 +160,6 @@ def test_a_layer_not_taken_loads_through_vllms_loader_and_is_named(
                               "MoE expert tensors of 1 layers"), said
 
 
-def _block_threads() -> list:
-    import threading
-
-    return [t for t in threading.enumerate() if t.name.startswith("w4a8-blocks")]
-
-
 def test_the_blocks_are_read_while_the_model_is_given_the_rest(vllm_ctx, tiny_moe,
                                                               monkeypatch, log_lines):
     """The expert blocks load in a thread of their own while the model's
@@ -200,7 +195,7 @@ def test_the_blocks_are_read_while_the_model_is_given_the_rest(vllm_ctx, tiny_mo
 
     ours.load_weights(weights())
     assert len(ours.seen) > 2 and loader.last_load.tensors == TINY.layers * TINY.experts * 9
-    assert not _block_threads()
+    assert not block_threads()
     _assert_same(ref, ours)
     said = [r.getMessage() for r in log_lines if "load format" in r.getMessage()]
     assert len(said) == 1 and re.search(
@@ -245,7 +240,7 @@ def test_an_error_reading_the_blocks_ends_the_weights_with_it(vllm_ctx, tiny_moe
     ours = _Blocks(tiny_moe, vllm_ctx)
     with pytest.raises(LoadError, match=r"safetensors: cannot read bytes \(injected\)$"):
         _load(ours, "w4a8_fastprep")
-    assert not _block_threads()
+    assert not block_threads()
 
 
 def test_weights_closed_after_the_blocks_failed_log_their_error_only(vllm_ctx, tiny_moe,
@@ -263,10 +258,10 @@ def test_weights_closed_after_the_blocks_failed_log_their_error_only(vllm_ctx, t
     weights = loader.get_all_weights(ours.model_config, ours)
     next(weights)
     deadline = time.monotonic() + 30
-    while _block_threads() and time.monotonic() < deadline:  # the blocks have failed
+    while block_threads() and time.monotonic() < deadline:  # the blocks have failed
         time.sleep(0.01)
     weights.close()
-    assert not _block_threads() and loader.last_load is None
+    assert not block_threads() and loader.last_load is None
     said = [r.getMessage() for r in log_lines if "failed too" in r.getMessage()]
     assert len(said) == 1 and re.fullmatch(
         r"w4a8_fastprep: load format w4a8_fastprep: reading the expert tensors failed too "
@@ -301,7 +296,7 @@ def test_weights_closed_early_stop_the_blocks_at_their_next_piece(vllm_ctx, shar
     weights = loader.get_all_weights(ours.model_config, ours)
     next(weights)
     weights.close()
-    assert not _block_threads() and loader.last_load is None
+    assert not block_threads() and loader.last_load is None
     files = len(list(sharded.glob("*.safetensors")))
     assert 1 <= len(started) <= 2 < files  # piece 0, perhaps piece 1 read ahead; >= 1 per file
     assert not [r for r in log_lines if "load format w4a8_fastprep" in r.getMessage()
@@ -324,10 +319,10 @@ def test_an_interrupt_while_waiting_for_the_blocks_stops_them(vllm_ctx, sharded,
     ours = _Blocks(sharded, vllm_ctx)
     with pytest.raises(KeyboardInterrupt):
         _load(ours, "w4a8_fastprep")
-    for t in _block_threads():
+    for t in block_threads():
         t.join(30)
     files = len(list(sharded.glob("*.safetensors")))
-    assert not _block_threads() and 1 <= len(started) <= 3 < files
+    assert not block_threads() and 1 <= len(started) <= 3 < files
 
 
 @pytest.mark.parametrize("case", ["shards", "multithread", "ep filter"])

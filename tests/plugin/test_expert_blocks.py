@@ -14,6 +14,7 @@ from must_run import import_or_skip
 
 import_or_skip("vllm")
 
+from block_threads import block_threads  # noqa: E402
 from moe_layers import fused_moe, per_expert, prepare_only_config  # noqa: E402
 from safetensors_files import ST_DTYPES, write_safetensors  # noqa: E402
 
@@ -142,12 +143,6 @@ def _sorted_file(prefix, path, tensors):
     write_safetensors(path, items)
 
 
-def _reader_threads() -> list:
-    import threading
-
-    return [t for t in threading.enumerate() if t.name.startswith("w4a8-blocks")]
-
-
 def test_the_next_piece_is_read_while_one_is_put_in_place(vllm_ctx, monkeypatch, tmp_path):
     """Piece n + 1's read starts before piece n is checked, sent and put in
     place (two buffers taking turns), and the layer ends as vLLM's loader
@@ -178,7 +173,7 @@ def test_the_next_piece_is_read_while_one_is_put_in_place(vllm_ctx, monkeypatch,
         want.append(("place", s))
     assert seen == want
     _assert_same_params(ref, got)
-    assert not _reader_threads()
+    assert not block_threads()
 
 
 def test_an_error_while_the_next_piece_is_read_waits_for_that_read(vllm_ctx, monkeypatch,
@@ -213,7 +208,7 @@ def test_an_error_while_the_next_piece_is_read_waits_for_that_read(vllm_ctx, mon
     with pytest.raises(LoadError, match="^injected$"):
         expert_blocks.load([plan], 64 << 10)
     assert len(started) == 2 and sorted(ended) == sorted(started)  # pieces 0 and 1
-    assert not _reader_threads()
+    assert not block_threads()
 
 
 @pytest.mark.parametrize("enabled", [True, False])
