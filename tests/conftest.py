@@ -143,6 +143,20 @@ def vllm_ctx():
         destroy_distributed_environment()
 
 
+@pytest.fixture(scope="session")
+def warm_python():
+    """Fresh processes that start with torch and vLLM's plugin module imported (one server per
+    test process, started on first use; tests/support/warm_python.py): ``warm_python.run(code,
+    env=..., timeout=...)`` as ``subprocess.run([python, "-c", code], capture_output=True,
+    text=True, ...)``. Skips without vLLM."""
+    pytest.importorskip("vllm")
+    from warm_python import WarmPython
+
+    server = WarmPython()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def log_lines():
     """Records of the package's logger (``vllm.w4a8_fastprep``) from INFO up."""

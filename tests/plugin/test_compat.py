@@ -82,9 +82,10 @@ print("quantization:", ModelConfig(model=str(ckpt), tokenizer=str(ckpt)).quantiz
 """
 
 
-def test_register_on_an_unsupported_vllm_logs_one_line_and_registers_nothing(tmp_path):
-    pytest.importorskip("vllm")
-    proc = _run(REGISTER_UNSUPPORTED.format(tmp=str(tmp_path), version=NEXT_MINOR))
+def test_register_on_an_unsupported_vllm_logs_one_line_and_registers_nothing(tmp_path,
+                                                                            warm_python):
+    proc = warm_python.run(REGISTER_UNSUPPORTED.format(tmp=str(tmp_path), version=NEXT_MINOR))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     lines = [line for line in out.splitlines() if RANGE in line]
     assert len(lines) == 1, out[-3000:]

@@ -7,7 +7,6 @@ import ast
 import functools
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -145,7 +144,7 @@ def _rocm_allow_list() -> list[str]:
     raise AssertionError("RocmPlatform.supported_quantization not found")
 
 
-def test_rocm_allow_list_accepts_the_registered_name():
+def test_rocm_allow_list_accepts_the_registered_name(warm_python):
     # platforms/rocm.py lists the quantization names ROCm accepts; vLLM's
     # register_quantization_config adds custom names to the current platform's
     # list. A fresh process whose platform carries ROCm's own list:
@@ -159,8 +158,7 @@ current_platform.verify_quantization("w4a8_fastprep")
 current_platform.verify_quantization("compressed-tensors")
 print("accepted")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    proc = warm_python.run(code)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("accepted"), proc.stderr[-2000:]
 
 

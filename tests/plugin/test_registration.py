@@ -4,12 +4,12 @@ loads general plugins in every process it starts (the API server front-end,
 too, so ``register()`` gives vLLM a thin class and the real config (vLLM's
 compressed-tensors and MoE stack, this package's scheme and MoE method) is
 imported only when vLLM builds a config for a checkpoint. Real vLLM, fresh
-processes where it matters; no GPU needed."""
+processes where it matters (each starts with torch and ``vllm.plugins``
+imported, as vLLM's own processes do before they load plugins:
+tests/support/warm_python.py); no GPU needed."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -42,10 +42,12 @@ heavy = {heavy!r}
 heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))
 # (vLLM's get_quantization_config imports every quantization config it has)
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 cls = get_quantization_config("w4a8_fastprep") if "w4a8_fastprep" in QUANTIZATION_METHODS else None
 print(json.dumps({{
     "heavy": heavy,
     "registered": None if cls is None else cls.__module__ + "." + cls.__qualname__,
+    "quantization_config": cls is not None and issubclass(cls, QuantizationConfig),
     "count": QUANTIZATION_METHODS.count("w4a8_fastprep"),
     "cuda_initialised": torch.cuda.is_initialized(),
     "seconds": seconds,
@@ -53,12 +55,11 @@ print(json.dumps({{
 """
 
 
-def _report(register: str, **env) -> dict:
+def _report(warm_python, register: str, **env) -> dict:
     e = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     e.update(env)
     code = _REPORT.format(register=register, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
-                          timeout=300)
+    proc = warm_python.run(code, env=e, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -66,29 +67,34 @@ def _report(register: str, **env) -> dict:
 LAZY = "vllm_w4a8_fastprep.registration.W4A8FastPrepLazyConfig"
 
 
-def test_register_imports_nothing_heavy_and_is_idempotent():
-    got = _report("import vllm_w4a8_fastprep as v\nv.register(); v.register()")
+def test_register_imports_nothing_heavy_and_is_idempotent(warm_python):
+    got = _report(warm_python, "import vllm_w4a8_fastprep as v\nv.register(); v.register()")
     print(f"register(): {got['seconds']:.3f} s")
     assert got["heavy"] == [], got
-    assert got["registered"] == LAZY and got["count"] == 1, got
+    # the thin class (below: from_config gives the real config), a QuantizationConfig
+    assert got["registered"] == LAZY and got["quantization_config"] and got["count"] == 1, got
     assert got["cuda_initialised"] is False
 
 
-def test_vllms_plugin_loader_imports_nothing_heavy():
-    load = "from vllm.plugins import load_general_plugins\nload_general_plugins()"
-    got = _report(load)
+def test_vllms_plugin_loader_imports_nothing_heavy(warm_python):
+    """vLLM finds the entry point; loading plugins twice registers once."""
+    load = "from vllm.plugins import load_general_plugins\nload_general_plugins(); " \
+           "load_general_plugins()"
+    got = _report(warm_python, load)
     print(f"load_general_plugins(): {got['seconds']:.3f} s")
     assert got["heavy"] == [], got
     assert got["registered"] == LAZY and got["count"] == 1, got
     # the same process without this plugin (VLLM_PLUGINS names the others)
-    without = _report(load, VLLM_PLUGINS="lora_filesystem_resolver,lora_hf_hub_resolver")
+    without = _report(warm_python, load,
+                      VLLM_PLUGINS="lora_filesystem_resolver,lora_hf_hub_resolver")
     print(f"load_general_plugins() without the plugin: {without['seconds']:.3f} s")
     assert without["heavy"] == [] and without["registered"] is None, without
 
 
 @pytest.mark.parametrize("caller", ["vllm.engine.arg_utils", "vllm.v1.engine.core",
                                     "vllm.v1.worker.worker_base"])
-def test_in_vllms_own_processes_registering_imports_only_this_packages_small_modules(caller):
+def test_in_vllms_own_processes_registering_imports_only_this_packages_small_modules(
+        caller, warm_python):
     # the modules that call load_general_plugins() (front-end and --help,
     # engine core, workers) import vLLM's quantization registry themselves
     code = f"""
@@ -96,13 +102,16 @@ import sys, {caller}
 from vllm.plugins import load_general_plugins
 before = set(sys.modules)
 load_general_plugins()
-print(" ".join(sorted(set(sys.modules) - before)))
+added = sorted(set(sys.modules) - before)
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+print(QUANTIZATION_METHODS.count("w4a8_fastprep"), " ".join(added))
 """
-    e = {**os.environ, "VLLM_PLUGINS": NAME}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
-                          timeout=300)
+    # VLLM_PLUGINS names general plugins to load: this one, by its entry point's name
+    proc = warm_python.run(code, env={**os.environ, "VLLM_PLUGINS": NAME}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    added = set(proc.stdout.strip().splitlines()[-1].split())
+    count, *added = proc.stdout.strip().splitlines()[-1].split()
+    assert count == "1", proc.stdout[-2000:]  # registered, once
+    added = set(added)
     ours = {m for m in added if m.split(".")[0] == "vllm_w4a8_fastprep"}
     assert ours == {"vllm_w4a8_fastprep", "vllm_w4a8_fastprep.checkpoint_format",
                     "vllm_w4a8_fastprep.compat", "vllm_w4a8_fastprep.registration",
@@ -117,7 +126,8 @@ _LOADER = "vllm_w4a8_fastprep.block_loader.W4A8FastPrepModelLoader"
 
 @pytest.mark.parametrize("order", ["register first", "vllm's loaders first",
                                    "our loader module first"])
-def test_the_load_format_is_registered_once_whenever_vllm_imports_its_loaders(order):
+def test_the_load_format_is_registered_once_whenever_vllm_imports_its_loaders(order,
+                                                                            warm_python):
     """``--load-format w4a8_fastprep``: registered when vLLM imports its
     model_loader package (after ``register()``), or at once where it has
     already, or once the package's own loader module, whose import sets off
@@ -137,8 +147,7 @@ hooks = [f for f in sys.meta_path if type(f).__module__ == "vllm_w4a8_fastprep.l
 print(json.dumps({"loader": type(loader).__module__ + "." + type(loader).__qualname__,
                   "inner_format": loader.load_config.load_format, "hooks": len(hooks)}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    proc = warm_python.run(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"loader": _LOADER, "inner_format": "auto", "hooks": 0}, got
