@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+import ranks  # noqa: E402
 from bitexact import assert_same  # noqa: E402
 
 from moe_layers import (  # noqa: E402
@@ -384,7 +385,7 @@ def test_expert_and_tensor_parallel_ranks_load_and_prepare_their_slices(tiny_moe
     """Each rank's slices, loaded through vLLM's loader and again with
     staging on (CPU parameters staged as GPU ones would be): expert
     parallelism stages each rank's own experts, tensor parallelism none."""
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = ranks.context()  # forked from a server that has imported vLLM
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, str(tiny_moe), results))

@@ -14,6 +14,7 @@ rank's shard)."""
 import socket
 
 import pytest
+import ranks
 import torch
 from must_run import everything_must_run_here, import_or_skip, skip_or_fail
 
@@ -138,7 +139,7 @@ def _same_as_upstream(layer, parts) -> bool:
 
 
 def _run_ranks(device: str, oracle_path=None):
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = ranks.context()  # forked from a server that has imported vLLM
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, device, oracle_path, results))
