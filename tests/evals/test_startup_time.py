@@ -326,8 +326,9 @@ def test_timeout_stops_the_run_with_its_children(fake_runs, capsys):
 
 # startup_time.main in a process of its own, its vLLM starts made by FAKE_RUN_LLM
 DRIVER = """
-import signal, sys
+import faulthandler, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, if it does not end
 from evals import startup_time
 fake, spec_dir = sys.argv[1], sys.argv[2]
 startup_time.check_gpus = lambda tp: None
@@ -359,7 +360,15 @@ def test_interrupt_stops_the_run_with_its_children(fake_run_llm, model_dir, sign
             time.sleep(0.1)
         assert pid_file.exists(), driver.communicate(timeout=30)
         driver.send_signal(getattr(signal, signame))
-        _, stderr = driver.communicate(timeout=60)
+        try:
+            _, stderr = driver.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            driver.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            driver.kill()
+            _, stderr = driver.communicate()
+            pytest.fail(f"startup_time still ran 60 s after {signame}; its threads then:\n"
+                        f"{stderr[-6000:]}")
         assert driver.returncode == status, stderr[-800:]
         err = _err_lines(stderr)
         assert len(err) == 1 and err[0].startswith(says), err
