@@ -46,7 +46,9 @@ def _unpack(archive: pathlib.Path, dest: pathlib.Path) -> None:
     os.replace(tmp, dest)  # atomic: a concurrent reader sees all or nothing
 
 
-def _package_library() -> pathlib.Path | None:
+def package_library() -> pathlib.Path | None:
+    """The installed vllm package's own compiled-ops library, or None (no vllm, or none of
+    ``PACKAGE_NAMES`` in it); vllm is not imported."""
     try:
         spec = importlib.util.find_spec("vllm")
     except (ImportError, ValueError):
@@ -78,7 +80,7 @@ def find_oracle() -> pathlib.Path | None:
             _unpack(archive, REPO_COPY)
     if REPO_COPY.is_file():
         return REPO_COPY
-    return _package_library()
+    return package_library()
 
 
 def searched() -> str:
@@ -96,7 +98,7 @@ def load(path: pathlib.Path):
     that very file (OracleError otherwise, saying which)."""
     import torch
 
-    package = _package_library()
+    package = package_library()
     if package is not None and not os.path.samefile(package, path):
         raise OracleError(
             f"the oracle {path} is not the importable vllm package's own library "
