@@ -42,11 +42,15 @@ PRELOAD = ("torch", "vllm.plugins")
 #: Read only when the code runs (vLLM's plugin filter), or by pytest alone.
 LATE_ENV = frozenset({"VLLM_PLUGINS", "PYTEST_CURRENT_TEST"})
 
-# The server imports no more than json, os and sys beyond the preload (torch imports them too);
-# a child imports what it needs to end (atexit, threading, signal) only after the code has run.
+# The server imports no more than json, os, sys, signal and ctypes beyond the preload (torch
+# imports them too: tests/tools/test_warm_python.py compares the modules).
 _SERVER = r"""
 fresh_main = dict(globals())  # a python -c's __main__ before its code runs
-import json, os, sys
+import ctypes, json, os, signal, sys
+PR_SET_PDEATHSIG = 1
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server ends with the process that started it
+parent = os.getppid()
 ctl_in, ctl_out = os.dup(0), os.dup(1)
 null = os.open(os.devnull, os.O_RDWR)
 os.dup2(null, 0)
@@ -64,16 +68,19 @@ def send(**msg):
 
 
 def child(req):
+    "Set this forked process up as python -c CODE and run CODE: the exception to end with."
+    server = os.getppid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a child ends with the server
+    if os.getppid() != server:
+        os._exit(1)
     os.close(ctl_in)
     os.close(ctl_out)
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                            (1, req["out"], os.O_WRONLY | os.O_TRUNC),
+    for fd, path, flags in ((1, req["out"], os.O_WRONLY | os.O_TRUNC),
                             (2, req["err"], os.O_WRONLY | os.O_TRUNC)):
         f = os.open(path, flags)
         os.dup2(f, fd)
         os.close(f)
-    os.close(null)
-    sys.stdin = open(0, closefd=False)
+    os.close(null)  # fd 0 stays /dev/null
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -81,34 +88,24 @@ def child(req):
         os.environ.pop(k, None)
     os.environ.update(changed)
     sys.argv = ["-c", *req["argv"]]
+    for name in ("random", "numpy.random"):  # a process's own random state, not the server's
+        if name in sys.modules:
+            sys.modules[name].seed()
     main = type(sys)("__main__")
     main.__dict__.update(fresh_main)
     sys.modules["__main__"] = main
-    status, interrupted = 0, False
     try:
         exec(compile(req["code"], "<string>", "exec"), main.__dict__)
     except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            status = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            status = 1
+        return e  # raised at the top: Python's own handling (a message is printed, status 1)
     except BaseException as e:
         e = e.with_traceback(e.__traceback__.tb_next)  # from the code's frame on
         sys.excepthook(type(e), e, e.__traceback__)
-        interrupted, status = isinstance(e, KeyboardInterrupt), 1
-    import atexit, signal, threading
-    threading._shutdown()  # as Python does at exit: join the non-daemon threads
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    if interrupted:  # as Python ends on an uncaught KeyboardInterrupt: by SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(status & 0xFF)
+        if isinstance(e, KeyboardInterrupt):  # raised at the top, printed here: Python ends
+            sys.excepthook = lambda *args: None  # the process by SIGINT, as a cold one
+            return e
+        return SystemExit(1)
+    return SystemExit(0)
 
 
 send(ready=True, threads=threads)
@@ -119,10 +116,9 @@ for line in requests:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        try:
-            child(req)
-        finally:
-            os._exit(70)  # child() ends with os._exit; this only if it failed itself
+        # the child leaves this loop by its exception: Python's own end of a process (threads
+        # joined, atexit functions, objects finalised, files flushed), with CODE's status
+        raise child(req)
     send(pid=pid)
     _, status = os.waitpid(pid, 0)
     send(status=os.waitstatus_to_exitcode(status))
@@ -135,45 +131,62 @@ class WarmPythonError(RuntimeError):
 
 class WarmPython:
     """A server (``PRELOAD`` imported) for the environment asked for last; ``run`` forks a
-    child of it per call, one at a time. ``close`` ends the server."""
+    child of it per call, one at a time. ``close`` ends the server and a child still running.
+    A server that ended, or a ``run`` left by an exception (an interrupt, a timeout of the
+    test), is replaced at the next ``run``. The server is killed when the process that started
+    it ends, and a child when the server ends (Linux's parent-death signal), so that neither
+    outlives a killed test run."""
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD, start_timeout: float = 600):
         self.preload = tuple(preload)
         self.start_timeout = start_timeout
         self.starts = 0  # servers started so far
         self._lock = threading.Lock()
-        self._proc = None
+        self._proc = self._log = None
+        self._child = None  # the pid of the child running now
         self._start(dict(os.environ))
+
+    @property
+    def server_pid(self) -> int:
+        return self._proc.pid
 
     def run(self, code: str, *args: str, env: dict | None = None, cwd=None,
             timeout: float = 300) -> subprocess.CompletedProcess:
         """``subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
         text=True, env=env, cwd=cwd, timeout=timeout)``, in a child of the server, its stdin
-        empty. ``env=None`` is ``os.environ`` (where subprocess would pass the C library's
+        /dev/null. ``env=None`` is ``os.environ`` (where subprocess would pass the C library's
         environment, which may also hold what was set outside Python: readline sets LINES and
-        COLUMNS)."""
+        COLUMNS). Not as a cold process: the hash seed is the server's (string hashes, set
+        order), and a process the child starts that keeps its stdout open does not make
+        ``run`` wait for it."""
         env = dict(os.environ) if env is None else {str(k): str(v) for k, v in env.items()}
+        cwd = os.path.abspath(cwd if cwd is not None else os.getcwd())
+        if not os.path.isdir(cwd):
+            raise FileNotFoundError(f"no such folder: {cwd!r}")  # as subprocess would
         argv = [sys.executable, "-c", code, *args]
         with self._lock, tempfile.TemporaryDirectory(prefix="warm-python-") as d:
-            if _early(env) != _early(self.env):
+            if self._proc.poll() is not None or _early(env) != _early(self.env):
                 self.close()
                 self._start(env)
             out, err = os.path.join(d, "out"), os.path.join(d, "err")
             for path in (out, err):
                 open(path, "w").close()
-            self._send({"code": code, "argv": list(args), "env": env,
-                        "cwd": os.path.abspath(cwd if cwd is not None else os.getcwd()),
-                        "out": out, "err": err})
-            pid = self._read(60)["pid"]
             try:
-                status = self._read(timeout)["status"]
-            except TimeoutError:
+                self._send({"code": code, "argv": list(args), "env": env, "cwd": cwd,
+                            "out": out, "err": err})
+                self._child = self._read(60)["pid"]
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self._read(60)
-                raise subprocess.TimeoutExpired(argv, timeout, _text(out), _text(err)) from None
+                    status = self._read(timeout)["status"]
+                except TimeoutError:
+                    self._kill_child()
+                    self._read(60)
+                    raise subprocess.TimeoutExpired(argv, timeout, _text(out),
+                                                    _text(err)) from None
+                self._child = None
+            except BaseException:
+                if self._child is not None:  # left in the middle: no reply is owed to anyone
+                    self.close()
+                raise
             return subprocess.CompletedProcess(argv, status, _text(out), _text(err))
 
     def _start(self, env: dict) -> None:
@@ -184,24 +197,38 @@ class WarmPython:
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, env=env)
         self.starts += 1
-        ready = self._read(self.start_timeout)
-        if ready.get("threads") != 1:
+        try:
+            ready = self._read(self.start_timeout)
+            if ready.get("threads") != 1:
+                raise WarmPythonError(f"after importing {', '.join(self.preload)} the server "
+                                      f"runs {ready.get('threads')} Python threads: a fork "
+                                      "would copy only one")
+        except BaseException:
             self.close()
-            raise WarmPythonError(f"after importing {', '.join(self.preload)} the server runs "
-                                  f"{ready.get('threads')} Python threads: a fork would copy "
-                                  "only one")
+            raise
+
+    def _kill_child(self) -> None:
+        if self._child is not None:
+            try:
+                os.kill(self._child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.stdin.close()
+        """End the child running now, if any, and the server; close their files."""
+        if self._proc is None:
+            return
+        self._kill_child()
+        self._child = None
+        if self._proc.poll() is None:
+            self._proc.stdin.close()  # the server's loop ends
             try:
-                self._proc.wait(30)
+                self._proc.wait(10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        if self._proc is not None:
-            self._proc.stdout.close()
-            self._log.close()
+        for f in (self._proc.stdin, self._proc.stdout, self._log):
+            f.close()
 
     def _send(self, msg: dict) -> None:
         try:
@@ -240,5 +267,5 @@ def _early(env: dict) -> dict:
 
 
 def _text(path: str) -> str:
-    with open(path, errors="replace") as f:
+    with open(path) as f:  # text=True: undecodable output is an error, as for subprocess
         return f.read()

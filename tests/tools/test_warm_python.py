@@ -1,14 +1,23 @@
 """tests/support/warm_python.py: a child of the warm server is what a cold ``python -c`` that
-began with ``import torch, vllm.plugins`` would be (the registration tests rely on it)."""
+began with ``import torch, vllm.plugins`` would be (the registration tests rely on it), and
+the server leaves nothing behind. The mechanics are checked on a server that preloads only
+``json`` (it starts at once, and its children compare with cold processes that import
+nothing), what the preload changes on the tests' own server (``warm_python``)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from processes import dead
 from warm_python import PRELOAD, WarmPython, WarmPythonError
+
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
 STATE = """
 import json, os, sys
@@ -19,11 +28,23 @@ print(json.dumps({"modules": sorted(sys.modules), "env": dict(os.environ), "path
 """
 
 
+@pytest.fixture(scope="module")
+def json_server():
+    server = WarmPython(preload=("json",))
+    yield server
+    server.close()
+
+
+def _cold(code: str, *args, preload=(), **kw) -> subprocess.CompletedProcess:
+    """``python -c`` of ``code``, after importing ``preload`` on its first line."""
+    first = f"import {', '.join(preload)}; " if preload else ""
+    return subprocess.run([sys.executable, "-c", first + code, *args], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
 def test_a_child_has_the_modules_and_environment_of_a_cold_process(warm_python, tmp_path):
     env = dict(os.environ)
-    cold = subprocess.run([sys.executable, "-c", f"import {', '.join(PRELOAD)}\n{STATE}", "a"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    cold = _cold(STATE, "a", preload=PRELOAD, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
     assert cold.returncode == 0, cold.stderr[-3000:]
     warm = warm_python.run(STATE, "a", cwd=tmp_path, env=env)
     assert warm.returncode == 0, warm.stderr[-3000:]
@@ -37,14 +58,29 @@ def test_a_child_has_the_modules_and_environment_of_a_cold_process(warm_python, 
     assert warm["main"] == sorted(set(cold["main"]) - {"torch", "vllm"})
 
 
-def test_each_child_is_a_new_process(warm_python):
-    code = "import os, sys; import wave; print(os.getpid(), os.getppid())"
-    first = warm_python.run(code).stdout.split()
-    second = warm_python.run("import os, sys; print(os.getpid(), 'wave' in sys.modules, "
-                             "os.environ.get('VLLM_PLUGINS'))",
-                             env={**os.environ, "VLLM_PLUGINS": "x"}).stdout.split()
-    assert first[0] != second[0] and int(first[1]) != os.getpid()
-    assert second[1:] == ["False", "x"]  # the first child's import stayed in the first child
+ENDS = """
+import atexit, sys, threading, time
+class Noisy:
+    def __del__(self):
+        print("finalised")
+noisy = Noisy()
+unflushed = open(sys.argv[1], "w")
+unflushed.write("kept")
+atexit.register(print, "at exit")
+threading.Thread(target=lambda: (time.sleep(0.3), print("joined"))).start()
+sys.exit(3)
+"""
+
+
+def test_with_the_preload_a_child_ends_as_a_cold_process_with_it(warm_python, tmp_path):
+    """What importing torch and vLLM adds to a process's end (their atexit functions, vLLM's
+    handling of an uncaught KeyboardInterrupt: status 1, not SIGINT)."""
+    for code in (ENDS, "raise KeyboardInterrupt"):
+        cold = _cold(code, str(tmp_path / "cold"), preload=PRELOAD)
+        warm = warm_python.run(code, str(tmp_path / "warm"))
+        assert (warm.returncode, warm.stdout, warm.stderr) == \
+            (cold.returncode, cold.stdout, cold.stderr), (warm, cold)
+    assert (tmp_path / "warm").read_text() == (tmp_path / "cold").read_text() == "kept"
 
 
 @pytest.mark.parametrize("code, status, stdout, stderr", [  # and as a cold process does
@@ -53,46 +89,138 @@ def test_each_child_is_a_new_process(warm_python):
     ("raise ValueError('boom')", 1, "",
      'Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
      "ValueError: boom\n"),
-    ("import atexit; atexit.register(print, 'at exit')", 0, "at exit\n", ""),
-    ("import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), "
-     "print('joined'))).start()", 0, "joined\n", ""),
     ("raise KeyboardInterrupt", -2, "",
      'Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
      "KeyboardInterrupt\n"),
+    (ENDS, 3, "joined\nat exit\nfinalised\n", ""),
 ])
-def test_a_child_ends_as_python_does(warm_python, code, status, stdout, stderr):
-    cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    warm = warm_python.run(code)
+def test_a_child_ends_as_python_does(json_server, tmp_path, code, status, stdout, stderr):
+    cold = _cold(code, str(tmp_path / "cold"))
+    warm = json_server.run(code, str(tmp_path / "warm"))
     assert (warm.returncode, warm.stdout) == (cold.returncode, cold.stdout) == (status, stdout)
     assert warm.stderr == cold.stderr == stderr
 
 
-def test_a_timeout_kills_the_child_and_the_server_goes_on(warm_python, tmp_path):
-    pid_file = tmp_path / "pid"
-    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+def test_each_child_is_a_new_process(warm_python):
+    code = ("import os, random, sys, numpy, wave; "
+            "print(os.getpid(), os.getppid(), random.random(), numpy.random.rand())")
+    first = warm_python.run(code).stdout.split()
+    second = warm_python.run("import os, sys, random, numpy; print(os.getpid(), os.getppid(), "
+                             "random.random(), numpy.random.rand(), 'wave' in sys.modules, "
+                             "os.environ.get('VLLM_PLUGINS'))",
+                             env={**os.environ, "VLLM_PLUGINS": "x"}).stdout.split()
+    assert first[1] == second[1] == str(warm_python.server_pid) and first[0] != second[0]
+    assert first[2] != second[2] and first[3] != second[3]  # their own random states
+    assert second[4:] == ["False", "x"]  # the first child's import stayed in the first child
+
+
+def test_output_and_folders_as_subprocess_has_them(json_server, tmp_path):
+    with pytest.raises(UnicodeDecodeError):  # text=True
+        json_server.run("import sys; sys.stdout.buffer.write(b'\\xff')")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        json_server.run("pass", cwd=tmp_path / "missing")
+    assert json_server.run("print('next')").stdout == "next\n"
+
+
+def _pid_when_written(path: Path, wait_s: float = 30) -> int:
+    deadline = time.monotonic() + wait_s
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} was not written"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+SLEEPER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+
+
+def test_a_timeout_kills_the_child_and_the_server_goes_on(json_server, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
-        warm_python.run(code, timeout=3)
-    assert dead(int(pid_file.read_text()))
-    assert warm_python.run("print('next')").stdout == "next\n"
+        json_server.run(SLEEPER, str(tmp_path / "pid"), timeout=3)
+    assert dead(int((tmp_path / "pid").read_text()))
+    assert json_server.run("print('next')").stdout == "next\n"
 
 
-def test_a_changed_environment_gets_a_server_that_imported_with_it():
-    # (the mechanics do not depend on what is preloaded: json, at once)
+def test_a_run_left_by_an_exception_kills_its_child_and_the_next_run_gets_a_new_server(
+        tmp_path, monkeypatch):
     server = WarmPython(preload=("json",))
+    try:
+        read, calls = server._read, []
+
+        def interrupted(timeout):  # the wait for the child's status is interrupted (Ctrl-C)
+            calls.append(timeout)
+            if len(calls) == 2:
+                _pid_when_written(tmp_path / "pid")
+                raise KeyboardInterrupt
+            return read(timeout)
+
+        monkeypatch.setattr(server, "_read", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            server.run(SLEEPER, str(tmp_path / "pid"))
+        monkeypatch.undo()
+        assert dead(int((tmp_path / "pid").read_text()))
+        assert server.run("print('next')").stdout == "next\n"  # not the old child's status
+        assert server.starts == 2
+        os.kill(server.server_pid, signal.SIGKILL)  # a server that ended is replaced too
+        assert dead(server.server_pid)
+        assert server.run("print('after')").stdout == "after\n" and server.starts == 3
+    finally:
+        server.close()
+
+
+def test_close_ends_a_running_child(tmp_path):
+    server, ended = WarmPython(preload=("json",)), []
+
+    def run():
+        try:
+            ended.append(server.run(SLEEPER, str(tmp_path / "pid")))
+        except BaseException as e:  # noqa: BLE001  (however the run ends)
+            ended.append(e)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    child = _pid_when_written(tmp_path / "pid")
+    started = time.monotonic()
+    server.close()
+    runner.join(30)
+    assert dead(child) and dead(server.server_pid) and time.monotonic() - started < 15
+    assert ended and not runner.is_alive()
+
+
+def test_a_killed_test_process_leaves_no_server_or_child(tmp_path):
+    """SIGKILL of the process that started the server (a killed pytest worker): the server
+    and its child end with it."""
+    driver = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {str(SUPPORT)!r})
+from warm_python import WarmPython
+server = WarmPython(preload=("json",))
+print(server.server_pid, flush=True)
+server.run({SLEEPER!r}, {str(tmp_path / "pid")!r})
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(driver.stdout.readline())
+        child = _pid_when_written(tmp_path / "pid")
+        driver.kill()
+        driver.wait(30)
+        assert dead(server) and dead(child)
+    finally:
+        driver.kill()
+        driver.stdout.close()
+
+
+def test_a_changed_environment_gets_a_server_that_imported_with_it(json_server):
     code = """import os
 server = open(f"/proc/{os.getppid()}/environ", "rb").read().split(b"\\0")
 print(os.getppid(), os.environ.get("W4A8_WARM"), b"W4A8_WARM=1" in server)"""
-    try:
-        first = server.run(code).stdout.split()
-        changed = server.run(code, env={**os.environ, "W4A8_WARM": "1"}).stdout.split()
-        again = server.run(code, env={**os.environ, "W4A8_WARM": "1"}).stdout.split()
-        late = server.run(code, env={**os.environ, "W4A8_WARM": "1", "VLLM_PLUGINS": "x"})
-    finally:
-        server.close()
+    json_server.run("pass")  # a server for this environment
+    starts = json_server.starts
+    first = json_server.run(code).stdout.split()
+    changed = json_server.run(code, env={**os.environ, "W4A8_WARM": "1"}).stdout.split()
+    again = json_server.run(code, env={**os.environ, "W4A8_WARM": "1"}).stdout.split()
+    late = json_server.run(code, env={**os.environ, "W4A8_WARM": "1", "VLLM_PLUGINS": "x"})
     assert first[1:] == ["None", "False"] and changed[1:] == again[1:] == ["1", "True"]
     assert first[0] != changed[0] == again[0] == late.stdout.split()[0]  # LATE_ENV: same server
-    assert server.starts == 2
+    assert json_server.starts == starts + 1
 
 
 def test_a_server_that_cannot_import_its_preload_is_one_error():
