@@ -42,22 +42,6 @@ def _cold(code: str, *args, preload=(), **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=300, **kw)
 
 
-def test_a_child_has_the_modules_and_environment_of_a_cold_process(warm_python, tmp_path):
-    env = dict(os.environ)
-    cold = _cold(STATE, "a", preload=PRELOAD, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
-    assert cold.returncode == 0, cold.stderr[-3000:]
-    warm = warm_python.run(STATE, "a", cwd=tmp_path, env=env)
-    assert warm.returncode == 0, warm.stderr[-3000:]
-    cold, warm = (json.loads(p.stdout.splitlines()[-1]) for p in (cold, warm))
-    assert warm["modules"] == cold["modules"]  # nothing more, nothing less
-    assert warm["env"] == cold["env"]  # with what importing vLLM sets
-    assert warm["pid"] != cold["pid"]
-    for key in ("path", "argv", "cwd", "stdin"):
-        assert warm[key] == cold[key], key
-    # __main__'s names: the cold one's but those its preload line bound
-    assert warm["main"] == sorted(set(cold["main"]) - {"torch", "vllm"})
-
-
 ENDS = """
 import atexit, sys, threading, time
 class Noisy:
@@ -72,15 +56,39 @@ sys.exit(3)
 """
 
 
-def test_with_the_preload_a_child_ends_as_a_cold_process_with_it(warm_python, tmp_path):
-    """What importing torch and vLLM adds to a process's end (their atexit functions, vLLM's
-    handling of an uncaught KeyboardInterrupt: status 1, not SIGINT)."""
-    for code in (ENDS, "raise KeyboardInterrupt"):
-        cold = _cold(code, str(tmp_path / "cold"), preload=PRELOAD)
-        warm = warm_python.run(code, str(tmp_path / "warm"))
-        assert (warm.returncode, warm.stdout, warm.stderr) == \
-            (cold.returncode, cold.stdout, cold.stderr), (warm, cold)
-    assert (tmp_path / "warm").read_text() == (tmp_path / "cold").read_text() == "kept"
+def test_a_child_is_a_cold_process_that_imported_the_preload(warm_python, tmp_path):
+    """Its modules, environment, path, arguments, stdin, __main__ and its end (with what
+    importing torch and vLLM adds to it: their atexit functions)."""
+    env, got = dict(os.environ), {}
+    for kind in ("cold", "warm"):
+        (tmp_path / kind).mkdir()
+        if kind == "cold":
+            proc = _cold(STATE + ENDS, "out", preload=PRELOAD, cwd=tmp_path / kind, env=env,
+                         stdin=subprocess.DEVNULL)
+        else:
+            proc = warm_python.run(STATE + ENDS, "out", cwd=tmp_path / kind, env=env)
+        first, *rest = proc.stdout.splitlines()
+        got[kind] = dict(json.loads(first), status=proc.returncode, rest=rest, err=proc.stderr,
+                         file=(tmp_path / kind / "out").read_text())
+        assert got[kind].pop("cwd") == str(tmp_path / kind)
+    cold, warm = got["cold"], got["warm"]
+    assert warm["modules"] == cold["modules"]  # nothing more, nothing less
+    assert warm["env"] == cold["env"]  # with what importing vLLM sets
+    assert warm.pop("pid") != cold.pop("pid")
+    # __main__'s names: the cold one's but those its preload line bound
+    assert warm.pop("main") == sorted(set(cold.pop("main")) - {"torch", "vllm"})
+    assert warm == cold
+    assert (warm["status"], warm["rest"], warm["file"]) == (3, ["joined", "at exit",
+                                                               "finalised"], "kept")
+
+
+def test_with_the_preload_an_uncaught_keyboardinterrupt_ends_as_in_a_cold_process(
+        warm_python):
+    """vLLM's import changes it: status 1, not Python's own SIGINT (below)."""
+    cold = _cold("raise KeyboardInterrupt", preload=PRELOAD)
+    warm = warm_python.run("raise KeyboardInterrupt")
+    assert (warm.returncode, warm.stdout, warm.stderr) == \
+        (cold.returncode, cold.stdout, cold.stderr), (warm, cold)
 
 
 @pytest.mark.parametrize("code, status, stdout, stderr", [  # and as a cold process does
