@@ -324,39 +324,6 @@ def test_gpu_prepare_checks_against_upstream(tmp_path, path):
     assert "byte-exact: 7 sampled layers equal vLLM's own preparation" in proc.stdout
 
 
-def test_without_a_loadable_vllm_library_there_is_no_upstream_check(tmp_path, monkeypatch):
-    """No --upstream: the installed vllm package's own library (tools/vllm_ops), or no check
-    where there is none or it does not load (no GPU driver): not an error."""
-    from vllm_w4a8_fastprep.tools import vllm_ops
-
-    if hasattr(torch.ops._C, "cutlass_encode_and_reorder_int4b"):
-        pytest.skip("vLLM's ops are already loaded in this process")
-    monkeypatch.setattr(vllm_ops, "package_library", lambda: None)
-    assert cli.upstream_ops(None) is None
-    junk = tmp_path / "_C_stable_libtorch.abi3.so"
-    junk.write_bytes(b"not a library")
-    monkeypatch.setattr(vllm_ops, "package_library", lambda: junk)
-    assert cli.upstream_ops(None) is None
-
-
-@pytest.mark.gpu
-def test_gpu_prepare_checks_against_the_installed_vllms_ops(tmp_path):
-    """No --upstream where vLLM is installed: its own library, found and loaded by
-    tools/vllm_ops."""
-    from must_run import import_or_skip
-
-    from vllm_w4a8_fastprep.compat import installed_vllm_version
-    from vllm_w4a8_fastprep.tools.vllm_ops import package_library
-
-    import_or_skip("vllm")
-    if package_library() is None:
-        pytest.skip("the installed vllm package has no compiled _C library")
-    proc = _prepare_gpu(str(_ckpt(tmp_path)), "--check", "100")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"against vLLM {installed_vllm_version()}'s own preparation chain" in proc.stdout
-    assert "byte-exact: 7 sampled layers equal vLLM's own preparation" in proc.stdout
-
-
 @pytest.mark.gpu
 def test_gpu_prepare_nan_scale_is_not_a_mismatch(tmp_path):
     ckpt = _ckpt(tmp_path)

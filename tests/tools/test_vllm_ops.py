@@ -68,7 +68,7 @@ def test_installed_vllm_package_last(no_repo_copy):
 
 
 def test_a_second_copy_beside_the_importable_vllm_is_refused(tmp_path):
-    if oracle.package_library() is None:
+    if oracle._package_library() is None:
         pytest.skip("no importable vllm package with its _C library here")
     copy = tmp_path / "vllm-0.26.0-_C.so"
     copy.write_bytes(b"not loaded")

@@ -153,20 +153,18 @@ def ops_source(path: str | None) -> str:
 
 def upstream_ops(path: str | None):
     """vLLM's compiled ops: from ``path`` if given (tools/vllm_ops.load_given),
-    else the installed vllm package's own library (tools/vllm_ops) when it
-    loads here (a CUDA machine) and holds the W4A8 ops; None otherwise."""
+    else the installed vllm package's when they load here (a CUDA machine);
+    None otherwise."""
     if path is not None:
         try:
             return vllm_ops.load_given(path)
         except vllm_ops.OracleError as e:
             raise OneLineError(f"--upstream {e}", USAGE) from None
-    library = vllm_ops.package_library()
-    if library is None:
-        return None
     try:
-        c = vllm_ops.load(library)
-    except Exception:  # noqa: BLE001  (no GPU driver, a vLLM for another torch: no check)
+        import vllm._custom_ops  # noqa: F401  (loads vllm._C when it can)
+    except Exception:  # noqa: BLE001  (no vLLM, no GPU driver, ...: no upstream check)
         return None
+    c = torch.ops._C
     return c if hasattr(c, "cutlass_encode_and_reorder_int4b") else None
 
 

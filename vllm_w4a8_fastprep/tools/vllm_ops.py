@@ -46,9 +46,7 @@ def _unpack(archive: pathlib.Path, dest: pathlib.Path) -> None:
     os.replace(tmp, dest)  # atomic: a concurrent reader sees all or nothing
 
 
-def package_library() -> pathlib.Path | None:
-    """The installed vllm package's own compiled-ops library, or None (no vllm, or none of
-    ``PACKAGE_NAMES`` in it); vllm is not imported."""
+def _package_library() -> pathlib.Path | None:
     try:
         spec = importlib.util.find_spec("vllm")
     except (ImportError, ValueError):
@@ -80,7 +78,7 @@ def find_oracle() -> pathlib.Path | None:
             _unpack(archive, REPO_COPY)
     if REPO_COPY.is_file():
         return REPO_COPY
-    return package_library()
+    return _package_library()
 
 
 def searched() -> str:
@@ -98,7 +96,7 @@ def load(path: pathlib.Path):
     that very file (OracleError otherwise, saying which)."""
     import torch
 
-    package = package_library()
+    package = _package_library()
     if package is not None and not os.path.samefile(package, path):
         raise OracleError(
             f"the oracle {path} is not the importable vllm package's own library "
