@@ -50,7 +50,6 @@ import ctypes, json, os, signal, sys
 PR_SET_PDEATHSIG = 1
 prctl = ctypes.CDLL(None, use_errno=True).prctl
 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server ends with the process that started it
-parent = os.getppid()
 ctl_in, ctl_out = os.dup(0), os.dup(1)
 null = os.open(os.devnull, os.O_RDWR)
 os.dup2(null, 0)
